@@ -1,0 +1,14 @@
+"""MetaPrune-JAX: Meta Pruning via Graph Metanetworks (Liu, Wang, Zhang, 2025) in JAX/Flax.
+
+Public API (re-exports only). See README.md and DESIGN.md.
+"""
+
+from metaprune_jax import _compat  # noqa: F401  (jraph shim, before anything imports jraph)
+from metaprune_jax import zoo
+from metaprune_jax.arch import Arch, Layer, Op
+from metaprune_jax.cnn import apply_model, init_variables
+from metaprune_jax.graph import (from_graph, graph_layout, graph_to_reference_arrays,
+                                 to_graph)
+from metaprune_jax.reference import export_reference_state_dict, import_reference_model
+
+get_arch = zoo.get_arch
