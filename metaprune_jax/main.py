@@ -1,0 +1,65 @@
+"""Command line: `python -m metaprune_jax --config=configs/<file>.py --workdir=<dir>`.
+
+Any config field can be overridden with `--config.<field>=<value>` (ml_collections config_flags,
+locked: unknown fields are errors); `config.mode` selects the run mode (`modes.py`). Multi-host
+runs call `jax.distributed.initialize()` when the launcher exported `METAPRUNE_MULTIHOST=1`
+(coordinator, process count and id from `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
+`JAX_PROCESS_ID`, or auto-detected on SLURM / Cloud TPU). The logic lives in importable modules;
+this file only parses flags.
+"""
+
+import logging as std_logging
+import os
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from metaprune_jax import modes
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, outputs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops Orbax's per-save INFO chatter so the log shows one line per epoch."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def _maybe_initialize_distributed() -> None:
+  if os.environ.get("METAPRUNE_MULTIHOST", "0") != "1":
+    return
+  kwargs = {}
+  if "JAX_COORDINATOR_ADDRESS" in os.environ:
+    kwargs = {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"],
+              "num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
+              "process_id": int(os.environ["JAX_PROCESS_ID"])}
+  jax.distributed.initialize(**kwargs)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  _maybe_initialize_distributed()
+  config = _CONFIG.value
+  logging.info("process %d/%d, %d local / %d global devices (%s); mode %s; workdir %s",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform, config.mode, _WORKDIR.value)
+  if config.get("log_compiles"):
+    jax.config.update("jax_log_compiles", True)
+  modes.get(config.mode)  # unknown modes fail before anything is written
+  modes.run(config, _WORKDIR.value)
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,286 @@
+"""Training loops shared by every run mode: `fit` (train or finetune a possibly masked network
+with a given schedule, resumable) and the `pretrain` mode built on it.
+
+`fit` owns one run directory: Orbax checkpoints in `<dir>/checkpoints` (periodic, end of each
+epoch, and on SIGTERM), per-epoch metrics as JSON lines in `<dir>/metrics.jsonl`, one log line per
+epoch and a tqdm bar per epoch. Resume order: the directory's latest checkpoint (after checking it
+belongs to the same run signature), else the variables given. The data position is the state's
+step, so a resumed run replays exactly the batches an uninterrupted run would see, and ends with
+bit-identical parameters.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from absl import logging
+
+from metaprune_jax import checkpoint as ckpt_lib
+from metaprune_jax import cnn
+from metaprune_jax import data as data_lib
+from metaprune_jax import optim
+from metaprune_jax import sharding
+from metaprune_jax import state as state_lib
+from metaprune_jax import zoo
+
+
+class Preempted(SystemExit):
+  """Raised after the SIGTERM checkpoint has been written (exit status 143)."""
+
+  def __init__(self, step: int):
+    super().__init__(143)
+    self.step = step
+
+
+@dataclasses.dataclass
+class FitResult:
+  """What `fit` returns.
+
+  Attributes:
+    variables: {'params', 'batch_stats'} of the kept epoch ('last' or 'best'), masked.
+    history: one dict of metrics per epoch.
+    step: the final optimizer step.
+    best_epoch: the epoch of `variables` (0-based; the last one for keep='last').
+  """
+
+  variables: dict[str, Any]
+  history: list[dict[str, Any]]
+  step: int
+  best_epoch: int
+
+
+def _schedule_dict(schedule: Mapping[str, Any]) -> dict[str, Any]:
+  d = schedule.to_dict() if hasattr(schedule, "to_dict") else dict(schedule)
+  return json.loads(json.dumps(d, default=list))
+
+
+def evaluate(arch, variables, masks, dataset: data_lib.Dataset, batch_size: int,
+             mesh=None) -> dict[str, float]:
+  """Test loss and accuracy of a network on the dataset's test split.
+
+  Args:
+    arch: the Arch.
+    variables: {'params', 'batch_stats'}.
+    masks: {space: [width] float32} or None.
+    dataset: the Dataset.
+    batch_size: global eval batch (divisible by the device count).
+    mesh: the mesh (default: all devices).
+
+  Returns:
+    {'loss': mean CE, 'accuracy': fraction correct} over the whole test split.
+  """
+  mesh = mesh or sharding.make_mesh()
+  sharding.check_batch_size(batch_size, mesh, "eval batch size")
+  eval_fn = sharding.jit_eval_step(arch, mesh)
+  variables = sharding.replicate(variables, mesh)
+  masks = sharding.replicate(masks, mesh) if masks is not None else None
+  totals = None
+  for batch in dataset.eval_batches(batch_size):
+    out = eval_fn(variables, masks, sharding.to_global(batch, mesh))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  count = max(float(totals["count"]), 1.0)
+  return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}
+
+
+def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
+        dataset: data_lib.Dataset, workdir: str, *, seed: int = 0,
+        signature: Mapping[str, Any] | None = None, config: Any = None, mesh=None,
+        desc: str = "train") -> FitResult:
+  """Trains `variables` (masked by `masks`) with `schedule`, resuming from `workdir`.
+
+  Args:
+    schedule: config section with `epochs`, `batch_size`, `eval_batch_size`, `optimizer`,
+      `lr`, `milestones`, `gamma`, `momentum`, `weight_decay`, `keep` ('last' | 'best' test
+      accuracy), `ckpt_every_steps` (0: end of epoch only), `max_to_keep`.
+    arch: the Arch.
+    variables: initial {'params', 'batch_stats'} (ignored when resuming).
+    masks: {space: [width] float32} (pruned channels stay exactly zero) or None.
+    dataset: the Dataset.
+    workdir: this run's directory (checkpoints, metrics.jsonl).
+    seed: seeds the data order/augmentation and the state's PRNG key.
+    signature: extra identity of the run (checked on resume besides arch, dataset, schedule).
+    config: the full config, stored beside the checkpoints.
+    mesh: the mesh (default: all devices).
+    desc: progress-bar / log prefix.
+
+  Returns:
+    A FitResult.
+
+  Raises:
+    ValueError: batch sizes not divisible by the device count, unknown optimizer or keep.
+    ckpt_lib.CheckpointError: the workdir holds another run or a corrupt checkpoint.
+    FloatingPointError: a non-finite training loss (names the epoch's step range).
+    Preempted: after saving on SIGTERM.
+  """
+  mesh = mesh or sharding.make_mesh()
+  batch_size = int(schedule["batch_size"])
+  eval_batch = int(schedule.get("eval_batch_size", batch_size))
+  sharding.check_batch_size(batch_size, mesh)
+  sharding.check_batch_size(eval_batch, mesh, "eval batch size")
+  keep = schedule.get("keep", "last")
+  if keep not in ("last", "best"):
+    raise ValueError(f"schedule.keep must be 'last' or 'best', got {keep!r}.")
+  steps_per_epoch = dataset.steps_per_epoch(batch_size)
+  epochs = int(schedule["epochs"])
+  total_steps = epochs * steps_per_epoch
+  tx, lr_fn = optim.make_optimizer(schedule, steps_per_epoch)
+  run_signature = {
+    "arch": json.loads(arch.to_json()), "dataset": dataset.spec.name, "seed": int(seed),
+    "schedule": _schedule_dict(schedule), "masked": masks is not None,
+    **_schedule_dict(signature or {}),
+  }
+  run_signature["schedule"].pop("ckpt_every_steps", None)  # may change between restarts
+  run_signature["schedule"].pop("max_to_keep", None)
+
+  rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+  state = state_lib.create_state(arch, variables, tx, rng, masks)
+  best = state.variables if keep == "best" else {}
+  arrays = sharding.replicate({"train": state, "best": best}, mesh)
+  history: list[dict[str, Any]] = []
+  best_acc, best_epoch = -1.0, -1
+
+  workdir = os.path.abspath(workdir)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    os.makedirs(workdir, exist_ok=True)
+  ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=int(schedule.get("max_to_keep", 3)))
+  if ckpt.latest_step() is not None:
+    ckpt.check_signature(run_signature)
+    arrays, meta = ckpt.restore(arrays)
+    history = meta.get("history", [])
+    best_acc, best_epoch = meta.get("best_accuracy", -1.0), meta.get("best_epoch", -1)
+    logging.info("%s: resumed from %s at step %d.", desc, ckpt.directory, ckpt.latest_step())
+  else:
+    logging.info("%s: no checkpoint in %s; starting from the given variables.", desc, workdir)
+  state, best = arrays["train"], arrays["best"]
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if is_chief:  # the checkpoint's history is authoritative: drop lines of lost epochs.
+    with open(metrics_path, "w") as f:
+      f.writelines(json.dumps(h) + "\n" for h in history)
+
+  def meta_at(step):
+    return {"signature": run_signature, "arch": arch.to_json(), "history": history,
+            "config": config.to_dict() if hasattr(config, "to_dict") else config,
+            "best_accuracy": best_acc, "best_epoch": best_epoch, "keep": keep,
+            "finished": step >= total_steps, "steps_per_epoch": steps_per_epoch}
+
+  train_step = sharding.jit_train_step(arch, tx, mesh)
+  step = int(jax.device_get(state.step))
+  ckpt_every = int(schedule.get("ckpt_every_steps", 0) or 0)
+  try:
+    with ckpt_lib.PreemptionGuard() as guard:
+      batches = dataset.train_batches(batch_size, seed, start_step=step,
+                                      num_steps=total_steps - step)
+      while step < total_steps:
+        epoch, first = divmod(step, steps_per_epoch)
+        epoch_end = (epoch + 1) * steps_per_epoch
+        sums, t0 = None, time.time()
+        bar = tqdm.tqdm(total=steps_per_epoch, initial=first, desc=f"{desc} epoch {epoch + 1}/"
+                        f"{epochs}", leave=False, disable=not is_chief, dynamic_ncols=True)
+        while step < epoch_end:
+          state, m = train_step(state, sharding.to_global(next(batches), mesh))
+          sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+          step += 1
+          bar.update(1)
+          if ckpt_every and step % ckpt_every == 0 and step < epoch_end:
+            ckpt.save(step, {"train": state, "best": best}, meta_at(step))
+          if guard.should_stop():
+            ckpt.save(step, {"train": state, "best": best}, meta_at(step))
+            ckpt.wait()
+            raise Preempted(step)
+        bar.close()
+        sums = jax.device_get(sums)
+        num = step - epoch * steps_per_epoch - first
+        train_loss = float(sums["loss"]) / num
+        if not np.isfinite(train_loss):
+          raise FloatingPointError(
+            f"{desc}: non-finite training loss in epoch {epoch + 1} (steps "
+            f"{epoch * steps_per_epoch + first}-{step - 1}); the last good checkpoint in "
+            f"{ckpt.directory} is kept.")
+        test = evaluate(arch, state.variables, state.masks, dataset, eval_batch, mesh)
+        record = {"epoch": epoch + 1, "step": step, "lr": float(lr_fn(step - 1)),
+                  "train_loss": train_loss, "train_accuracy": float(sums["accuracy"]) / num,
+                  "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                  "epoch_time_s": round(time.time() - t0, 3)}
+        history.append(record)
+        if keep == "best" and test["accuracy"] > best_acc:
+          best_acc, best_epoch = test["accuracy"], epoch
+          best = jax.tree.map(jnp.copy, state.variables)
+        elif keep == "last":
+          best_acc, best_epoch = test["accuracy"], epoch
+        logging.info("%s epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | "
+                     "lr %.4g | %.1fs", desc, epoch + 1, epochs, record["train_loss"],
+                     record["train_accuracy"], test["loss"], test["accuracy"], record["lr"],
+                     record["epoch_time_s"])
+        if is_chief:
+          with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        ckpt.save(step, {"train": state, "best": best}, meta_at(step))
+  finally:
+    ckpt.close()
+  final = best if keep == "best" else state.variables
+  return FitResult(variables=final, history=history, step=step, best_epoch=best_epoch)
+
+
+def pretrain(config, workdir: str) -> FitResult:
+  """The `pretrain` mode: train the base network from scratch, evaluate, save.
+
+  Reads `config.dataset`, `config.data_dir`, `config.arch`, `config.widths`, `config.seed` and
+  the schedule `config.pretrain`; checkpoints and metrics go to `<workdir>/checkpoints` and
+  `<workdir>/metrics.jsonl`, and `<workdir>/pretrain.json` gets the final test metrics.
+  """
+  dataset = data_lib.get_dataset(config.dataset, config.get("data_dir"))
+  arch = zoo.get_arch(config.arch, dataset.num_classes, widths=config.get("widths") or None)
+  init_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
+  variables = cnn.init_variables(arch, init_rng, input_hw=dataset.image_hw)
+  result = fit(config.pretrain, arch, variables, None, dataset, workdir, seed=config.seed,
+               config=config, desc="pretrain")
+  last = result.history[-1] if result.history else {}
+  logging.info("pretrain done: step %d, test accuracy %.4f", result.step,
+               last.get("test_accuracy", float("nan")))
+  if jax.process_index() == 0:
+    with open(os.path.join(os.path.abspath(workdir), "pretrain.json"), "w") as f:
+      json.dump({"step": result.step, "best_epoch": result.best_epoch, **last}, f, indent=1)
+  return result
+
+
+def load_run(workdir: str, subdir: str | None = None):
+  """The latest checkpoint of a run, for research code that picks it up.
+
+  Args:
+    workdir: the run's workdir.
+    subdir: a stage's directory inside it (None: the workdir itself, i.e. pretrain).
+
+  Returns:
+    (config, arch, variables, step): the config as a ConfigDict (None if not stored), the
+    Arch, {'params', 'batch_stats'} as numpy arrays (the kept epoch's variables when the run
+    finished with keep='best', else the latest state's), and the step.
+
+  Raises:
+    ckpt_lib.CheckpointError: no checkpoint or an unreadable one.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from metaprune_jax import arch as arch_lib  # pylint: disable=g-import-not-at-top
+
+  directory = os.path.join(workdir, subdir) if subdir else workdir
+  ckpt = ckpt_lib.Checkpointer(directory, async_save=False)
+  if ckpt.latest_step() is None:
+    raise ckpt_lib.CheckpointError(f"No checkpoint in {ckpt.directory}.")
+  arrays, meta = ckpt.restore_raw()
+  ckpt.close()
+  train = arrays["train"]
+  variables = {"params": train["params"], "batch_stats": train.get("batch_stats", {})}
+  if meta.get("finished") and meta.get("keep") == "best" and arrays.get("best"):
+    variables = arrays["best"]
+  config = meta.get("config")
+  config = ml_collections.ConfigDict(config) if isinstance(config, dict) else config
+  return config, arch_lib.Arch.from_json(meta["arch"]), variables, int(train["step"])
