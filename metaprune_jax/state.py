@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metaprune_jax import masks as masks_lib
+
 
 Masks = dict[str, jax.Array]  # space name -> [width] float32, 1 keep / 0 pruned
 
@@ -56,8 +58,6 @@ def create_state(arch, variables: dict[str, Any], tx: optax.GradientTransformati
     masks: optional `{space: [width] float32}`.
   """
   if masks is not None:
-    from metaprune_jax import masks as masks_lib  # pylint: disable=g-import-not-at-top
-
     masks = {k: jnp.asarray(v, jnp.float32) for k, v in masks.items()}
     variables = masks_lib.mask_variables(arch, variables, masks)
   params = variables["params"]

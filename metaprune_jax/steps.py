@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from metaprune_jax import cnn
+from metaprune_jax import masks as masks_lib
 from metaprune_jax.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -29,8 +30,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def _mask_params(arch, params, batch_stats, masks):
-  from metaprune_jax import masks as masks_lib  # pylint: disable=g-import-not-at-top
-
   out = masks_lib.mask_variables(arch, {"params": params, "batch_stats": batch_stats}, masks)
   return out["params"], out["batch_stats"]
 
@@ -57,7 +56,7 @@ def train_step(state: TrainState, batch: Batch, *, arch, tx: optax.GradientTrans
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   if state.masks is not None:
-    grads, _ = _mask_params(arch, grads, new_stats, state.masks)
+    grads = masks_lib.mask_tree(arch, grads, state.masks, "params")
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   if state.masks is not None:
