@@ -9,6 +9,9 @@ from metaprune_jax.arch import Arch, Layer, Op
 from metaprune_jax.cnn import apply_model, init_variables
 from metaprune_jax.graph import (from_graph, graph_layout, graph_to_reference_arrays,
                                  to_graph)
+from metaprune_jax.groups import Group, Member, group_importance, pruning_groups
+from metaprune_jax.macs import count_macs
+from metaprune_jax.masks import embed, full_masks, mask_variables, materialize
 from metaprune_jax.reference import export_reference_state_dict, import_reference_model
 
 get_arch = zoo.get_arch

@@ -82,10 +82,7 @@ class CNN(nn.Module):
       a = env[op.inputs[0]]
       if op.op == "conv":
         l = layers[op.layer]
-        if arch.init == "vgg":
-          binit = nn.initializers.zeros
-        else:
-          binit = nn.initializers.zeros
+        binit = nn.initializers.zeros  # conv biases (VGG) start at zero in the reference
         y = nn.Conv(arch.width(l.out_space), (l.kernel, l.kernel), (l.stride, l.stride),
                     padding=((l.padding, l.padding), (l.padding, l.padding)), use_bias=l.bias,
                     kernel_init=_kaiming_fan_out, bias_init=binit, name=l.name)(a)
