@@ -1,0 +1,117 @@
+"""Checkpoints through `train.fit`: round trip, resume of a finished run, load_run, bad workdirs."""
+
+import os
+import shutil
+import tempfile
+
+import jax
+import ml_collections
+import numpy as np
+from absl.testing import absltest
+
+from metaprune_jax import checkpoint as ckpt_lib
+from metaprune_jax import cnn
+from metaprune_jax import data
+from metaprune_jax import modes
+from metaprune_jax import train
+from metaprune_jax import zoo
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+def _schedule(**kw):
+  s = ml_collections.ConfigDict(dict(epochs=1, batch_size=32, eval_batch_size=120, lr=0.05,
+                                     milestones=(1,), momentum=0.9, weight_decay=5e-4,
+                                     keep="best", ckpt_every_steps=20, max_to_keep=2))
+  s.update(kw)
+  return s
+
+
+def _snapshot(directory):
+  out = {}
+  for root, _, files in os.walk(directory):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, directory)] = fh.read()
+  return out
+
+
+def _assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+class CheckpointTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.arch = zoo.get_arch("resnet_tiny", 10)
+    cls.variables = jax.jit(cnn.init_variables, static_argnums=(0, 2))(
+      cls.arch, jax.random.PRNGKey(0), (8, 8))
+    cls.ds = data.get_dataset("digits")
+    cls.workdir = tempfile.mkdtemp()
+    cls.config = ml_collections.ConfigDict({"mode": "pretrain", "note": "test"})
+    cls.result = train.fit(_schedule(), cls.arch, cls.variables, None, cls.ds, cls.workdir,
+                           config=cls.config)
+
+  def test_round_trip_and_finished_resume(self):
+    self.assertLen(self.result.history, 1)
+    before = _snapshot(self.workdir)
+    again = train.fit(_schedule(), self.arch, self.variables, None, self.ds, self.workdir,
+                      config=self.config)  # finished: restores, trains nothing
+    _assert_trees_equal(self.result.variables, again.variables)
+    self.assertEqual(again.history, self.result.history)
+    self.assertEqual(_snapshot(os.path.join(self.workdir, "checkpoints")),
+                     {k[len("checkpoints/"):]: v for k, v in before.items()
+                      if k.startswith("checkpoints/")})
+
+  def test_load_run(self):
+    config, arch, variables, step = train.load_run(self.workdir)
+    self.assertEqual(arch, self.arch)
+    self.assertEqual(step, self.ds.steps_per_epoch(32))
+    self.assertEqual(config.note, "test")
+    _assert_trees_equal(self.result.variables, variables)
+
+  def test_workdir_of_another_config(self):
+    before = _snapshot(self.workdir)
+    with self.assertRaisesRegex(ckpt_lib.CheckpointError,
+                                r"(?s)another configuration.*schedule.*Nothing was overwritten"):
+      train.fit(_schedule(lr=0.2), self.arch, self.variables, None, self.ds, self.workdir)
+    other_arch = zoo.get_arch("resnet20", 10)
+    with self.assertRaisesRegex(ckpt_lib.CheckpointError, "another configuration.*arch"):
+      train.fit(_schedule(), other_arch, self.variables, None, self.ds, self.workdir)
+    self.assertEqual(_snapshot(self.workdir), before)
+
+  def test_corrupt_checkpoint(self):
+    bad = os.path.join(tempfile.mkdtemp(), "run")
+    shutil.copytree(self.workdir, bad)
+    step_dir = os.path.join(bad, "checkpoints", str(self.result.step), ckpt_lib.ARRAYS)
+    for root, _, files in os.walk(step_dir):
+      for f in files:
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"garbage")
+    before = _snapshot(bad)
+    with self.assertRaisesRegex(ckpt_lib.CheckpointError, "cannot be restored|cannot be read"):
+      train.fit(_schedule(), self.arch, self.variables, None, self.ds, bad)
+    self.assertEqual(_snapshot(bad), before)
+
+  def test_missing_checkpoint(self):
+    with self.assertRaisesRegex(ckpt_lib.CheckpointError, "No checkpoint"):
+      train.load_run(tempfile.mkdtemp())
+
+  def test_unknown_mode(self):
+    with self.assertRaisesRegex(ValueError, "Unknown mode 'train'.*pretrain"):
+      modes.get("train")
+
+  def test_batch_not_divisible_by_devices(self):
+    class _Mesh8:
+      devices = np.zeros(8)
+    with self.assertRaisesRegex(ValueError, "not divisible by the number of devices 8"):
+      train.fit(_schedule(batch_size=36), self.arch, self.variables, None, self.ds,
+                tempfile.mkdtemp(), mesh=_Mesh8())
+
+
+if __name__ == "__main__":
+  absltest.main()
