@@ -1,0 +1,257 @@
+"""Global progressive structured pruning to a FLOPs target (DESIGN.md section 6).
+
+Torch-Pruning re-traces the network and rebuilds layers at every one of its 200 steps; here the
+network keeps its full shapes and each group's channels carry a keep-vector, so one pruning
+step is a pure function of ``(params, keep)`` and the whole search is a single jitted
+``lax.while_loop`` (:func:`progressive_prune`) or ``lax.scan`` (:func:`pruning_trajectory`,
+the accuracy-vs-speed-up curves). Materialise the result once with
+:func:`metaprune_jax.masks.materialize`.
+
+One step ``s`` (1-based) of the reference's schedule, for the groups of
+:func:`metaprune_jax.groups.pruning_groups` (ignored groups excluded when the search starts):
+
+1. importance: group-L2 (or ``random``) over the kept channels, normalised per group;
+2. eligible groups: those with more than one kept channel; ``N0`` is the number of channels in
+   groups eligible at the start;
+3. ``n = (kept channels of eligible groups) - int(N0 * (1 - s / steps))``; if ``n > 0`` the
+   threshold is the ``n``-th smallest importance over all eligible channels and every channel at
+   or below it is removed (ties remove more), except in a group where that would remove every
+   channel (skipped this step);
+4. MACs of the kept widths; the search stops at the first step whose speed-up over the
+   network at the start reaches the target, or after ``steps`` steps.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metaprune_jax import groups as groups_lib
+from metaprune_jax import macs as macs_lib
+from metaprune_jax import masks as masks_lib
+from metaprune_jax.arch import Arch
+
+CRITERIA = ("l2", "random")
+
+
+class _Plan:
+  """Static description of a search (hashable by identity; built on the host)."""
+
+  def __init__(self, arch: Arch, start_counts: Mapping[str, int], input_shape, steps: int,
+               criterion: str, normalizer: str):
+    if criterion not in CRITERIA:
+      raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {CRITERIA}")
+    if normalizer not in groups_lib.NORMALIZERS:
+      raise ValueError(f"unknown normalizer {normalizer!r}; choose from "
+                       f"{groups_lib.NORMALIZERS}")
+    self.arch = arch
+    # ignored layers are decided at the widths the search starts from (a fresh pruner)
+    current = arch.with_widths(start_counts)
+    kept_spaces = {g.space for g in groups_lib.pruning_groups(current)}
+    self.groups = tuple(g for g in groups_lib.pruning_groups(arch) if g.space in kept_spaces)
+    self.steps = int(steps)
+    self.criterion, self.normalizer = criterion, normalizer
+    self.mac_terms, _ = macs_lib.count_terms(arch, tuple(int(v) for v in input_shape))
+    self.space_index = {s: i for i, s in enumerate(arch.spaces)}
+    n0 = sum(start_counts[g.space] for g in self.groups if start_counts[g.space] > 1)
+    # int(N0 * (1 - ratio)) exactly as Python computes it, ratio = (s / steps) * 1.0
+    self.floor_kept = np.array([int(n0 * (1 - (s / float(steps)) * 1.0))
+                                for s in range(steps + 1)], np.int32)
+
+
+def _importance(plan: _Plan, params, keep, key, step):
+  """Normalised importance per group over kept channels; ``[width]`` each."""
+  out = []
+  if plan.criterion == "l2":
+    masked = masks_lib.mask_tree(plan.arch, params, keep, "params")
+  for gi, g in enumerate(plan.groups):
+    k = keep[g.space]
+    if plan.criterion == "random":
+      imp = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, step), gi), k.shape)
+    else:
+      imp = groups_lib.raw_group_importance(plan.arch, masked, g)
+      if plan.normalizer == "max":
+        imp = imp / jnp.max(jnp.where(k > 0, imp, -jnp.inf))
+      elif plan.normalizer == "mean":
+        imp = imp / (jnp.sum(imp * k) / jnp.sum(k))
+    out.append(imp)
+  return out
+
+
+def _counts(plan: _Plan, keep, fixed_counts):
+  c = jnp.asarray(fixed_counts, jnp.float32)
+  for s, k in keep.items():
+    c = c.at[plan.space_index[s]].set(jnp.sum(k))
+  return c
+
+
+def _step(plan: _Plan, params, keep, step, key):
+  """One reference pruning step (``step`` 1-based, traced). Returns the new keep dict."""
+  imps = _importance(plan, params, keep, key, step)
+  widths = [jnp.sum(keep[g.space]) for g in plan.groups]
+  eligible = [w > 1 for w in widths]
+  cand = jnp.concatenate([jnp.where((keep[g.space] > 0) & e, imp, jnp.inf)
+                          for g, imp, e in zip(plan.groups, imps, eligible)])
+  total = sum(jnp.where(e, w, 0) for e, w in zip(eligible, widths)).astype(jnp.int32)
+  n_prune = total - jnp.asarray(plan.floor_kept)[step]
+  srt = jnp.sort(cand)
+  thres = srt[jnp.clip(n_prune - 1, 0, cand.shape[0] - 1)]
+  new = dict(keep)
+  for g, imp, e, w in zip(plan.groups, imps, eligible, widths):
+    k = keep[g.space]
+    rm = (k > 0) & (imp <= thres) & e & (n_prune > 0)
+    empties = jnp.sum(rm) >= w
+    new[g.space] = jnp.where(rm & ~empties, 0.0, k)
+  return new
+
+
+def _prepare(arch, variables, masks, input_shape, steps, criterion, normalizer):
+  masks = dict(masks or {})
+  masks_lib.check_masks(arch, masks)
+  start = {s: (int(np.sum(np.asarray(masks[s]) > 0.5)) if s in masks else arch.width(s))
+           for s in arch.spaces}
+  plan = _Plan(arch, start, input_shape, steps, criterion, normalizer)
+  keep = {g.space: (jnp.asarray(masks[g.space], jnp.float32) if g.space in masks
+                    else jnp.ones((g.width,), jnp.float32)) for g in plan.groups}
+  fixed = [start[s] for s in arch.spaces]
+  params = variables["params"] if "params" in variables else variables
+  return plan, keep, fixed, params, start
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _search(plan, params, keep, fixed, target, key):
+  base = macs_lib.macs_of_counts(plan.mac_terms, _counts(plan, keep, fixed))
+
+  def cond(c):
+    step, _, speed = c
+    return (step < plan.steps) & (speed < target)
+
+  def body(c):
+    step, keep, _ = c
+    keep = _step(plan, params, keep, step + 1, key)
+    speed = base / macs_lib.macs_of_counts(plan.mac_terms, _counts(plan, keep, fixed))
+    return step + 1, keep, speed
+  return jax.lax.while_loop(cond, body, (jnp.int32(0), keep, jnp.float32(1.0)))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _trajectory(plan, params, keep, fixed, key):
+  base = macs_lib.macs_of_counts(plan.mac_terms, _counts(plan, keep, fixed))
+
+  def body(keep, step):
+    keep = _step(plan, params, keep, step, key)
+    return keep, (keep, base / macs_lib.macs_of_counts(plan.mac_terms,
+                                                        _counts(plan, keep, fixed)))
+  _, (hist, speeds) = jax.lax.scan(body, keep, jnp.arange(1, plan.steps + 1))
+  return hist, speeds
+
+
+_PLAN_CACHE: dict = {}
+
+
+def _cached_plan(arch, start, input_shape, steps, criterion, normalizer):
+  key = (arch, tuple(sorted(start.items())), tuple(input_shape), steps, criterion, normalizer)
+  if key not in _PLAN_CACHE:
+    _PLAN_CACHE[key] = _Plan(arch, start, input_shape, steps, criterion, normalizer)
+  return _PLAN_CACHE[key]
+
+
+def _exact_speed_up(arch, start, keep, input_shape):
+  base, _ = macs_lib.count_macs(arch.with_widths(start), input_shape)
+  counts = dict(start)
+  counts.update({s: int(np.sum(np.asarray(k) > 0.5)) for s, k in keep.items()})
+  now, _ = macs_lib.count_macs(arch.with_widths(counts), input_shape)
+  return base / now
+
+
+def progressive_prune(arch: Arch, variables: Mapping, target_speed_up: float,
+                      input_shape=(1, 3, 32, 32), *, masks: Mapping | None = None,
+                      criterion: str = "l2", normalizer: str = "max", steps: int = 200,
+                      rng: jax.Array | None = None) -> tuple[dict, float]:
+  """Prunes to a MACs speed-up with the reference's global progressive schedule.
+
+  Args:
+    arch: the architecture (full shapes of ``variables``).
+    variables: ``{'params', ...}``; masked networks pass their ``masks`` too.
+    target_speed_up: MACs(start) / MACs(end) to reach; > 1.
+    input_shape: NCHW input for MAC counting, as :func:`~metaprune_jax.macs.count_macs`.
+    masks: optional keep-vectors the search starts from (already pruned channels).
+    criterion: ``l2`` (group L2, the reference) or ``random``.
+    normalizer: ``max`` (the reference), ``mean`` or ``none``.
+    steps: the schedule's number of steps (200).
+    rng: key for the ``random`` criterion.
+
+  Returns:
+    ``(masks, speed_up)``: ``{space: [width] float32}`` for every group space, and the
+    speed-up reached relative to the network passed in (float, counted exactly).
+
+  Raises:
+    ValueError: target <= 1, or one the schedule cannot reach (the message gives the largest
+      reachable speed-up), bad masks, unknown criterion/normalizer.
+  """
+  if not target_speed_up > 1.0:
+    raise ValueError(f"target speed-up must be > 1, got {target_speed_up}")
+  plan, keep, fixed, params, start = _prepare(arch, variables, masks, input_shape, steps,
+                                              criterion, normalizer)
+  plan = _cached_plan(arch, start, input_shape, steps, criterion, normalizer)
+  key = rng if rng is not None else jax.random.PRNGKey(0)
+  step, keep, speed = _search(plan, params, keep, fixed, jnp.float32(target_speed_up), key)
+  keep = jax.device_get(keep)
+  exact = _exact_speed_up(arch, start, keep, input_shape)
+  if exact < target_speed_up:
+    raise ValueError(f"{arch.name}: target speed-up {target_speed_up} is unreachable: "
+                     f"{int(step)} pruning steps reach at most {exact:.4f}x without emptying a "
+                     "group")
+  out = dict(masks or {})
+  out.update({s: jnp.asarray(k) for s, k in keep.items()})
+  return out, float(exact)
+
+
+def pruning_trajectory(arch: Arch, variables: Mapping, input_shape=(1, 3, 32, 32), *,
+                       masks: Mapping | None = None, criterion: str = "l2",
+                       normalizer: str = "max", steps: int = 200,
+                       rng: jax.Array | None = None) -> tuple[dict, np.ndarray]:
+  """Every step of a full schedule: ``({space: [steps, width]}, speed_ups [steps])``.
+
+  Step ``i`` of the outputs is the state after pruning step ``i + 1``. Used for the
+  accuracy-vs-speed-up curves and adaptive pruning.
+  """
+  plan, keep, fixed, params, start = _prepare(arch, variables, masks, input_shape, steps,
+                                              criterion, normalizer)
+  plan = _cached_plan(arch, start, input_shape, steps, criterion, normalizer)
+  key = rng if rng is not None else jax.random.PRNGKey(0)
+  hist, speeds = _trajectory(plan, params, keep, fixed, key)
+  return jax.device_get(hist), np.asarray(speeds, np.float64)
+
+
+def adaptive_prune(arch: Arch, variables: Mapping, accuracy_fn: Callable[[dict], float],
+                   threshold: float, input_shape=(1, 3, 32, 32), *,
+                   masks: Mapping | None = None, max_speed_up: float = float("inf"),
+                   criterion: str = "l2", normalizer: str = "max", steps: int = 200,
+                   rng: jax.Array | None = None) -> tuple[dict, float, list]:
+  """Prunes step by step while ``accuracy_fn(masks) >= threshold``.
+
+  ``accuracy_fn`` evaluates the masked network (e.g. test accuracy; the engine does no data
+  loading). Returns ``(masks, speed_up, history)`` of the last state at or above the
+  threshold, ``history`` = ``[(step, speed_up, accuracy), ...]``.
+  """
+  hist, speeds = pruning_trajectory(arch, variables, input_shape, masks=masks,
+                                    criterion=criterion, normalizer=normalizer, steps=steps,
+                                    rng=rng)
+  best = dict(masks or {})
+  best_speed, log = 1.0, []
+  for i in range(steps):
+    m = dict(masks or {})
+    m.update({s: jnp.asarray(h[i]) for s, h in hist.items()})
+    acc = float(accuracy_fn(m))
+    log.append((i + 1, float(speeds[i]), acc))
+    if acc < threshold:
+      break
+    best, best_speed = m, float(speeds[i])
+    if speeds[i] >= max_speed_up:
+      break
+  return best, best_speed, log
