@@ -16,3 +16,8 @@ from metaprune_jax.pruning import adaptive_prune, progressive_prune, pruning_tra
 from metaprune_jax.reference import export_reference_state_dict, import_reference_model
 
 get_arch = zoo.get_arch
+from metaprune_jax.metanet import (MetaNet, apply_metanet, default_metanet_config,
+                                   export_reference_metanet, import_reference_metanet,
+                                   init_metanet, make_metanet_config, pad_graph,
+                                   scramble_classifier, transform, unpad_graph,
+                                   validate_graph)
