@@ -63,21 +63,51 @@ class _Plan:
                                 for s in range(steps + 1)], np.int32)
 
 
-def _importance(plan: _Plan, params, keep, key, step):
-  """Normalised importance per group over kept channels; ``[width]`` each."""
+def _layer_sq(arch: Arch, params):
+  """Squared weights reduced over the kernel window, once per search: conv/dense
+  ``[in, out]``, BatchNorm ``[c]`` (scale squared)."""
+  out = {}
+  for l in arch.layers:
+    p = params[l.name]
+    if l.kind == "conv":
+      out[l.name] = jnp.sum(jnp.square(p["kernel"]), axis=(0, 1))
+    elif l.kind == "dense":
+      out[l.name] = jnp.square(p["kernel"])
+    else:
+      out[l.name] = jnp.square(p["scale"])
+  return out
+
+
+def _importance(plan: _Plan, sq, keep, key, step):
+  """Normalised importance per group over kept channels; ``[width]`` each.
+
+  Group L2 of the masked network without materialising it: a member's squared slice norm is a
+  product of its reduced squared weights with the keep-vector of the other axis.
+  """
   out = []
-  if plan.criterion == "l2":
-    masked = masks_lib.mask_tree(plan.arch, params, keep, "params")
   for gi, g in enumerate(plan.groups):
     k = keep[g.space]
     if plan.criterion == "random":
-      imp = jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, step), gi), k.shape)
-    else:
-      imp = groups_lib.raw_group_importance(plan.arch, masked, g)
-      if plan.normalizer == "max":
-        imp = imp / jnp.max(jnp.where(k > 0, imp, -jnp.inf))
-      elif plan.normalizer == "mean":
-        imp = imp / (jnp.sum(imp * k) / jnp.sum(k))
+      out.append(jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, step), gi),
+                                    k.shape))
+      continue
+    total = 0.0
+    for m in g.members:
+      l = plan.arch.layer(m.layer)
+      s2 = sq[m.layer]
+      if l.kind == "bn":
+        total = total + s2
+      elif m.role == "out":
+        ki = keep.get(l.in_space)
+        total = total + (jnp.sum(s2, axis=0) if ki is None else ki @ s2)
+      else:
+        ko = keep.get(l.out_space)
+        total = total + (jnp.sum(s2, axis=1) if ko is None else s2 @ ko)
+    imp = total / len(g.members)
+    if plan.normalizer == "max":
+      imp = imp / jnp.max(jnp.where(k > 0, imp, -jnp.inf))
+    elif plan.normalizer == "mean":
+      imp = imp / (jnp.sum(imp * k) / jnp.sum(k))
     out.append(imp)
   return out
 
@@ -89,9 +119,9 @@ def _counts(plan: _Plan, keep, fixed_counts):
   return c
 
 
-def _step(plan: _Plan, params, keep, step, key):
+def _step(plan: _Plan, sq, keep, step, key):
   """One reference pruning step (``step`` 1-based, traced). Returns the new keep dict."""
-  imps = _importance(plan, params, keep, key, step)
+  imps = _importance(plan, sq, keep, key, step)
   widths = [jnp.sum(keep[g.space]) for g in plan.groups]
   eligible = [w > 1 for w in widths]
   cand = jnp.concatenate([jnp.where((keep[g.space] > 0) & e, imp, jnp.inf)
@@ -125,6 +155,7 @@ def _prepare(arch, variables, masks, input_shape, steps, criterion, normalizer):
 @functools.partial(jax.jit, static_argnums=(0,))
 def _search(plan, params, keep, fixed, target, key):
   base = macs_lib.macs_of_counts(plan.mac_terms, _counts(plan, keep, fixed))
+  sq = _layer_sq(plan.arch, params)
 
   def cond(c):
     step, _, speed = c
@@ -132,7 +163,7 @@ def _search(plan, params, keep, fixed, target, key):
 
   def body(c):
     step, keep, _ = c
-    keep = _step(plan, params, keep, step + 1, key)
+    keep = _step(plan, sq, keep, step + 1, key)
     speed = base / macs_lib.macs_of_counts(plan.mac_terms, _counts(plan, keep, fixed))
     return step + 1, keep, speed
   return jax.lax.while_loop(cond, body, (jnp.int32(0), keep, jnp.float32(1.0)))
@@ -141,9 +172,10 @@ def _search(plan, params, keep, fixed, target, key):
 @functools.partial(jax.jit, static_argnums=(0,))
 def _trajectory(plan, params, keep, fixed, key):
   base = macs_lib.macs_of_counts(plan.mac_terms, _counts(plan, keep, fixed))
+  sq = _layer_sq(plan.arch, params)
 
   def body(keep, step):
-    keep = _step(plan, params, keep, step, key)
+    keep = _step(plan, sq, keep, step, key)
     return keep, (keep, base / macs_lib.macs_of_counts(plan.mac_terms,
                                                         _counts(plan, keep, fixed)))
   _, (hist, speeds) = jax.lax.scan(body, keep, jnp.arange(1, plan.steps + 1))
