@@ -21,3 +21,10 @@ from metaprune_jax.metanet import (MetaNet, apply_metanet, default_metanet_confi
                                    init_metanet, make_metanet_config, pad_graph,
                                    scramble_classifier, transform, unpad_graph,
                                    validate_graph)
+
+# Training runtime (issue 6).
+from metaprune_jax import modes  # noqa: E402
+from metaprune_jax.checkpoint import CheckpointError  # noqa: E402
+from metaprune_jax.data import get_dataset  # noqa: E402
+from metaprune_jax.state import TrainState  # noqa: E402
+from metaprune_jax.train import FitResult, evaluate, fit, load_run  # noqa: E402
