@@ -12,7 +12,8 @@ from metaprune_jax.graph import (from_graph, graph_layout, graph_to_reference_ar
 from metaprune_jax.groups import Group, Member, group_importance, pruning_groups
 from metaprune_jax.macs import count_macs
 from metaprune_jax.masks import embed, full_masks, mask_variables, materialize
-from metaprune_jax.pruning import adaptive_prune, progressive_prune, pruning_trajectory
+from metaprune_jax.pruning import (PruneResult, adaptive_prune, progressive_prune, prune_to_target,
+                                   pruning_trajectory)
 from metaprune_jax.reference import export_reference_state_dict, import_reference_model
 
 get_arch = zoo.get_arch

@@ -24,7 +24,7 @@ One step ``s`` (1-based) of the reference's schedule, for the groups of
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -200,10 +200,26 @@ def _exact_speed_up(arch, start, keep, input_shape):
   return base / now
 
 
+class PruneResult(NamedTuple):
+  """``masks``: ``{space: [width] float32}``; ``speed_up``: exact MACs ratio (float);
+  ``steps``: pruning steps taken."""
+
+  masks: dict
+  speed_up: float
+  steps: int
+
+
 def progressive_prune(arch: Arch, variables: Mapping, target_speed_up: float,
-                      input_shape=(1, 3, 32, 32), *, masks: Mapping | None = None,
-                      criterion: str = "l2", normalizer: str = "max", steps: int = 200,
-                      rng: jax.Array | None = None) -> tuple[dict, float]:
+                      input_shape=(1, 3, 32, 32), **kw) -> tuple[dict, float]:
+  """``(masks, speed_up)`` of :func:`prune_to_target` (same arguments)."""
+  res = prune_to_target(arch, variables, target_speed_up, input_shape, **kw)
+  return res.masks, res.speed_up
+
+
+def prune_to_target(arch: Arch, variables: Mapping, target_speed_up: float,
+                    input_shape=(1, 3, 32, 32), *, masks: Mapping | None = None,
+                    criterion: str = "l2", normalizer: str = "max", steps: int = 200,
+                    rng: jax.Array | None = None) -> PruneResult:
   """Prunes to a MACs speed-up with the reference's global progressive schedule.
 
   Args:
@@ -218,8 +234,8 @@ def progressive_prune(arch: Arch, variables: Mapping, target_speed_up: float,
     rng: key for the ``random`` criterion.
 
   Returns:
-    ``(masks, speed_up)``: ``{space: [width] float32}`` for every group space, and the
-    speed-up reached relative to the network passed in (float, counted exactly).
+    :class:`PruneResult`: masks for every group space (the ``masks`` passed in updated), the
+    speed-up reached relative to the network passed in (float, counted exactly), steps taken.
 
   Raises:
     ValueError: target <= 1, or one the schedule cannot reach (the message gives the largest
@@ -240,7 +256,7 @@ def progressive_prune(arch: Arch, variables: Mapping, target_speed_up: float,
                      "group")
   out = dict(masks or {})
   out.update({s: jnp.asarray(k) for s, k in keep.items()})
-  return out, float(exact)
+  return PruneResult(out, float(exact), int(step))
 
 
 def pruning_trajectory(arch: Arch, variables: Mapping, input_shape=(1, 3, 32, 32), *,

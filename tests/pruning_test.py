@@ -1,0 +1,135 @@
+"""Pruning engine: reference decisions, schedule properties, materialisation, bad inputs."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import metaprune_jax as mp
+from metaprune_jax import pruning
+from metaprune_jax.graph import graph_layout
+from metaprune_jax.macs import count_terms, macs_of_counts
+
+FIX = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "reference")
+CASES = [("resnet56_c10_pruned", "resnet56", 10, (1, 3, 32, 32)),
+         ("vgg19_c100_small", "VGG19", 100, (1, 3, 32, 32)),
+         ("resnet50_imagenet_pruned", "resnet50", 1000, (1, 3, 224, 224))]
+
+
+def _load(case, name, ncls):
+  if not os.path.isdir(os.path.join(FIX, case)):
+    pytest.skip("reference fixtures not found next to the repository")
+  sd = dict(np.load(os.path.join(FIX, case, "model.npz")))
+  return mp.import_reference_model(sd, name, ncls)
+
+
+@pytest.mark.parametrize("case,name,ncls,ins", CASES)
+def test_progressive_prune_matches_reference(case, name, ncls, ins):
+  arch, v = _load(case, name, ncls)
+  ref = json.load(open(os.path.join(FIX, case, "prune_step.json")))
+  res = mp.prune_to_target(arch, v, ref["target_speed_up"], ins)
+  assert res.steps == ref["steps_taken"]
+  assert res.speed_up == pytest.approx(ref["achieved_speed_up"], rel=1e-12)
+  small, sv = mp.materialize(arch, v, res.masks)
+  widths = [c for _, _, _, c in graph_layout(small).node_sets]
+  assert widths == ref["widths_after"]
+  assert mp.count_macs(small, ins) == (int(ref["macs_after"]), int(ref["params_after"]))
+  # first step: the same channels removed in every group
+  hist, _ = mp.pruning_trajectory(arch, v, ins, steps=200)
+  groups = {g.root: g for g in mp.pruning_groups(arch)}
+  for entry in ref["first_step_groups"]:
+    g = groups[entry["root"]]
+    removed = np.flatnonzero(np.asarray(hist[g.space][0]) < 0.5)
+    assert removed.tolist() == sorted(entry["removed_idxs"]), entry["root"]
+
+
+def test_schedule_properties_and_no_empty_group():
+  arch = mp.get_arch("resnet20", 10, width_mult=0.5)
+  v = mp.init_variables(arch, jax.random.PRNGKey(0))
+  hist, speeds = mp.pruning_trajectory(arch, v)
+  assert np.all(np.diff(speeds) >= -1e-6)  # monotone
+  for s, h in hist.items():
+    assert np.all(h.sum(axis=1) >= 1), s  # never emptied
+  target = float(speeds[60])
+  res = mp.prune_to_target(arch, v, target)
+  assert res.speed_up >= target
+  assert speeds[res.steps - 2] < target  # the step before is below the target
+  # MACs of the materialised network == MACs counted from the masks
+  small, _ = mp.materialize(arch, v, res.masks)
+  terms, _ = count_terms(arch, (1, 3, 32, 32))
+  counts = [float(np.sum(np.asarray(res.masks[s]))) if s in res.masks else arch.width(s)
+            for s in arch.spaces]
+  assert mp.count_macs(small)[0] == pytest.approx(float(macs_of_counts(terms, jnp.array(counts))),
+                                                  rel=1e-6)
+
+
+def test_masked_equals_materialized_after_pruning():
+  arch = mp.get_arch("resnet_tiny", 10)
+  v = mp.init_variables(arch, jax.random.PRNGKey(1), (8, 8))
+  masks, _ = mp.progressive_prune(arch, v, 1.8, (1, 3, 8, 8))
+  mv = mp.mask_variables(arch, v, masks)
+  x = jax.random.normal(jax.random.PRNGKey(2), (4, 8, 8, 3))
+  a = mp.apply_model(arch, mv, x, masks=masks)
+  small, sv = mp.materialize(arch, mv, masks)
+  b = mp.apply_model(small, sv, x)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_jit_equals_eager_step_and_one_compilation():
+  arch = mp.get_arch("resnet_tiny", 10)
+  v = mp.init_variables(arch, jax.random.PRNGKey(3), (8, 8))
+  plan, keep, fixed, params, start = pruning._prepare(arch, v, None, (1, 3, 8, 8), 200, "l2",
+                                                      "max")
+  sq = pruning._layer_sq(arch, params)
+  key = jax.random.PRNGKey(0)
+  jitted = jax.jit(lambda sq, keep, s: pruning._step(plan, sq, keep, s, key))
+  k_j, k_e = keep, keep
+  for s in range(1, 30):
+    k_j = jitted(sq, k_j, jnp.int32(s))
+    with jax.disable_jit():
+      k_e = pruning._step(plan, sq, k_e, s, key)
+    for sp in k_j:
+      np.testing.assert_array_equal(np.asarray(k_j[sp]), np.asarray(k_e[sp]))
+  # repeated searches on other weights reuse one compiled search
+  mp.progressive_prune(arch, v, 1.5, (1, 3, 8, 8))
+  before = pruning._search._cache_size()
+  for seed in range(3):
+    v2 = mp.init_variables(arch, jax.random.PRNGKey(10 + seed), (8, 8))
+    mp.progressive_prune(arch, v2, 1.3 + 0.2 * seed, (1, 3, 8, 8))
+  assert pruning._search._cache_size() == before
+
+
+def test_random_criterion_and_adaptive():
+  arch = mp.get_arch("resnet_tiny", 10)
+  v = mp.init_variables(arch, jax.random.PRNGKey(4), (8, 8))
+  m1, s1 = mp.progressive_prune(arch, v, 1.5, (1, 3, 8, 8), criterion="random",
+                                rng=jax.random.PRNGKey(1))
+  assert s1 >= 1.5
+  total = sum(arch.width(s) for s in arch.prunable_spaces)
+
+  def fake_acc(masks):  # accuracy falls with the fraction of channels removed
+    return sum(float(np.sum(np.asarray(m))) for m in masks.values()) / total
+  best, speed, log = mp.adaptive_prune(arch, v, fake_acc, 0.7, (1, 3, 8, 8))
+  assert fake_acc(best) >= 0.7
+  assert log[-1][2] < 0.7 or speed == log[-1][1]
+  assert speed > 1.0
+
+
+def test_bad_inputs():
+  arch = mp.get_arch("resnet_tiny", 10)
+  v = mp.init_variables(arch, jax.random.PRNGKey(5), (8, 8))
+  with pytest.raises(ValueError, match="must be > 1"):
+    mp.progressive_prune(arch, v, 1.0, (1, 3, 8, 8))
+  with pytest.raises(ValueError, match="unreachable.*at most"):
+    mp.progressive_prune(arch, v, 1e4, (1, 3, 8, 8))
+  with pytest.raises(ValueError, match="criterion"):
+    mp.progressive_prune(arch, v, 1.5, (1, 3, 8, 8), criterion="taylor")
+  with pytest.raises(ValueError, match="normalizer"):
+    mp.progressive_prune(arch, v, 1.5, (1, 3, 8, 8), normalizer="sum")
+  with pytest.raises(ValueError, match="shape"):
+    mp.progressive_prune(arch, v, 1.5, (1, 3, 8, 8), masks={"s1": jnp.ones(3)})
+  with pytest.raises(ValueError, match="normalizer"):
+    mp.group_importance(arch, v, normalizer="l1")
