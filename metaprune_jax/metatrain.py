@@ -1,0 +1,181 @@
+"""Meta-training: the loss of a metanetwork over data models, and its gradients (DESIGN.md 5).
+
+For one data model (parameters ``theta``, graph ``G``) and ``theta' = from_graph(metanet_phi(G))``
+(running statistics from ``theta``)::
+
+    loss(phi) = sum_b CE(f(x_b; theta'), y_b) + R(theta')
+
+with ``f`` in eval mode and ``R`` the group-norm regulariser (:mod:`metaprune_jax.regularizer`).
+
+The gradient is computed as the reference does, but with one metanetwork pass: ``theta'`` and
+its pullback come from a single ``jax.vjp``; the CE gradients of every data batch are summed
+with respect to ``theta'`` (a ``lax.scan`` over batches, cheap: only the CNN), ``R``'s gradient is
+added, and the sum is pulled back through ``from_graph`` and the metanetwork once.
+
+Shapes are static across data models of one architecture: a data model is held embedded in the
+full-width network with channel masks, and its graph is gathered through a
+:class:`~metaprune_jax.graph.GraphLayout` padded to the full-width budget, whose index arrays are
+*arguments* of the jitted step. One compilation serves every data model whatever its widths, and
+a stack of data models is processed by ``vmap``, sharded over the mesh's ``data`` axis (each
+device takes its own data models and batches; gradients are averaged).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metaprune_jax import cnn
+from metaprune_jax import graph as graph_lib
+from metaprune_jax import masks as masks_lib
+from metaprune_jax import metanet as metanet_lib
+from metaprune_jax.arch import Arch
+from metaprune_jax.regularizer import regularizer
+
+
+def cross_entropy(logits, labels):
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  return -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=1))
+
+
+class ModelSlot(NamedTuple):
+  """One data model in the static-shape form meta-training consumes (all jnp/np arrays).
+
+  Fields:
+    flat: ``[F]`` float32, the full-width embedded variables (:func:`graph.flatten_variables`).
+    layout: ``graph_layout(full_arch, keep, pad_to=full).arrays()`` (int32 index arrays).
+    masks: ``{space: [width] float32}``.
+    batch_stats: the embedded running statistics (kept as they are, DESIGN.md 3.1).
+  """
+
+  flat: Any
+  layout: Any
+  masks: Any
+  batch_stats: Any
+
+
+def make_slot(full_arch: Arch, variables: Mapping, keep: Mapping | None = None) -> ModelSlot:
+  """Packs a data model for meta-training.
+
+  Args:
+    full_arch: the full-width architecture (the padding budget).
+    variables: the data model's variables, materialised (``keep`` given: the kept channel
+      indices of each space) or already at full width (``keep`` None, unmasked).
+    keep: ``{space: kept indices}`` of the data model inside ``full_arch``.
+  """
+  if keep is not None:
+    variables, masks = masks_lib.embed(full_arch, variables, keep)
+  else:
+    masks = masks_lib.full_masks(full_arch)
+  layout = graph_lib.graph_layout(full_arch, keep=keep,
+                                  pad_to=graph_lib.graph_layout(full_arch))
+  flat = graph_lib.flatten_variables(full_arch, variables)
+  return ModelSlot(np.asarray(flat), layout.arrays(), {k: np.asarray(v) for k, v in masks.items()},
+                   jax.tree_util.tree_map(np.asarray, variables["batch_stats"]))
+
+
+def stack_slots(slots) -> ModelSlot:
+  """Stacks slots along a new leading "model" axis (for ``vmap``/sharding)."""
+  return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *slots)
+
+
+def _spec(config):
+  return metanet_lib._spec(config)  # pylint: disable=protected-access
+
+
+def transformed_params(spec, phi, full_arch: Arch, slot: ModelSlot):
+  """``theta'`` params (full width, pruned channels exactly zero) of one slot. Traceable."""
+  flat = jnp.asarray(slot.flat)
+  g = graph_lib.graph_from_flat(slot.layout, flat)
+  out = metanet_lib._forward(spec, phi, g)  # pylint: disable=protected-access
+  new_flat = graph_lib.flat_from_graph(slot.layout, out, flat.shape[0])
+  return graph_lib.unflatten_variables(full_arch, new_flat)["params"]
+
+
+def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, normalizer,
+                      use_masks=True, compat=False):
+  """Per-slot ``(loss, ce, r, accuracy, grads_phi)``; images ``[B, b, H, W, 3]``."""
+  masks = slot.masks if use_masks else None
+
+  def theta_fn(p):
+    th = transformed_params(spec, p, full_arch, slot)
+    if compat:
+      th = metanet_lib.scramble_classifier(full_arch, {"params": th})["params"]
+    return th
+  theta, pull = jax.vjp(theta_fn, phi)
+
+  def batch(carry, xy):
+    g_acc, l_acc, a_acc = carry
+    x, y = xy
+
+    def ce(th):
+      logits = cnn.apply_model(full_arch, {"params": th, "batch_stats": slot.batch_stats}, x,
+                               masks=masks)
+      return cross_entropy(logits, y), jnp.mean(jnp.argmax(logits, -1) == y)
+    (l, a), g = jax.value_and_grad(ce, has_aux=True)(theta)
+    return (jax.tree_util.tree_map(jnp.add, g_acc, g), l_acc + l, a_acc + a), None
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, theta)
+  (g_ce, ce_sum, acc_sum), _ = jax.lax.scan(batch, (zeros, 0.0, 0.0), (images, labels))
+  r, g_r = jax.value_and_grad(
+      lambda th: regularizer(full_arch, {"params": th}, alpha, reg, normalizer,
+                             masks=masks))(theta)
+  (g_phi,) = pull(jax.tree_util.tree_map(jnp.add, g_ce, g_r))
+  n = images.shape[0]
+  return ce_sum + r, ce_sum, r, acc_sum / n, g_phi
+
+
+def meta_train_grads(config, params, arch: Arch, variables: Mapping, images_nhwc, labels,
+                     alpha: float = 16.0, reg: float = 10.0, reference_compat: bool = False,
+                     normalizer: str = "max"):
+  """Gradient of one data model's meta-training loss w.r.t. the metanetwork ``params``.
+
+  Args:
+    config: metanetwork config.
+    params: metanetwork params.
+    arch: the data model's architecture at its widths.
+    variables: its ``{'params', 'batch_stats'}``.
+    images_nhwc: one batch ``[b, H, W, 3]`` float32 (or ``[B, b, H, W, 3]`` for B batches).
+    labels: ``[b]`` (or ``[B, b]``) int.
+    alpha, reg: regulariser settings.
+    reference_compat: decode the classifier as the reference does (DESIGN.md 3.2), to match
+      its gradients.
+    normalizer: importance normaliser of the regulariser.
+
+  Returns:
+    A pytree with the structure of ``params``.
+  """
+  metanet_lib.validate_graph(config, graph_lib.to_graph(arch, variables))
+  x, y = jnp.asarray(images_nhwc), jnp.asarray(labels)
+  if x.ndim == 4:
+    x, y = x[None], y[None]
+  slot = ModelSlot(graph_lib.flatten_variables(arch, variables), graph_lib.graph_layout(arch).arrays(),
+                   masks_lib.full_masks(arch), variables["batch_stats"])
+  return _grads_jit(_spec(config), arch, params, slot, x, y, float(alpha), float(reg),
+                    normalizer, bool(reference_compat))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 6, 7, 8, 9))
+def _grads_jit(spec, arch, params, slot, x, y, alpha, reg, normalizer, compat):
+  *_, g = _model_loss_grads(spec, arch, params, slot, x, y, alpha, reg, normalizer,
+                            use_masks=False, compat=compat)
+  return g
+
+
+def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, alpha, reg,
+                       normalizer):
+  """Mean over a stack of data models ``[M, ...]`` of the loss gradients (and metrics)."""
+  loss, ce, r, acc, g = jax.vmap(
+      lambda s, x, y: _model_loss_grads(spec, full_arch, phi, s, x, y, alpha, reg, normalizer),
+  )(slots, images, labels)
+  g = jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), g)
+  return g, {"loss": loss, "ce": ce, "reg": r, "accuracy": acc}
+
+
+def transform_slot(config, params, full_arch: Arch, slot: ModelSlot) -> dict:
+  """The transformed (masked, full-width) variables of one slot. Jittable."""
+  th = transformed_params(_spec(config), params, full_arch, slot)
+  return {"params": th, "batch_stats": slot.batch_stats}
