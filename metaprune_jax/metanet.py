@@ -170,6 +170,42 @@ class _Decoder(nn.Module):
     return _Linear(self.out, name="dense2")(nn.silu(x))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _segment_stats(p, seg, num_segments, sorted_):
+  """Segment sum, sum of squares, max and min of ``p`` [E, h] at ``seg`` [E] (each [N, h]).
+
+  Max/min are -inf/+inf at empty segments. The custom VJP (sum, 2p, and an even split among
+  ties for max/min, as torch's ``scatter_reduce``) avoids XLA's slow scatter-max derivative.
+  """
+  return _segment_stats_fwd(p, seg, num_segments, sorted_)[0]
+
+
+def _segment_stats_fwd(p, seg, num_segments, sorted_):
+  kw = dict(num_segments=num_segments, indices_are_sorted=sorted_)
+  s1 = jax.ops.segment_sum(p, seg, **kw)
+  s2 = jax.ops.segment_sum(p * p, seg, **kw)
+  mx = jax.ops.segment_max(p, seg, **kw)
+  mn = jax.ops.segment_min(p, seg, **kw)
+  return (s1, s2, mx, mn), (p, seg, mx, mn)
+
+
+def _segment_stats_bwd(num_segments, sorted_, res, cot):
+  p, seg, mx, mn = res
+  g1, g2, gmx, gmn = cot
+  kw = dict(num_segments=num_segments, indices_are_sorted=sorted_)
+  take = functools.partial(jnp.take, axis=0, mode="clip")
+  is_max = (p == take(mx, seg)).astype(p.dtype)
+  is_min = (p == take(mn, seg)).astype(p.dtype)
+  gmx = gmx / jnp.maximum(jax.ops.segment_sum(is_max, seg, **kw), 1.0)
+  gmn = gmn / jnp.maximum(jax.ops.segment_sum(is_min, seg, **kw), 1.0)
+  dp = (take(g1, seg) + 2.0 * p * take(g2, seg) + is_max * take(gmx, seg)
+        + is_min * take(gmn, seg))
+  return dp, None
+
+
+_segment_stats.defvjp(_segment_stats_fwd, _segment_stats_bwd)
+
+
 def _aggregate(p, scale, seg, num_segments, sorted_):
   """PyG mean/std/max/min of messages ``scale[seg] * p`` at ``seg``, concatenated.
 
@@ -183,18 +219,18 @@ def _aggregate(p, scale, seg, num_segments, sorted_):
   Returns:
     [N, 4h] float32: mean, std, max, min; all zero at nodes without messages.
   """
-  kw = dict(num_segments=num_segments, indices_are_sorted=sorted_)
-  ones = jnp.ones(seg.shape, p.dtype)
-  count = jax.ops.segment_sum(ones, seg, **kw)[:, None]
+  count = jax.ops.segment_sum(jnp.ones(seg.shape, p.dtype), seg, num_segments=num_segments,
+                              indices_are_sorted=sorted_)[:, None]
   has = count > 0
   denom = jnp.maximum(count, 1.0)
-  mean = scale * (jax.ops.segment_sum(p, seg, **kw) / denom)
-  mean_sq = (scale * scale) * (jax.ops.segment_sum(p * p, seg, **kw) / denom)
+  s1, s2, pmax, pmin = _segment_stats(p, seg, num_segments, sorted_)
+  mean = scale * (s1 / denom)
+  mean_sq = (scale * scale) * (s2 / denom)
   var = mean_sq - mean * mean
   std = jnp.sqrt(jnp.maximum(var, _STD_EPS))
   std = jnp.where(std <= np.sqrt(_STD_EPS).astype(np.float32), 0.0, std)
-  pmax = jnp.where(has, jax.ops.segment_max(p, seg, **kw), 0.0)
-  pmin = jnp.where(has, jax.ops.segment_min(p, seg, **kw), 0.0)
+  pmax = jnp.where(has, pmax, 0.0)
+  pmin = jnp.where(has, pmin, 0.0)
   pos = scale >= 0
   mmax = jnp.where(pos, scale * pmax, scale * pmin)
   mmin = jnp.where(pos, scale * pmin, scale * pmax)
@@ -264,7 +300,8 @@ class MetaNet(nn.Module):
     r_sorted = jnp.take(receivers, order)
     edge_h = jnp.take(edge_h, order, axis=0)
     for l in range(self.num_layers):
-      node_h, edge_h = _Conv(h, name=f"conv_{l}")(node_h, edge_h, s_sorted, r_sorted, inv)
+      node_h, edge_h = nn.remat(_Conv)(h, name=f"conv_{l}")(node_h, edge_h, s_sorted, r_sorted,
+                                                             inv)
     num_edges = order.shape[0]
     unsort = jnp.zeros((num_edges,), jnp.int32).at[order].set(
         jnp.arange(num_edges, dtype=jnp.int32), unique_indices=True)

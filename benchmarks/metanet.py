@@ -1,0 +1,143 @@
+"""Metanetwork speed benchmark (issue 4): forward, forward+backward, compiles, peak memory.
+
+Usage (from the repository root):
+
+  python benchmarks/metanet.py [--repeats 5]
+
+Prints one JSON object per case:
+* ``resnet56``: full-width ResNet-56 (CIFAR-10) graph built with ``to_graph`` (2,045 nodes,
+  140,720 edges), metanetwork hidden 64, 8 layers (``default_metanet_config('resnet56')``).
+* ``vgg19_c100_small``: the shared fixture graph with the fixture's metanetwork (hidden 32).
+
+Forward = ``apply_metanet`` (jitted); forward+backward = gradient w.r.t. the metanetwork params
+of a scalar of ``from_graph``'s output (single jit). Times are the median of ``--repeats``
+runs after compilation. ``compiles_over_5_pruned`` counts compilations of the forward over 5
+differently pruned networks (hidden channels dropped from random node sets), padded to the
+full-width budget with ``pad_graph``. ``peak_rss_mb`` is the process's max RSS so far.
+"""
+
+import argparse
+import json
+import os
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metaprune_jax import cnn
+from metaprune_jax import graph as graph_lib
+from metaprune_jax import metanet
+from metaprune_jax import zoo
+
+_FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures",
+                         "reference")
+
+
+def _median_time(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return float(np.median(times)), float(np.min(times))
+
+
+def _drop_nodes(graph, drop):
+  n = graph.nodes.shape[0]
+  keep = np.setdiff1d(np.arange(n), drop)
+  new_id = np.full((n,), -1, np.int64)
+  new_id[keep] = np.arange(keep.size)
+  alive = (new_id[graph.senders] >= 0) & (new_id[graph.receivers] >= 0)
+  return graph._replace(
+      nodes=graph.nodes[keep], edges=(graph.edges[0][alive],),
+      senders=new_id[graph.senders[alive]].astype(np.int32),
+      receivers=new_id[graph.receivers[alive]].astype(np.int32),
+      n_node=np.array([keep.size], np.int32), n_edge=np.array([alive.sum()], np.int32))
+
+
+def _pruned_graphs(graph, node_sets, count, seed=0):
+  rng = np.random.default_rng(seed)
+  hidden = [(s, c) for _, space, s, c in node_sets if space not in ("input", "classes")]
+  out = []
+  for _ in range(count):
+    drop = []
+    for i in rng.choice(len(hidden), size=len(hidden) // 2, replace=False):
+      start, c = hidden[i]
+      drop.extend(start + rng.choice(c, size=rng.integers(1, c), replace=False))
+    out.append(_drop_nodes(graph, np.asarray(drop, np.int64)))
+  return out
+
+
+def bench_case(name, config, params, graph, arch, repeats):
+  """Times one case. ``arch`` (or None) is used for the backward through ``from_graph``."""
+  graph = jax.tree_util.tree_map(np.asarray, graph)
+  spec = metanet._spec(config)  # pylint: disable=protected-access
+  t = time.perf_counter()
+  jax.block_until_ready(metanet.apply_metanet(config, params, graph))
+  compile_fwd = time.perf_counter() - t
+  fwd_med, fwd_min = _median_time(lambda: metanet.apply_metanet(config, params, graph), repeats)
+
+  def loss(p, g):
+    out = metanet._forward(spec, p, g)  # pylint: disable=protected-access
+    if arch is not None:
+      new = graph_lib.from_graph(arch, out)
+      leaves = jax.tree_util.tree_leaves(new["params"])
+    else:
+      leaves = [out.nodes, *out.edges]
+    return sum(jnp.sum(x * x) for x in leaves)
+
+  grad_fn = jax.jit(jax.value_and_grad(loss))
+  g = graph._replace(edges=tuple(graph.edges))
+  t = time.perf_counter()
+  jax.block_until_ready(grad_fn(params, g))
+  compile_bwd = time.perf_counter() - t
+  bwd_med, bwd_min = _median_time(lambda: grad_fn(params, g), repeats)
+  return {
+      "case": name, "device": str(jax.devices()[0]), "num_nodes": int(graph.nodes.shape[0]),
+      "num_edges": int(graph.senders.shape[0]), "hidden": spec.hidden,
+      "num_layers": spec.num_layers, "forward_s": fwd_med, "forward_min_s": fwd_min,
+      "forward_backward_s": bwd_med, "forward_backward_min_s": bwd_min,
+      "compile_forward_s": compile_fwd, "compile_forward_backward_s": compile_bwd,
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+
+  # ResNet-56, full width.
+  arch = zoo.get_arch("resnet56", 10)
+  variables = cnn.init_variables(arch, jax.random.PRNGKey(0))
+  graph = jax.tree_util.tree_map(np.asarray, graph_lib.to_graph(arch, variables))
+  config = metanet.default_metanet_config("resnet56")
+  params = metanet.init_metanet(config, jax.random.PRNGKey(1))
+  res = bench_case("resnet56", config, params, graph, arch, args.repeats)
+  # Compilations over 5 differently pruned networks padded to the full-width budget.
+  budget = (graph.nodes.shape[0] + 1, (graph.edges[0].shape[0],))
+  before = metanet._forward_jit._cache_size()  # pylint: disable=protected-access
+  for g in _pruned_graphs(graph, graph_lib.graph_layout(arch).node_sets, 5):
+    jax.block_until_ready(metanet.apply_metanet(config, params, metanet.pad_graph(g, *budget)))
+  res["compiles_over_5_pruned"] = metanet._forward_jit._cache_size() - before  # pylint: disable=protected-access
+  res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(json.dumps(res), flush=True)
+
+  # VGG-19 fixture graph with the fixture's metanetwork.
+  case = os.path.join(_FIXTURES, "vgg19_c100_small")
+  config, params = metanet.import_reference_metanet(
+      dict(np.load(os.path.join(case, "metanet.npz"))), 0.05, 0.05)
+  g = np.load(os.path.join(case, "graph.npz"))
+  ei = g["edge_index"].astype(np.int32)
+  vgg_graph = graph._replace(
+      nodes=g["node_features"], edges=(g["edge_features"],), senders=ei[0], receivers=ei[1],
+      n_node=np.array([g["node_features"].shape[0]], np.int32),
+      n_edge=np.array([ei.shape[1]], np.int32))
+  res = bench_case("vgg19_c100_small", config, params, vgg_graph, None, args.repeats)
+  res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+  main()
