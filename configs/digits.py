@@ -43,4 +43,37 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.widths = ml_collections.ConfigDict()  # optional {space: width} overrides
   config.log_compiles = False  # log every XLA compilation
   config.pretrain = schedule()
+
+  # ---- generate: the data-model set (DESIGN.md section 2) ----
+  config.data_models_dir = ""  # another run's workdir holding data_models/ ('' = this one)
+  config.generate = ml_collections.ConfigDict()
+  config.generate.num_models = 5          # data models (the last 20% validate meta-training)
+  config.generate.initial_speed_up = 1.5  # group-L2 progressive pruning target per data model
+  config.generate.train = schedule(epochs=6, milestones=(4,))   # from scratch
+  config.generate.finetune = schedule(epochs=3, lr=0.01, milestones=(2,))
+
+  # ---- metanetwork (DESIGN.md section 4); node_dim / edge_dims come from the graph ----
+  config.metanet = ml_collections.ConfigDict()
+  config.metanet.num_layers = 3
+  config.metanet.hidden = 16
+  config.metanet.node_res_ratio = 0.01
+  config.metanet.edge_res_ratio = 0.01
+
+  # ---- meta_train (DESIGN.md section 5) ----
+  config.metanet_dir = ""  # another run's workdir holding meta_train/ ('' = this one)
+  config.meta_train = ml_collections.ConfigDict()
+  config.meta_train.epochs = 6
+  config.meta_train.lr = 1e-3
+  config.meta_train.lr_milestones = (4,)  # epochs at which lr *= 0.1
+  config.meta_train.weight_decay = 5e-4
+  config.meta_train.alpha = 16.0          # gamma base of the group-norm regulariser
+  config.meta_train.reg = 10.0            # regulariser strength
+  config.meta_train.normalizer = "max"
+  config.meta_train.batch_size = 64       # images per data batch (CIFAR: 500)
+  config.meta_train.batches_per_model = 2  # data batches per data model and step (faithful:
+                                           # the whole training set; low-memory: 1)
+  config.meta_train.models_per_step = 0   # data models per optimizer step (0: device count)
+  config.meta_train.val_fraction = 0.2
+  config.meta_train.eval_batch_size = 360
+  config.meta_train.val_batches = 0       # test batches per validation model (0: all)
   return config

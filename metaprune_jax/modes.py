@@ -13,8 +13,8 @@ ModeFn = Callable[[Any, str], Any]
 
 MODES: dict[str, str | ModeFn] = {
   "pretrain": "metaprune_jax.train:pretrain",
-  # "generate": "metaprune_jax.generate:run",      (issue 7)
-  # "meta_train": "metaprune_jax.meta_train:run",  (issue 7)
+  "generate": "metaprune_jax.meta_modes:generate",
+  "meta_train": "metaprune_jax.meta_modes:meta_train",
   # "visualize" / "prune" / "all":                  (issue 8)
 }
 
