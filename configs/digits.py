@@ -35,7 +35,7 @@ def schedule(**kw) -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   config = ml_collections.ConfigDict()
-  config.mode = "pretrain"     # pretrain | generate | meta_train | visualize | prune | all
+  config.mode = "all"          # pretrain | generate | meta_train | visualize | prune | all
   config.seed = 0              # root seed (init, data order, augmentation)
   config.dataset = "digits"    # digits | cifar10 | cifar100 | svhn | imagenet
   config.data_dir = ""         # tfds data dir ('' = tfds default); unused for digits
@@ -76,4 +76,40 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.meta_train.val_fraction = 0.2
   config.meta_train.eval_batch_size = 360
   config.meta_train.val_batches = 0       # test batches per validation model (0: all)
+
+  # ---- finetune schedules of visualize and prune (DESIGN.md section 2) ----
+  # "after metanetwork": prune keeps the last epoch, visualize the best one (as the reference).
+  config.finetune_after_metanet = schedule(epochs=4, lr=0.01, milestones=(3,))
+  # "after pruning": keeps the best-test-accuracy epoch.
+  config.finetune_after_pruning = schedule(epochs=6, lr=0.01, milestones=(4,), keep="best")
+  config.reference_compat = False  # reproduce the reference's classifier scramble when applying
+                                   # the metanetwork (DESIGN.md 3.2); only to compare with it
+
+  # ---- visualize: accuracy-vs-speed-up curves per metanetwork epoch ----
+  config.visualize = ml_collections.ConfigDict()
+  config.visualize.enabled = True        # run it in mode `all`
+  config.visualize.epochs = ()           # metanetwork epochs to plot (empty: every saved one)
+  config.visualize.data_model = 0        # which validation data model (0: the first)
+  config.visualize.max_speed_up = 4.0    # curves stop at this overall speed-up
+  config.visualize.steps = 200           # progressive pruning steps (the reference: 200)
+  config.visualize.criterion = "l2"      # 'l2' (group L2) | 'random'
+  config.visualize.normalizer = "max"    # importance normaliser: max | mean | none
+  config.visualize.accuracy_threshold = 0.0  # > 0: also record the speed-up reached before
+                                             # accuracy first falls below it (reference metric)
+  config.visualize.eval_batch_size = 360
+
+  # ---- prune: the user's job (base network -> pruned network + report) ----
+  config.base_workdir = ""            # pretrain workdir of the base network ('' = this one)
+  config.prune = ml_collections.ConfigDict()
+  config.prune.method = "metanet"     # 'metanet' | 'group_l2' (no metanetwork, for comparison)
+  config.prune.target_speed_up = 3.0  # overall MACs speed-up vs the base network
+  config.prune.initial_speed_up = 0.0  # before the metanetwork (0: generate.initial_speed_up);
+                                       # finetuned with config.generate.finetune
+  config.prune.metanet_epoch = -1     # metanetwork checkpoint (epoch) to use; -1: the last
+  config.prune.steps = 200            # progressive pruning steps per pruning (reference: 200)
+  config.prune.criterion = "l2"
+  config.prune.normalizer = "max"
+  config.prune.base_state_dict = ""   # optional: a reference state dict (.npz/.pth) as the base
+  config.prune.latency_batch = 128    # wall-clock inference timing: batch and runs (median)
+  config.prune.latency_runs = 20
   return config

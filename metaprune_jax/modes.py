@@ -15,7 +15,9 @@ MODES: dict[str, str | ModeFn] = {
   "pretrain": "metaprune_jax.train:pretrain",
   "generate": "metaprune_jax.meta_modes:generate",
   "meta_train": "metaprune_jax.meta_modes:meta_train",
-  # "visualize" / "prune" / "all":                  (issue 8)
+  "visualize": "metaprune_jax.visualize:visualize",
+  "prune": "metaprune_jax.prune_mode:prune",
+  "all": "metaprune_jax.pipeline:run_all",
 }
 
 

@@ -1,0 +1,204 @@
+"""The README's main job end to end (mode `all` on digits at its smallest settings) and bad inputs.
+
+One tiny pipeline (pretrain -> generate 2 data models -> meta_train 1 epoch -> visualize -> prune)
+runs once per class in a temp workdir through the library entry (`modes.run`); the tests then
+check the report, the saved materialised network, resuming, and the bad-input errors (each of
+which must leave every existing file as it was).
+"""
+
+import hashlib
+import os
+import shutil
+import tempfile
+
+import jax
+import ml_collections
+import numpy as np
+from absl.testing import absltest
+
+from metaprune_jax import checkpoint as ckpt_lib
+from metaprune_jax import datamodels
+from metaprune_jax import metanet as metanet_lib
+from metaprune_jax import modes
+from metaprune_jax import pipeline
+from metaprune_jax import prune_mode
+from metaprune_jax import reference
+from metaprune_jax import zoo
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_digits_config():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("_digits_cfg",
+                                                os.path.join(_ROOT, "configs", "digits.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+  """configs/digits.py at its smallest: every schedule one epoch, 2 data models, short curves."""
+  d = _load_digits_config()
+  c = d.get_config()
+  one = dict(epochs=1, milestones=(), batch_size=32, eval_batch_size=360)
+  c.pretrain = d.schedule(**one)
+  c.generate.num_models = 2
+  c.generate.train = d.schedule(**one)
+  c.generate.finetune = d.schedule(lr=0.01, **one)
+  c.meta_train.epochs = 1
+  c.meta_train.lr_milestones = ()
+  c.meta_train.batch_size = 32
+  c.meta_train.batches_per_model = 1
+  c.meta_train.models_per_step = 1
+  c.meta_train.val_fraction = 0.5
+  c.finetune_after_metanet = d.schedule(lr=0.01, **one)
+  c.finetune_after_pruning = d.schedule(lr=0.01, keep="best", **one)
+  c.visualize.steps = 40
+  c.visualize.max_speed_up = 2.0
+  c.prune.steps = 40
+  c.prune.target_speed_up = 2.0
+  c.prune.latency_batch = 16
+  c.prune.latency_runs = 2
+  c.lock()
+  return c
+
+
+def _snapshot(root):
+  """{relative path: sha1} of every file under root."""
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      p = os.path.join(d, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, root)] = hashlib.sha1(fh.read()).hexdigest()
+  return out
+
+
+class PipelineTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.mkdtemp()
+    cls.workdir = os.path.join(cls.tmp, "run")
+    cls.config = tiny_config()
+    cls.report = modes.run(cls.config, cls.workdir)
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.tmp, ignore_errors=True)
+    super().tearDownClass()
+
+  def _override(self, **kw):
+    c = self.config.copy_and_resolve_references()
+    with c.unlocked():
+      for k, v in kw.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+          node = node[p]
+        node[last] = v
+    return c
+
+  def test_report_and_saved_network(self):
+    w = self.workdir
+    for f in ("report.json", "report.txt", "prune/report.json", "prune/report.txt",
+              "prune/final_state_dict.npz", "prune/state.json", "visualize/curves.png",
+              "visualize/curves.json", "pretrain.json"):
+      self.assertTrue(os.path.exists(os.path.join(w, f)), f)
+    rep = pipeline.read_json(os.path.join(w, "report.json"))
+    self.assertEqual(rep, pipeline.read_json(os.path.join(w, "prune", "report.json")))
+    self.assertGreaterEqual(rep["speed_up"], rep["target_speed_up"])
+    self.assertEqual(rep["target_speed_up"], 2.0)
+    for k in ("accuracy_before", "accuracy_after"):
+      self.assertIsInstance(rep[k], float)
+      self.assertTrue(0.0 <= rep[k] <= 1.0, rep[k])
+    self.assertAlmostEqual(rep["speed_up"], rep["base_macs"] / rep["macs"], places=9)
+    self.assertLess(rep["params"], rep["base_params"])
+    self.assertGreater(rep["inference_speed_up"], 0.0)
+    self.assertEqual(rep["method"], "metanet")
+    self.assertEqual(rep["metanet_epoch"], 1)
+
+    # The saved materialised network loads and gives the reported accuracy.
+    arch, variables = prune_mode.load_pruned(w)
+    self.assertEqual(dict(arch.widths), rep["widths"])
+    from metaprune_jax import macs as macs_lib  # pylint: disable=g-import-not-at-top
+    self.assertEqual(macs_lib.count_macs(arch, tuple(rep["mac_input_shape"]))[0], rep["macs"])
+    ds = __import__("metaprune_jax.data", fromlist=["x"]).get_dataset("digits")
+    acc = pipeline.MaskedEvaluator(arch, ds, 360)(variables)["accuracy"]
+    self.assertAlmostEqual(acc, rep["accuracy_after"], places=6)
+
+    # The reference state dict round-trips to the same network.
+    with np.load(os.path.join(w, "prune", "final_state_dict.npz")) as z:
+      sd = {k: z[k] for k in z.files}
+    arch2, v2 = reference.import_reference_model(sd, "resnet8", 10, width_mult=0.5)
+    self.assertEqual(dict(arch2.widths), dict(arch.widths))
+    np.testing.assert_array_equal(v2["params"]["fc"]["kernel"], variables["params"]["fc"]["kernel"])
+
+  def test_curves(self):
+    c = pipeline.read_json(os.path.join(self.workdir, "visualize", "curves.json"))["curves"]
+    self.assertEqual(sorted(c), ["baseline", "epoch_001"])
+    for curve in c.values():
+      self.assertEqual(len(curve["speed_ups"]), len(curve["accuracies"]))
+      self.assertGreaterEqual(curve["speed_ups"][-1], 2.0)
+      self.assertTrue(np.all(np.diff(curve["speed_ups"]) >= 0))
+      self.assertTrue(all(0 <= a <= 1 for a in curve["accuracies"]))
+
+  def test_rerun_resumes_without_recomputing(self):
+    before = _snapshot(os.path.join(self.workdir, "visualize"))
+    rep = modes.run(self._override(mode="prune"), self.workdir)
+    self.assertEqual(rep, pipeline.read_json(os.path.join(self.workdir, "report.json")))
+    modes.run(self._override(mode="visualize"), self.workdir)
+    after = _snapshot(os.path.join(self.workdir, "visualize"))
+    self.assertEqual({k: v for k, v in before.items() if not k.endswith(".png")},
+                     {k: v for k, v in after.items() if not k.endswith(".png")})
+
+  def test_unreachable_target(self):
+    before = _snapshot(self.workdir)
+    with self.assertRaisesRegex(ValueError, "unreachable"):
+      modes.run(self._override(mode="prune", **{"prune.target_speed_up": 1e4}), self.workdir)
+    self.assertEqual(before, _snapshot(self.workdir))
+
+  def test_changed_settings_do_not_overwrite(self):
+    before = _snapshot(self.workdir)
+    with self.assertRaisesRegex(ValueError, "other settings"):
+      modes.run(self._override(mode="prune", **{"prune.target_speed_up": 2.5}), self.workdir)
+    self.assertEqual(before, _snapshot(self.workdir))
+
+  def test_metanet_for_another_architecture(self):
+    other_dir = os.path.join(self.tmp, "other_metanet")
+    other = zoo.get_arch("resnet20", 10)
+    mc = metanet_lib.make_metanet_config(1, 8, 8, (9,), 0.01, 0.01)
+    phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(0))
+    c = ckpt_lib.Checkpointer(os.path.join(other_dir, "meta_train"), max_to_keep=None,
+                              async_save=False)
+    c.save(1, {"params": phi, "opt_state": {}}, {"metanet_config": mc.to_dict(),
+                                                 "arch": other.to_json(), "epoch": 1})
+    c.close()
+    work = os.path.join(self.tmp, "wrong_metanet")
+    with self.assertRaisesRegex(ValueError, "trained for resnet20"):
+      modes.run(self._override(mode="prune", metanet_dir=other_dir, base_workdir=self.workdir),
+                work)
+    self.assertFalse(os.path.exists(os.path.join(work, "prune")))
+
+  def test_missing_base_checkpoint(self):
+    work = os.path.join(self.tmp, "no_base")
+    os.makedirs(work)
+    with self.assertRaisesRegex(ckpt_lib.CheckpointError, "no finished base network"):
+      modes.run(self._override(mode="prune", metanet_dir=self.workdir), work)
+    self.assertEqual(os.listdir(work), [])
+
+  def test_too_few_data_models_for_validation(self):
+    one = os.path.join(self.tmp, "one_model")
+    src = datamodels.model_dir(self.workdir, 0)
+    shutil.copytree(src, os.path.join(one, datamodels.DIRNAME, os.path.basename(src)))
+    work = os.path.join(self.tmp, "few_models")
+    with self.assertRaisesRegex(ValueError, "validation"):
+      modes.run(self._override(mode="visualize", data_models_dir=one, metanet_dir=self.workdir),
+                work)
+    self.assertFalse(os.path.exists(work))
+
+
+if __name__ == "__main__":
+  absltest.main()
