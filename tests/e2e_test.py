@@ -18,7 +18,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _cmd(workdir, *extra):
   return [sys.executable, "-m", "metaprune_jax", f"--config={_ROOT}/configs/digits.py",
-          f"--workdir={workdir}", "--config.pretrain.epochs=3", "--config.pretrain.batch_size=16",
+          f"--workdir={workdir}", "--config.mode=pretrain", "--config.pretrain.epochs=3",
+          "--config.pretrain.batch_size=16",
           "--config.pretrain.milestones=(2,)", "--config.pretrain.ckpt_every_steps=15",
           "--config.pretrain.max_to_keep=50", *extra]
 
