@@ -206,21 +206,20 @@ def _segment_stats_bwd(num_segments, sorted_, res, cot):
 _segment_stats.defvjp(_segment_stats_fwd, _segment_stats_bwd)
 
 
-def _aggregate(p, scale, seg, num_segments, sorted_):
+def _aggregate(p, scale, seg, count, sorted_):
   """PyG mean/std/max/min of messages ``scale[seg] * p`` at ``seg``, concatenated.
 
   Args:
     p: [E, h] float32 messages without the per-target factor.
     scale: [N, h] float32 per-target factor of the message.
     seg: [E] int32 target node of each message.
-    num_segments: N (static).
+    count: [N, 1] float32 number of messages per node (layer-independent, computed once).
     sorted_: whether ``seg`` is sorted.
 
   Returns:
     [N, 4h] float32: mean, std, max, min; all zero at nodes without messages.
   """
-  count = jax.ops.segment_sum(jnp.ones(seg.shape, p.dtype), seg, num_segments=num_segments,
-                              indices_are_sorted=sorted_)[:, None]
+  num_segments = count.shape[0]
   has = count > 0
   denom = jnp.maximum(count, 1.0)
   s1, s2, pmax, pmin = _segment_stats(p, seg, num_segments, sorted_)
@@ -238,12 +237,16 @@ def _aggregate(p, scale, seg, num_segments, sorted_):
 
 
 class _Conv(nn.Module):
-  """One metanetwork layer: the shared PNA conv applied forward and on reversed edges."""
+  """One metanetwork layer: the shared PNA conv applied forward and on reversed edges.
+
+  Scanned over layers (``nn.scan``): carry ``(node_h [N, h], edge_h [E, h])`` with edges in
+  receiver-sorted order; the other arguments are broadcast.
+  """
   hidden: int
 
   @nn.compact
-  def __call__(self, node_h, edge_h, senders, receivers, inv):
-    n = node_h.shape[0]
+  def __call__(self, carry, senders, receivers, inv, count_r, count_s):
+    node_h, edge_h = carry
     x = _layer_norm(node_h)
     a1 = nn.silu(_Linear(self.hidden, name="lin1")(x))
     a2 = nn.silu(_Linear(self.hidden, name="lin2")(x))
@@ -252,14 +255,14 @@ class _Conv(nn.Module):
     downlin = _Linear(self.hidden, name="downlin")
     take = functools.partial(jnp.take, axis=0, mode="clip")
     # Pass 1: s -> r, aggregated at receivers (sorted).
-    agg1 = _aggregate(take(a1, senders) * edge_h, a2, receivers, n, True)
+    agg1 = _aggregate(take(a1, senders) * edge_h, a2, receivers, count_r, True)
     # Pass 2: r -> s on inv * edge_h; inv is folded into the per-target factor.
-    agg2 = _aggregate(take(a1, receivers) * edge_h, a2 * inv, senders, n, False)
+    agg2 = _aggregate(take(a1, receivers) * edge_h, a2 * inv, senders, count_s, False)
     node_h = node_h + downlin(agg1) + downlin(agg2)
     e1 = take(a3, senders) * take(a4, receivers) * edge_h
     e2 = take(a3, receivers) * take(a4, senders) * edge_h
     edge_h = edge_h + e1 + e2
-    return node_h, edge_h
+    return (node_h, edge_h), None
 
 
 class MetaNet(nn.Module):
@@ -299,9 +302,15 @@ class MetaNet(nn.Module):
     s_sorted = jnp.take(senders, order)
     r_sorted = jnp.take(receivers, order)
     edge_h = jnp.take(edge_h, order, axis=0)
-    for l in range(self.num_layers):
-      node_h, edge_h = nn.remat(_Conv)(h, name=f"conv_{l}")(node_h, edge_h, s_sorted, r_sorted,
-                                                             inv)
+    n = nodes.shape[0]
+    ones = jnp.ones(receivers.shape, jnp.float32)
+    count_r = jax.ops.segment_sum(ones, r_sorted, n, indices_are_sorted=True)[:, None]
+    count_s = jax.ops.segment_sum(ones, s_sorted, n)[:, None]
+    # One scanned (and rematerialised) layer body: small HLO, one layer of residuals in memory.
+    convs = nn.scan(nn.remat(_Conv), variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=nn.broadcast, length=self.num_layers)
+    (node_h, edge_h), _ = convs(h, name="convs")((node_h, edge_h), s_sorted, r_sorted, inv,
+                                                count_r, count_s)
     num_edges = order.shape[0]
     unsort = jnp.zeros((num_edges,), jnp.int32).at[order].set(
         jnp.arange(num_edges, dtype=jnp.int32), unique_indices=True)
@@ -332,8 +341,9 @@ def init_metanet(config, rng) -> Any:
     rng: PRNG key.
 
   Returns:
-    The params pytree (``{'node_enc': ..., 'edge_enc_k': ..., 'conv_l': {'lin1'..'lin4',
-    'downlin'}, 'node_dec': {'dense1', 'dense2'}, 'edge_dec_k': ...}``).
+    The params pytree (``{'node_enc': ..., 'edge_enc_k': ..., 'convs': {'lin1'..'lin4',
+    'downlin'}, 'node_dec': {'dense1', 'dense2'}, 'edge_dec_k': ...}``); the ``convs`` leaves
+    carry a leading layer axis [L, ...] (the layers are one ``nn.scan``).
   """
   spec = _spec(config)
   nodes = jnp.zeros((2, spec.node_dim), jnp.float32)
@@ -518,10 +528,10 @@ def _reference_layout(spec: _Spec):
   out.append(("nodeEnc.bias", (h,), ("node_enc", "bias")))
   for l in range(spec.num_layers):
     for j in range(1, 5):
-      out.append((f"convs.{l}.lin{j}.0.weight", (h, h), (f"conv_{l}", f"lin{j}", "kernel")))
-      out.append((f"convs.{l}.lin{j}.0.bias", (h,), (f"conv_{l}", f"lin{j}", "bias")))
-    out.append((f"convs.{l}.downlin.weight", (h, 4 * h), (f"conv_{l}", "downlin", "kernel")))
-    out.append((f"convs.{l}.downlin.bias", (h,), (f"conv_{l}", "downlin", "bias")))
+      out.append((f"convs.{l}.lin{j}.0.weight", (h, h), ("convs", l, f"lin{j}", "kernel")))
+      out.append((f"convs.{l}.lin{j}.0.bias", (h,), ("convs", l, f"lin{j}", "bias")))
+    out.append((f"convs.{l}.downlin.weight", (h, 4 * h), ("convs", l, "downlin", "kernel")))
+    out.append((f"convs.{l}.downlin.bias", (h,), ("convs", l, "downlin", "bias")))
   for l in range(spec.num_layers):
     out.append((f"mlps.{l}.0.weight", (h, h), None))
     out.append((f"mlps.{l}.0.bias", (h,), None))
@@ -588,8 +598,22 @@ def import_reference_metanet(state_dict: Mapping[str, Any], node_res_ratio: floa
     node = params
     for p in path[:-1]:
       node = node.setdefault(p, {})
-    node[path[-1]] = jnp.asarray(arr)
-  return config, params
+    node[path[-1]] = arr
+  # Per-layer conv weights are stacked on a leading layer axis (the scanned layer).
+  convs = params.pop("convs")
+  layers = [convs[l] for l in range(len(convs))]
+  params["convs"] = jax.tree_util.tree_map(lambda *a: np.stack(a), *layers)
+  return config, jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def _leaf(params, path):
+  """The numpy array at a layout path; ``('convs', l, ...)`` indexes the stacked layer axis."""
+  if path[0] == "convs":
+    return np.asarray(params["convs"][path[2]][path[3]], np.float32)[path[1]]
+  node = params
+  for p in path:
+    node = node[p]
+  return np.asarray(node, np.float32)
 
 
 def export_reference_metanet(config, params) -> "collections.OrderedDict[str, np.ndarray]":
@@ -615,10 +639,7 @@ def export_reference_metanet(config, params) -> "collections.OrderedDict[str, np
       else:
         out[key] = np.zeros(shape, np.float32)
       continue
-    node = params
-    for p in path:
-      node = node[p]
-    arr = np.asarray(node, np.float32)
+    arr = _leaf(params, path)
     out[key] = arr.T if path[-1] == "kernel" else arr
   return out
 
