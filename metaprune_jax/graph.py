@@ -463,17 +463,135 @@ def flat_from_graph(layout_arrays: Mapping, graph: jraph.GraphsTuple, flat_size:
   return flat
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _to_graph_jit(arch, variables):
-  layout = graph_layout(arch)
-  return graph_from_flat(layout.arrays(), flatten_variables(arch, variables))
+class _DeviceLayout(NamedTuple):
+  """What the full-width conversions need, derived once per architecture.
+
+  Kernels are the bulk of a graph (ResNet-50: 15M edges) and each conv/dense block of edges is
+  just its kernel transposed to ``[o, i, kh, kw]``, so edges are built (and read back) with
+  reshapes and transposes; XLA's CPU gather is an order of magnitude slower. Node features and
+  the 1-D leaves (BatchNorms, biases) are small and use gathers, whose index arrays are passed to
+  the jitted programs as arguments rather than baked-in constants.
+
+  Fields: ``node_gather [N, node_dim]`` indices into the vector of 1-D leaves (+ 0, 1);
+  ``edge_plan`` per kind, ``((block kind, layer, count, c), ...)``; ``vector_leaves``: ``(coll,
+  layer, leaf)`` of the 1-D leaves in that vector's order; ``vector_index``: per vector leaf,
+  its positions in the raveled node array; ``kernel_rows``: ``{layer: (kind index, start,
+  count)}``; ``senders``, ``receivers``, ``n_node``, ``n_edge``: shared by every graph of
+  ``arch``.
+  """
+
+  node_gather: jax.Array
+  edge_plan: tuple
+  vector_leaves: tuple
+  vector_index: tuple
+  kernel_rows: tuple
+  senders: jax.Array
+  receivers: jax.Array
+  n_node: jax.Array
+  n_edge: jax.Array
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _from_graph_jit(arch, graph):
+@functools.lru_cache(maxsize=8)
+def _device_layout(arch: Arch) -> _DeviceLayout:
   layout = graph_layout(arch)
-  flat = flat_from_graph(layout.arrays(), graph, layout.flat_size)
-  return unflatten_variables(arch, flat)
+  spec = flat_spec(arch)
+  # 1-D leaves (BN scale/bias/mean/var, biases) form a small vector; node features index it.
+  remap = np.full(spec.size + 2, -1, np.int64)
+  vector_leaves, n = [], 0
+  for coll, layer, leaf, off, shape in spec.entries:
+    if len(shape) == 1:
+      remap[off:off + shape[0]] = n + np.arange(shape[0])
+      vector_leaves.append((coll, layer, leaf, off, shape[0]))
+      n += shape[0]
+  remap[spec.zero], remap[spec.one] = n, n + 1
+  node_gather = remap[layout.node_gather]
+  if node_gather.min() < 0:
+    raise ValueError(f"{arch.name}: node features read a kernel")
+  # the way back for 1-D leaves: invert the node scatter
+  ns = layout.node_scatter.ravel()
+  where = np.full(spec.size + 2, -1, np.int64)
+  p = np.flatnonzero(ns >= 0)
+  where[ns[p]] = p
+  vector_index = []
+  for coll, layer, leaf, off, c in vector_leaves:
+    w = where[off:off + c]
+    if w.min() < 0:
+      raise ValueError(f"{arch.name}: {layer}/{leaf} is not held by node features")
+    vector_index.append(w.astype(np.int32))
+  # edges: blocks in order per kind
+  plan = [[] for _ in layout.edge_kinds]
+  kernel_rows = {}
+  for name, ki, start, count, dst, src in layout.edge_blocks:
+    c = layout.node_sets[src][3]
+    if name.startswith("identity:"):
+      plan[ki].append(("identity", None, count, c))
+    else:
+      plan[ki].append(("kernel", name, count, c))
+      kernel_rows[name] = (ki, start, count)
+  put = jax.device_put
+  return _DeviceLayout(
+      put(node_gather.astype(np.int32)), tuple(tuple(b) for b in plan),
+      tuple((coll, layer, leaf) for coll, layer, leaf, _, _ in vector_leaves),
+      tuple(put(i) for i in vector_index), tuple(sorted(kernel_rows.items())),
+      put(layout.senders), put(layout.receivers),
+      put(np.array([layout.num_nodes], np.int32)),
+      put(np.array([layout.senders.shape[0]], np.int32)))
+
+
+def _kernel_rows(arch: Arch, layer: str, kernel: jax.Array, dim: int) -> jax.Array:
+  """A conv/dense kernel as its edge features ``[o * i, dim]`` (1x1 at the centre of 9)."""
+  if arch.layer(layer).kind == "conv":  # HWIO -> [o, i, kh, kw]
+    kh, kw, i, o = kernel.shape
+    rows = jnp.transpose(kernel, (3, 2, 0, 1)).reshape(o * i, kh * kw)
+  else:  # [in, out] -> [o, i]
+    rows = kernel.T.reshape(-1, 1)
+  if rows.shape[1] == dim:
+    return rows
+  return jnp.pad(rows, ((0, 0), (dim // 2, dim // 2)))  # 1x1 in a zero 3x3
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _build_graph(arch, edge_plan, vector_leaves, variables, node_gather):
+  params = variables["params"]
+  vec = [variables[coll][layer][leaf].astype(jnp.float32) for coll, layer, leaf in vector_leaves]
+  vec = jnp.concatenate(vec + [jnp.array([0.0, 1.0], jnp.float32)])
+  nodes = vec[node_gather]
+  edges = []
+  for dim, blocks in zip(edge_kinds(arch), edge_plan):
+    parts = []
+    for kind, layer, count, c in blocks:
+      if kind == "kernel":
+        parts.append(_kernel_rows(arch, layer, params[layer]["kernel"].astype(jnp.float32), dim))
+      elif dim == 1:  # diagonal identity edges, feature 1
+        parts.append(jnp.ones((c, 1), jnp.float32))
+      else:  # dense identity block, 1 at the centre of the diagonal pairs
+        eye = jnp.eye(c, dtype=jnp.float32).reshape(c * c, 1)
+        parts.append(jnp.pad(eye, ((0, 0), (dim // 2, dim - dim // 2 - 1))))
+    edges.append(jnp.concatenate(parts) if parts else jnp.zeros((0, dim), jnp.float32))
+  return nodes, tuple(edges)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _read_graph(arch, vector_leaves, kernel_rows, nodes, edges, vector_index):
+  out = {"params": {}, "batch_stats": {}}
+  flat_nodes = jnp.ravel(nodes).astype(jnp.float32)
+  for (coll, layer, leaf), idx in zip(vector_leaves, vector_index):
+    out[coll].setdefault(layer, {})[leaf] = flat_nodes[idx]
+  pshapes = arch.param_shapes()
+  for layer, (ki, start, count) in kernel_rows:
+    e = edges[ki].astype(jnp.float32)
+    rows = jax.lax.slice_in_dim(e, start, start + count)
+    shape = pshapes[layer]["kernel"]
+    if arch.layer(layer).kind == "conv":
+      kh, kw, i, o = shape
+      if rows.shape[1] != kh * kw:  # 1x1 at the centre
+        rows = rows[:, rows.shape[1] // 2:rows.shape[1] // 2 + 1]
+      k = jnp.transpose(rows.reshape(o, i, kh, kw), (2, 3, 1, 0))
+    else:
+      i, o = shape
+      k = rows[:, rows.shape[1] // 2].reshape(o, i).T
+    out["params"].setdefault(layer, {})["kernel"] = k
+  return {coll: {l: out[coll][l] for l in out[coll]} for coll in out}
 
 
 def to_graph(arch: Arch, variables: Mapping) -> jraph.GraphsTuple:
@@ -488,8 +606,13 @@ def to_graph(arch: Arch, variables: Mapping) -> jraph.GraphsTuple:
     receivers [E] int32, n_node [1], n_edge [1])`` (see the module docstring).
   """
   check_variables(arch, variables)
-  return _to_graph_jit(arch, {"params": variables["params"],
-                              "batch_stats": variables["batch_stats"]})
+  dl = _device_layout(arch)
+  nodes, edges = _build_graph(arch, dl.edge_plan, dl.vector_leaves,
+                              {"params": variables["params"],
+                               "batch_stats": variables["batch_stats"]}, dl.node_gather)
+  return jraph.GraphsTuple(nodes=nodes, edges=edges, senders=dl.senders,
+                           receivers=dl.receivers, n_node=dl.n_node, n_edge=dl.n_edge,
+                           globals=None)
 
 
 def check_graph(arch: Arch, graph: jraph.GraphsTuple, layout: GraphLayout | None = None):
@@ -514,7 +637,9 @@ def from_graph(arch: Arch, graph: jraph.GraphsTuple) -> dict:
     ValueError: the graph is of another architecture or other widths.
   """
   check_graph(arch, graph)
-  return _from_graph_jit(arch, graph)
+  dl = _device_layout(arch)
+  return _read_graph(arch, dl.vector_leaves, dl.kernel_rows, graph.nodes, tuple(graph.edges),
+                     dl.vector_index)
 
 
 def graph_to_reference_arrays(arch: Arch, graph: jraph.GraphsTuple) -> dict:

@@ -579,3 +579,18 @@ def test_graph_from_flat_jit_equals_eager():
   eager = graph_lib.graph_from_flat(layout.arrays(), flat)
   jitted = jax.jit(graph_lib.graph_from_flat)(layout.arrays(), flat)
   _assert_trees_equal(jitted, eager)
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "vgg19", "resnet50"])
+def test_to_graph_equals_layout_gather(name):
+  """``to_graph`` (reshapes/transposes) and the layout's gathers (padding path) agree."""
+  arch = _ARCHS[name]
+  variables = _random_variables(arch, 6)
+  layout = graph_lib.graph_layout(arch)
+  gathered = graph_lib.graph_from_flat(layout.arrays(),
+                                       graph_lib.flatten_variables(arch, variables))
+  direct = graph_lib.to_graph(arch, variables)
+  _assert_trees_equal(direct._replace(n_node=None, n_edge=None),
+                      gathered._replace(n_node=None, n_edge=None))
+  np.testing.assert_array_equal(direct.n_node, gathered.n_node)
+  np.testing.assert_array_equal(direct.n_edge, gathered.n_edge)
