@@ -14,9 +14,17 @@ of a scalar of ``from_graph``'s output (single jit). Times are the median of ``-
 runs after compilation. ``compiles_over_5_pruned`` counts compilations of the forward over 5
 differently pruned networks (hidden channels dropped from random node sets), padded to the
 full-width budget with ``pad_graph``. ``peak_rss_mb`` is the process's max RSS so far.
+``*_cpu_s`` is the process CPU time (user + sys) per call, a contention-robust figure on a
+shared machine (XLA uses up to 2 threads here, so wall time on an idle 2-core box lies between
+cpu/2 and cpu).
+
+``--tune_malloc`` (default on) sets glibc's ``mallopt`` (no mmap, no trimming, one arena) so
+that XLA's large temporary buffers are reused instead of being page-faulted in on every call;
+pass ``--no-tune_malloc`` to measure the stock allocator.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -36,12 +44,24 @@ _FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtu
 
 
 def _median_time(fn, repeats):
+  """(median wall s, min wall s, mean cpu s) per call."""
   times = []
+  c0 = os.times()
   for _ in range(repeats):
     t = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t)
-  return float(np.median(times)), float(np.min(times))
+  c1 = os.times()
+  cpu = (c1.user - c0.user + c1.system - c0.system) / repeats
+  return float(np.median(times)), float(np.min(times)), float(cpu)
+
+
+def _tune_malloc():
+  libc = ctypes.CDLL("libc.so.6")
+  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+  libc.mallopt(m_mmap_max, 0)
+  libc.mallopt(m_trim_threshold, 2**31 - 1)
+  libc.mallopt(m_arena_max, 1)
 
 
 def _drop_nodes(graph, drop):
@@ -77,7 +97,8 @@ def bench_case(name, config, params, graph, arch, repeats):
   t = time.perf_counter()
   jax.block_until_ready(metanet.apply_metanet(config, params, graph))
   compile_fwd = time.perf_counter() - t
-  fwd_med, fwd_min = _median_time(lambda: metanet.apply_metanet(config, params, graph), repeats)
+  fwd_med, fwd_min, fwd_cpu = _median_time(
+      lambda: metanet.apply_metanet(config, params, graph), repeats)
 
   def loss(p, g):
     out = metanet._forward(spec, p, g)  # pylint: disable=protected-access
@@ -93,12 +114,14 @@ def bench_case(name, config, params, graph, arch, repeats):
   t = time.perf_counter()
   jax.block_until_ready(grad_fn(params, g))
   compile_bwd = time.perf_counter() - t
-  bwd_med, bwd_min = _median_time(lambda: grad_fn(params, g), repeats)
+  bwd_med, bwd_min, bwd_cpu = _median_time(lambda: grad_fn(params, g), repeats)
   return {
       "case": name, "device": str(jax.devices()[0]), "num_nodes": int(graph.nodes.shape[0]),
       "num_edges": int(graph.senders.shape[0]), "hidden": spec.hidden,
       "num_layers": spec.num_layers, "forward_s": fwd_med, "forward_min_s": fwd_min,
-      "forward_backward_s": bwd_med, "forward_backward_min_s": bwd_min,
+      "forward_cpu_s": fwd_cpu, "forward_backward_s": bwd_med,
+      "forward_backward_min_s": bwd_min, "forward_backward_cpu_s": bwd_cpu,
+      "load_avg_1min": os.getloadavg()[0],
       "compile_forward_s": compile_fwd, "compile_forward_backward_s": compile_bwd,
   }
 
@@ -106,7 +129,10 @@ def bench_case(name, config, params, graph, arch, repeats):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--tune_malloc", action=argparse.BooleanOptionalAction, default=True)
   args = parser.parse_args()
+  if args.tune_malloc:
+    _tune_malloc()
 
   # ResNet-56, full width.
   arch = zoo.get_arch("resnet56", 10)
