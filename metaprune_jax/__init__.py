@@ -15,8 +15,8 @@ from metaprune_jax.masks import embed, full_masks, mask_variables, materialize
 from metaprune_jax.pruning import (PruneResult, adaptive_prune, progressive_prune, prune_to_target,
                                    pruning_trajectory)
 from metaprune_jax.reference import export_reference_state_dict, import_reference_model
-
-get_arch = zoo.get_arch
+from metaprune_jax.regularizer import regularizer
+from metaprune_jax import masks  # noqa: E402  (module: masks_from_keep, kept_indices, ...)
 from metaprune_jax.metanet import (MetaNet, apply_metanet, default_metanet_config,
                                    export_reference_metanet, import_reference_metanet,
                                    init_metanet, make_metanet_config, pad_graph,
@@ -29,3 +29,9 @@ from metaprune_jax.checkpoint import CheckpointError  # noqa: E402
 from metaprune_jax.data import get_dataset  # noqa: E402
 from metaprune_jax.state import TrainState  # noqa: E402
 from metaprune_jax.train import FitResult, evaluate, fit, load_run  # noqa: E402
+
+# Meta-learning (issue 7).
+from metaprune_jax.metatrain import meta_train_grads  # noqa: E402
+from metaprune_jax.meta_modes import load_metanet, metanet_epochs  # noqa: E402
+
+get_arch = zoo.get_arch

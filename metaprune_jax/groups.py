@@ -74,8 +74,12 @@ def is_ignored(arch: Arch, layer_name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def pruning_groups(arch: Arch) -> tuple[Group, ...]:
-  """The prunable groups of ``arch`` in Torch-Pruning's order (module docstring)."""
+def pruning_groups(arch: Arch, ignore_classes: bool = True) -> tuple[Group, ...]:
+  """The prunable groups of ``arch`` in Torch-Pruning's order (module docstring).
+
+  ``ignore_classes=False`` keeps the groups whose layers have exactly ``num_classes`` outputs
+  (for callers that decide that per data model, on masked full-width networks).
+  """
   producer = {op.output: op for op in arch.ops}
   final = arch.ops[-1]
   seen, order = set(), []
@@ -100,12 +104,13 @@ def pruning_groups(arch: Arch) -> tuple[Group, ...]:
   covered, groups = set(), []
   for name in roots:
     l = arch.layer(name)
-    if name in covered or is_ignored(arch, name) or l.out_space in (CLASSES, INPUT):
+    if l.out_space in (CLASSES, INPUT) or name in covered or (
+        ignore_classes and is_ignored(arch, name)):
       continue
     members = _members(arch, l.out_space)
     outs = [m.layer for m in members if m.role == "out" and m.kind != "bn"]
     covered.update(outs)
-    if any(is_ignored(arch, m) for m in outs):
+    if ignore_classes and any(is_ignored(arch, m) for m in outs):
       continue
     groups.append(Group(l.out_space, l.ref, members, arch.width(l.out_space)))
   return tuple(groups)

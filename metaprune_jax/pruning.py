@@ -52,7 +52,8 @@ class _Plan:
     # ignored layers are decided at the widths the search starts from (a fresh pruner)
     current = arch.with_widths(start_counts)
     kept_spaces = {g.space for g in groups_lib.pruning_groups(current)}
-    self.groups = tuple(g for g in groups_lib.pruning_groups(arch) if g.space in kept_spaces)
+    self.groups = tuple(g for g in groups_lib.pruning_groups(arch, ignore_classes=False)
+                        if g.space in kept_spaces)
     self.steps = int(steps)
     self.criterion, self.normalizer = criterion, normalizer
     self.mac_terms, _ = macs_lib.count_terms(arch, tuple(int(v) for v in input_shape))

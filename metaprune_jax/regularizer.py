@@ -7,6 +7,10 @@ group ``g`` (conv/dense output rows, consumers' input columns, BatchNorm scales;
 ``gamma``. Its gradient, ``reg * gamma * w`` on each slice, is exactly what the reference's
 ``GroupNormPruner.regularize`` adds to ``.grad`` (a weight in two groups gets both terms).
 
+On a masked full-width network (``masks`` given) importance, ``max``/``min`` and the
+"ignore a group with exactly ``num_classes`` channels" rule use the kept channels only, so the
+value equals that of the materialised network.
+
 Degenerate groups: a group whose importance has a NaN is skipped, as in the reference. Where
 ``max imp == min imp`` (one channel, or all equal) the reference divides 0 by 0, gets NaN
 ``gamma`` and then silently drops every parameter tensor whose regulariser gradient contains a
@@ -29,7 +33,7 @@ def group_gammas(arch: Arch, params: Mapping, alpha: float = 16.0, normalizer: s
                  masks: Mapping | None = None) -> list:
   """Per-group ``gamma [width]`` (constants: gradients stopped). NaN groups give zeros."""
   out = []
-  for g in groups_lib.pruning_groups(arch):
+  for g in _groups(arch, masks):
     raw = jax.lax.stop_gradient(groups_lib.raw_group_importance(arch, params, g))
     keep = None if masks is None or g.space not in masks else masks[g.space] > 0
     if keep is not None and normalizer == "max":
@@ -49,8 +53,15 @@ def group_gammas(arch: Arch, params: Mapping, alpha: float = 16.0, normalizer: s
     gamma = jnp.where(jnp.any(jnp.isnan(imp)), 0.0, gamma)
     if keep is not None:
       gamma = jnp.where(keep, gamma, 0.0)
+      # a group pruned to exactly num_classes channels is ignored, as in the materialised net
+      gamma = jnp.where(jnp.sum(keep) == arch.num_classes, 0.0, gamma)
     out.append(jax.lax.stop_gradient(gamma))
   return out
+
+
+def _groups(arch, masks):
+  """Masked (embedded) networks decide the num_classes rule from their kept counts."""
+  return groups_lib.pruning_groups(arch, ignore_classes=masks is None)
 
 
 def regularizer(arch: Arch, variables: Mapping, alpha: float = 16.0, reg: float = 10.0,
@@ -73,7 +84,7 @@ def regularizer(arch: Arch, variables: Mapping, alpha: float = 16.0, reg: float 
   params = variables["params"] if "params" in variables else variables
   gammas = group_gammas(arch, params, alpha, normalizer, masks)
   total = jnp.float32(0.0)
-  for g, gamma in zip(groups_lib.pruning_groups(arch), gammas):
+  for g, gamma in zip(_groups(arch, masks), gammas):
     for m in g.members:
       p = params[m.layer]
       if m.kind == "bn":

@@ -1,0 +1,289 @@
+"""Meta-learning: regulariser, meta-training gradients, static-shape data models, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import metaprune_jax as mp
+from metaprune_jax import datamodels
+from metaprune_jax import meta_modes
+from metaprune_jax import metanet as metanet_lib
+from metaprune_jax import metatrain
+from metaprune_jax.regularizer import regularizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.path.join(ROOT, "..", "shared", "fixtures", "reference")
+CASES = [("resnet56_c10_pruned", "resnet56", 10, 0.01), ("vgg19_c100_small", "VGG19", 100, 0.05),
+         ("resnet50_imagenet_pruned", "resnet50", 1000, None)]
+
+
+def _load(case, name, ncls):
+  if not os.path.isdir(os.path.join(FIX, case)):
+    pytest.skip("reference fixtures not found next to the repository")
+  return mp.import_reference_model(dict(np.load(os.path.join(FIX, case, "model.npz"))), name,
+                                   ncls)
+
+
+def _rel(a, b):
+  return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+@pytest.mark.parametrize("case,name,ncls,_", CASES)
+def test_regularizer_gradient_matches_reference(case, name, ncls, _):
+  arch, v = _load(case, name, ncls)
+  ref = np.load(os.path.join(FIX, case, "regularizer.npz"))
+  val, g = jax.value_and_grad(lambda p: regularizer(arch, {"params": p}))(v["params"])
+  gsd = mp.export_reference_state_dict(arch, {"params": g})
+  keys = [k[5:] for k in ref.files if k.startswith("grad/")]
+  assert keys and set(keys) <= set(gsd)
+  for k in keys:
+    assert _rel(gsd[k], ref["grad/" + k]) <= 1e-5, k
+  # R is quadratic with gamma constant: R = 0.5 * sum(grad * w)
+  assert float(val) == pytest.approx(float(ref["implied_quadratic_value"]), rel=1e-5)
+
+
+def test_regularizer_finite_differences_and_degenerate_groups():
+  arch = mp.get_arch("resnet_tiny", 10)
+  v = mp.init_variables(arch, jax.random.PRNGKey(0), (8, 8))
+  params = v["params"]
+  f = lambda p: regularizer(arch, {"params": p}, alpha=4.0, reg=0.5)
+  g = jax.grad(f)(params)
+  # gamma is a constant: the directional derivative with gamma frozen is sum(g * d)
+  from metaprune_jax.regularizer import group_gammas
+  gam = group_gammas(arch, params, 4.0)
+  d = jax.tree_util.tree_map(lambda a: jax.random.normal(jax.random.PRNGKey(1), a.shape), params)
+  frozen = lambda p: _frozen_reg(arch, p, gam, 0.5)
+  eps = 1e-3
+  plus = jax.tree_util.tree_map(lambda a, b: a + eps * b, params, d)
+  minus = jax.tree_util.tree_map(lambda a, b: a - eps * b, params, d)
+  fd = (float(frozen(plus)) - float(frozen(minus))) / (2 * eps)
+  an = sum(float(jnp.sum(a * b)) for a, b in zip(jax.tree_util.tree_leaves(g),
+                                                   jax.tree_util.tree_leaves(d)))
+  assert fd == pytest.approx(an, rel=2e-3)
+  assert float(frozen(params)) == pytest.approx(float(f(params)), rel=1e-6)
+  # a one-channel group: gamma = 1 (the reference gives NaN), nothing NaN anywhere
+  small = arch.with_widths({"layer1.0.conv1": 1})
+  vs = mp.init_variables(small, jax.random.PRNGKey(2), (8, 8))
+  gs = jax.grad(lambda p: regularizer(small, {"params": p}))(vs["params"])
+  assert all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(gs))
+  assert np.abs(np.asarray(gs["layer1_0_bn1"]["scale"])).sum() > 0
+
+
+def _frozen_reg(arch, params, gammas, reg):
+  total = 0.0
+  for grp, gamma in zip(mp.pruning_groups(arch), gammas):
+    for m in grp.members:
+      p = params[m.layer]
+      if m.kind == "bn":
+        sq = jnp.square(p["scale"])
+      else:
+        axes = ((0, 1, 2) if m.role == "out" else (0, 1, 3)) if m.kind == "conv" else \
+            ((0,) if m.role == "out" else (1,))
+        sq = jnp.sum(jnp.square(p["kernel"]), axis=axes)
+      total = total + jnp.sum(gamma * sq)
+  return 0.5 * reg * total
+
+
+@pytest.mark.parametrize("case,name,ncls,ratio", CASES[:2])
+def test_meta_train_grads_match_reference(case, name, ncls, ratio):
+  arch, v = _load(case, name, ncls)
+  cfg, phi = mp.import_reference_metanet(dict(np.load(os.path.join(FIX, case, "metanet.npz"))),
+                                         ratio, ratio)
+  io = np.load(os.path.join(FIX, case, "io.npz"))
+  g = mp.meta_train_grads(cfg, phi, arch, v, io["x"].transpose(0, 2, 3, 1), io["y"],
+                          reference_compat=True)
+  gsd = mp.export_reference_metanet(cfg, g)
+  ref = np.load(os.path.join(FIX, case, "meta_step.npz"))
+  for k in ref.files:
+    if k.startswith("grad/"):
+      assert _rel(gsd[k[5:]], ref[k]) <= 1e-3, k
+
+
+def _tiny_models(n, seed=0):
+  """n data models of resnet_tiny at different random widths (materialised + keep)."""
+  full = mp.get_arch("resnet_tiny", 10)
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    v = mp.init_variables(full, jax.random.PRNGKey(100 + i), (8, 8))
+    v = {"params": v["params"], "batch_stats": jax.tree_util.tree_map(
+        lambda a: jnp.abs(a + 0.1 * jax.random.normal(jax.random.PRNGKey(i), a.shape)),
+        v["batch_stats"])}
+    keep = {s: np.sort(rng.choice(full.width(s), rng.integers(2, full.width(s) + 1),
+                                  replace=False)) for s in full.prunable_spaces}
+    masks = mp.masks.masks_from_keep(full, keep)
+    small, sv = mp.materialize(full, v, masks)
+    out.append((small, sv, mp.masks.kept_indices(full, masks)))
+  return full, out
+
+
+def test_padded_slot_path_equals_materialised_and_compiles_once():
+  full, models = _tiny_models(3)
+  mc = metanet_lib.make_metanet_config(2, 8, 8, (9,), 0.1, 0.1)
+  phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(0))
+  spec = metatrain._spec(mc)
+  x = jax.random.normal(jax.random.PRNGKey(5), (1, 6, 8, 8, 3))
+  y = jnp.arange(6) % 10
+  f = jax.jit(lambda phi, slot, x, y: metatrain._model_loss_grads(
+      spec, full, phi, slot, x, y, 16.0, 10.0, "max")[-1])
+  for small, sv, keep in models:
+    g_ref = mp.meta_train_grads(mc, phi, small, sv, x[0], y)
+    g = f(phi, metatrain.make_slot(full, sv, keep), x, y[None])
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6 * float(np.max(np.abs(b))) + 1e-8)
+  assert f._cache_size() == 1  # one compilation for every width
+  # the transformed network has the data model's shape and keeps pruned channels at zero
+  small, sv, keep = models[0]
+  slot = metatrain.make_slot(full, sv, keep)
+  new = metatrain.transform_slot(mc, phi, full, slot)
+  masked = mp.mask_variables(full, new, slot.masks)
+  for a, b in zip(jax.tree_util.tree_leaves(new["params"]),
+                  jax.tree_util.tree_leaves(masked["params"])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_one_meta_step_lowers_the_loss():
+  full, models = _tiny_models(2, seed=1)
+  mc = metanet_lib.make_metanet_config(2, 8, 8, (9,), 0.5, 0.5)
+  phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(3))
+  slots = metatrain.stack_slots([metatrain.make_slot(full, sv, k) for _, sv, k in models])
+  x = jax.random.normal(jax.random.PRNGKey(5), (2, 1, 8, 8, 8, 3))
+  y = (jnp.arange(16).reshape(2, 1, 8) % 10).astype(jnp.int32)
+  spec = metatrain._spec(mc)
+  import optax
+  tx = optax.adamw(1e-3, weight_decay=0.0)
+  mesh = mp.sharding.make_mesh() if hasattr(mp, "sharding") else None
+  from metaprune_jax import sharding
+  step = meta_modes.make_meta_step(spec, full, tx, sharding.make_mesh(), 16.0, 0.01, "max")
+  opt = tx.init(phi)
+  losses = []
+  for _ in range(3):
+    phi, opt, m = step(phi, opt, slots, x, y)
+    losses.append(float(np.mean(m["loss"])))
+  _, m = metatrain.batched_loss_grads(spec, full, phi, slots, x, y, 16.0, 0.01, "max")
+  assert float(np.mean(m["loss"])) < losses[0]
+  del mesh
+
+
+WORKER = textwrap.dedent("""
+  import os, sys, numpy as np, jax, jax.numpy as jnp, optax
+  sys.path.insert(0, {root!r})
+  import metaprune_jax as mp
+  from metaprune_jax import metanet as metanet_lib, metatrain, meta_modes, sharding
+  sys.path.insert(0, os.path.join({root!r}, "tests"))
+  from meta_test import _tiny_models
+  full, models = _tiny_models(8, seed=2)
+  mc = metanet_lib.make_metanet_config(2, 8, 8, (9,), 0.1, 0.1)
+  phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(0))
+  slots = metatrain.stack_slots([metatrain.make_slot(full, sv, k) for _, sv, k in models])
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (8, 1, 4, 8, 8, 3)))
+  y = (np.arange(32).reshape(8, 1, 4) % 10).astype(np.int32)
+  tx = optax.adamw(1e-3, weight_decay=5e-4)
+  step = meta_modes.make_meta_step(metatrain._spec(mc), full, tx, sharding.make_mesh(), 16.0, 10.0,
+                                   "max")
+  phi, opt, m = step(phi, tx.init(phi), slots, x, y)
+  leaves = jax.tree_util.tree_leaves(jax.device_get(phi))
+  np.savez(sys.argv[1], *leaves)
+  print("devices", jax.device_count())
+""")
+
+
+def test_eight_devices_equal_one_device(tmp_path):
+  script = tmp_path / "worker.py"
+  script.write_text(WORKER.format(root=ROOT))
+  outs = []
+  for n in (1, 8):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+               JAX_PLATFORMS="cpu")
+    out = tmp_path / f"phi{n}.npz"
+    r = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"devices {n}" in r.stdout
+    outs.append(np.load(out))
+  for k in outs[0].files:
+    np.testing.assert_allclose(outs[0][k], outs[1][k], rtol=1e-5, atol=1e-6)
+
+
+def _cli(workdir, *overrides, wait=True):
+  cmd = [sys.executable, "-m", "metaprune_jax", f"--config={ROOT}/configs/digits.py",
+         f"--workdir={workdir}", *overrides]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if wait:
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+  return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          cwd=ROOT)
+
+
+SMALL = ["--config.generate.num_models=2", "--config.generate.train.epochs=2",
+         "--config.generate.finetune.epochs=1", "--config.generate.train.batch_size=64",
+         "--config.generate.finetune.batch_size=64", "--config.meta_train.epochs=3",
+         "--config.meta_train.batch_size=16", "--config.meta_train.batches_per_model=1",
+         "--config.meta_train.val_fraction=0.5"]
+
+
+def test_generate_and_meta_train_resume_after_sigkill(tmp_path):
+  ref, run = tmp_path / "ref", tmp_path / "run"
+  _cli(ref, "--config.mode=generate", *SMALL)
+  _cli(ref, "--config.mode=meta_train", *SMALL)
+  # generate: kill while the second data model trains, then rerun the same command
+  p = _cli(run, "--config.mode=generate", *SMALL, wait=False)
+  target = run / "generate" / "model_00001" / "train" / "checkpoints"
+  t0 = time.time()
+  while time.time() - t0 < 300 and not (target.exists() and any(
+      c.name.isdigit() for c in target.iterdir())):
+    time.sleep(0.2)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert datamodels.list_data_models(str(run)) == [0]
+  _cli(run, "--config.mode=generate", *SMALL)
+  for i in (0, 1):
+    a, b = datamodels.load_data_model(str(ref), i), datamodels.load_data_model(str(run), i)
+    for x, y in zip(jax.tree_util.tree_leaves(a.variables), jax.tree_util.tree_leaves(b.variables)):
+      np.testing.assert_array_equal(x, y)
+  # meta_train: kill after the first epoch's checkpoint, rerun, compare the last metanetwork
+  p = _cli(run, "--config.mode=meta_train", *SMALL, wait=False)
+  t0 = time.time()
+  while time.time() - t0 < 300 and meta_modes.metanet_epochs(str(run)) == []:
+    time.sleep(0.2)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  _cli(run, "--config.mode=meta_train", *SMALL)
+  _, pa, ea = meta_modes.load_metanet(str(ref))
+  _, pb, eb = meta_modes.load_metanet(str(run))
+  assert ea == eb == 3
+  for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
+    np.testing.assert_array_equal(x, y)
+  hist = [json.loads(l) for l in open(run / "meta_train" / "metrics.jsonl")]
+  assert [h["epoch"] for h in hist] == [1, 2, 3]
+
+
+def test_bad_inputs(tmp_path):
+  with pytest.raises(ValueError, match="no data models"):
+    datamodels.load_data_model_set(str(tmp_path))
+  with pytest.raises(ValueError, match="cannot be split"):
+    meta_modes.split_models(1, 0.2)
+  full, models = _tiny_models(1)
+  small, sv, keep = models[0]
+  datamodels.save_data_model(str(tmp_path), 0, small, sv, keep, {}, full)
+  other = mp.get_arch("resnet20", 10, width_mult=0.25)
+  ov = mp.init_variables(other, jax.random.PRNGKey(0), (8, 8))
+  datamodels.save_data_model(str(tmp_path), 1, other, ov,
+                             {s: np.arange(other.width(s)) for s in other.spaces}, {}, other)
+  with pytest.raises(ValueError, match="mix architectures"):
+    datamodels.load_data_model_set(str(tmp_path))
+  with pytest.raises(ValueError, match="2 complete data models, 5 expected"):
+    datamodels.load_data_model_set(str(tmp_path), expected=5)
+  os.makedirs(datamodels.model_dir(str(tmp_path), 2) + ".tmp")  # half-written: ignored
+  assert datamodels.list_data_models(str(tmp_path)) == [0, 1]
