@@ -1,12 +1,13 @@
 """The embedded default: a small CIFAR-style ResNet on scikit-learn's digits (no download).
 
-  python -m metaprune_jax --config=configs/digits.py --workdir=/tmp/mp_digits \
-      --config.mode=pretrain
+  python -m metaprune_jax --config=configs/digits.py --workdir=/tmp/mp_digits
 
-`pretrain` trains `resnet_tiny` for 15 epochs at batch 32 (about 20 s on a 2-core CPU, test
-accuracy ~0.95+). Sections for the other modes (`generate`, `meta_train`, `visualize`, `prune`)
-are added by their modules' owners; every schedule section has the keys `metaprune_jax.train.fit`
-reads.
+runs the whole pipeline (mode `all`): pretrain `resnet_tiny` (15 epochs at batch 32, ~30 s on a
+2-core CPU, test accuracy ~0.99), generate 5 data models (pruned to 1.5x), meta-train the
+metanetwork 6 epochs, visualize the curves of every epoch, and prune the base network to 3x
+fewer MACs; about 6 minutes on a 2-core CPU. Expected (seed 0): speed-up 3.03x, accuracy
+0.99 -> ~0.96. One mode at a time: `--config.mode=pretrain` (generate, meta_train, visualize,
+prune). Every schedule section has the keys `metaprune_jax.train.fit` reads.
 """
 
 import ml_collections
