@@ -18,9 +18,9 @@ full-width budget with ``pad_graph``. ``peak_rss_mb`` is the process's max RSS s
 shared machine (XLA uses up to 2 threads here, so wall time on an idle 2-core box lies between
 cpu/2 and cpu).
 
-``--tune_malloc`` (default on) sets glibc's ``mallopt`` (no mmap, no trimming, one arena) so
-that XLA's large temporary buffers are reused instead of being page-faulted in on every call;
-pass ``--no-tune_malloc`` to measure the stock allocator.
+``--tune_malloc`` (default off) sets glibc's ``mallopt`` (no mmap, no trimming, one arena) so
+that XLA's large temporary buffers are reused instead of being page-faulted in on every call:
+~10-20% less CPU time per call, but a higher peak RSS (measured: 2.8 GB instead of 1.9 GB).
 """
 
 import argparse
@@ -129,7 +129,7 @@ def bench_case(name, config, params, graph, arch, repeats):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--tune_malloc", action=argparse.BooleanOptionalAction, default=True)
+  parser.add_argument("--tune_malloc", action=argparse.BooleanOptionalAction, default=False)
   args = parser.parse_args()
   if args.tune_malloc:
     _tune_malloc()

@@ -26,6 +26,10 @@ Implementation notes (exact rewrites, not approximations):
 * ``inv`` is +-1, so ``inv * e2 = A_3[r] * A_4[s] * edge_h`` exactly.
 * Edges are kept sorted by receiver through all layers (one permutation in, one out), so the
   first pass reduces sorted segments.
+* The L layers are one ``nn.scan`` over a rematerialised layer body (params ``convs/*`` have a
+  leading layer axis): a small program, fast compiles, and one layer of residuals in memory
+  for the backward pass. Segment statistics have a custom VJP (XLA's scatter-max derivative is
+  slow on CPU).
 
 Initialisation follows PyTorch's default ``nn.Linear`` init (kernel and bias uniform in
 ``+-1/sqrt(fan_in)``), as the reference does, so fresh metanetworks behave alike (DESIGN.md 4).
@@ -37,7 +41,7 @@ only, so real outputs never depend on padding; graphs padded to one budget share
 import collections
 import functools
 import re
-from typing import Any, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Mapping, NamedTuple, Sequence, Tuple
 
 import flax.linen as nn
 import jax
