@@ -156,6 +156,28 @@ class PipelineTest(absltest.TestCase):
     self.assertEqual({k: v for k, v in before.items() if not k.endswith(".png")},
                      {k: v for k, v in after.items() if not k.endswith(".png")})
 
+  def test_killed_prune_resumes_at_its_stage(self):
+    # A copy of prune/ as a run killed during its last finetune (before its first checkpoint).
+    work = os.path.join(self.tmp, "resumed")
+    shutil.copytree(os.path.join(self.workdir, "prune"), os.path.join(work, "prune"))
+    state_path = os.path.join(work, "prune", "state.json")
+    state = pipeline.read_json(state_path)
+    for stage in ("after_pruning", "report"):
+      del state["stages"][stage]
+    pipeline.write_json(state_path, state)
+    for f in ("after_pruning", "final"):
+      shutil.rmtree(os.path.join(work, "prune", f))
+    for f in ("report.json", "report.txt", "final_state_dict.npz"):
+      os.remove(os.path.join(work, "prune", f))
+    earlier = _snapshot(os.path.join(work, "prune", "initial_finetune"))
+    rep = modes.run(self._override(mode="prune", base_workdir=self.workdir,
+                                   metanet_dir=self.workdir), work)
+    self.assertEqual(earlier, _snapshot(os.path.join(work, "prune", "initial_finetune")))
+    self.assertEqual(rep["speed_up"], self.report["speed_up"])
+    self.assertEqual(rep["widths"], self.report["widths"])
+    self.assertAlmostEqual(rep["accuracy_after"], self.report["accuracy_after"], places=6)
+    self.assertTrue(os.path.exists(os.path.join(work, "report.json")))
+
   def test_unreachable_target(self):
     before = _snapshot(self.workdir)
     with self.assertRaisesRegex(ValueError, "unreachable"):
