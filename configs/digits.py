@@ -113,4 +113,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.prune.base_state_dict = ""   # optional: a reference state dict (.npz/.pth) as the base
   config.prune.latency_batch = 128    # wall-clock inference timing: batch and runs (median)
   config.prune.latency_runs = 20
+  config.pruning = ml_collections.ConfigDict()
+  config.pruning.method = ""          # alias of prune.method ('' = use prune.method)
   return config

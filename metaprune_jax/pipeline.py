@@ -146,7 +146,8 @@ def run_all(config, workdir: str) -> dict:
     The prune report (a dict).
   """
   workdir = os.path.abspath(workdir)
-  method = config.prune.get("method", "metanet")
+  from metaprune_jax import prune_mode  # pylint: disable=g-import-not-at-top
+  method = prune_mode.pruning_method(config)
   stages = []
   if not (config.get("base_workdir", "") or ""):
     stages.append("pretrain")

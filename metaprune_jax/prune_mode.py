@@ -56,6 +56,12 @@ METHODS = ("metanet", "group_l2")
 
 
 # ------------------------------------------------------------------------------------ inputs
+def pruning_method(config) -> str:
+  """``config.pruning.method`` when set (the issue's spelling), else ``config.prune.method``."""
+  alias = config.get("pruning", {}).get("method", "") if config.get("pruning") else ""
+  return alias or config.prune.get("method", "metanet")
+
+
 def load_base(config, workdir: str) -> tuple[Arch, dict, str]:
   """The base network: ``(arch, variables, source)``.
 
@@ -162,7 +168,7 @@ def prune(config, workdir: str) -> dict:
     CheckpointError: missing base network or metanetwork checkpoint.
   """
   pc = config.prune
-  method = pc.get("method", "metanet")
+  method = pruning_method(config)
   if method not in METHODS:
     raise ValueError(f"config.prune.method={method!r}; choose from {METHODS}")
   dataset = data_lib.get_dataset(config.dataset, config.get("data_dir"))
