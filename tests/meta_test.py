@@ -233,32 +233,39 @@ SMALL = ["--config.generate.num_models=2", "--config.generate.train.epochs=2",
          "--config.meta_train.val_fraction=0.5"]
 
 
-def test_generate_and_meta_train_resume_after_sigkill(tmp_path):
+def _kill_when(proc, ready, timeout=300):
+  t0 = time.time()
+  while time.time() - t0 < timeout and proc.poll() is None and not ready():
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+
+
+def test_generate_resumes_after_sigkill(tmp_path):
   ref, run = tmp_path / "ref", tmp_path / "run"
   _cli(ref, "--config.mode=generate", *SMALL)
-  _cli(ref, "--config.mode=meta_train", *SMALL)
-  # generate: kill while the second data model trains, then rerun the same command
+  # kill while the second data model trains, then rerun the same command
   p = _cli(run, "--config.mode=generate", *SMALL, wait=False)
   target = run / "generate" / "model_00001" / "train" / "checkpoints"
-  t0 = time.time()
-  while time.time() - t0 < 300 and not (target.exists() and any(
-      c.name.isdigit() for c in target.iterdir())):
-    time.sleep(0.2)
-  p.send_signal(signal.SIGKILL)
-  p.wait()
+  _kill_when(p, lambda: target.exists() and any(c.name.isdigit() for c in target.iterdir()))
   assert datamodels.list_data_models(str(run)) == [0]
   _cli(run, "--config.mode=generate", *SMALL)
   for i in (0, 1):
     a, b = datamodels.load_data_model(str(ref), i), datamodels.load_data_model(str(run), i)
     for x, y in zip(jax.tree_util.tree_leaves(a.variables), jax.tree_util.tree_leaves(b.variables)):
       np.testing.assert_array_equal(x, y)
-  # meta_train: kill after the first epoch's checkpoint, rerun, compare the last metanetwork
+
+
+def test_meta_train_resumes_after_sigkill(tmp_path):
+  ref, run = tmp_path / "ref", tmp_path / "run"
+  full, models = _tiny_models(2, seed=3)
+  for root in (ref, run):
+    for i, (small, sv, keep) in enumerate(models):
+      datamodels.save_data_model(str(root), i, small, sv, keep, {}, full)
+  _cli(ref, "--config.mode=meta_train", *SMALL)
+  # kill after the first epoch's checkpoint, rerun, compare the last metanetwork
   p = _cli(run, "--config.mode=meta_train", *SMALL, wait=False)
-  t0 = time.time()
-  while time.time() - t0 < 300 and meta_modes.metanet_epochs(str(run)) == []:
-    time.sleep(0.2)
-  p.send_signal(signal.SIGKILL)
-  p.wait()
+  _kill_when(p, lambda: meta_modes.metanet_epochs(str(run)) != [])
   _cli(run, "--config.mode=meta_train", *SMALL)
   _, pa, ea = meta_modes.load_metanet(str(ref))
   _, pb, eb = meta_modes.load_metanet(str(run))
