@@ -7,13 +7,16 @@ Usage (from the repository root):
 Prints one JSON object per case:
 * ``resnet56``: full-width ResNet-56 (CIFAR-10) graph built with ``to_graph`` (2,045 nodes,
   140,720 edges), metanetwork hidden 64, 8 layers (``default_metanet_config('resnet56')``).
-* ``vgg19_c100_small``: the shared fixture graph with the fixture's metanetwork (hidden 32).
+  By default on the dense-block path (``--path blocks``: ``plan=metanet.block_plan(arch)``;
+  ``--path scatter``: the generic scatter path, the reference point).
+* ``vgg19_c100_small``: the shared fixture graph (generic scatter path: a reference graph) with the fixture's metanetwork (hidden 32).
 
 Forward = ``apply_metanet`` (jitted); forward+backward = gradient w.r.t. the metanetwork params
 of a scalar of ``from_graph``'s output (single jit). Times are the median of ``--repeats``
 runs after compilation. ``compiles_over_5_pruned`` counts compilations of the forward over 5
 differently pruned networks (hidden channels dropped from random node sets), padded to the
-full-width budget with ``pad_graph``. ``peak_rss_mb`` is the process's max RSS so far.
+full-width budget with ``pad_graph`` (scatter path), or held at full width with node masks
+(blocks path, as meta-training does; the first masked call compiles once). ``peak_rss_mb`` is the process's max RSS so far.
 ``*_cpu_s`` is the process CPU time (user + sys) per call, a contention-robust figure on a
 shared machine (XLA uses up to 2 threads here, so wall time on an idle 2-core box lies between
 cpu/2 and cpu).
@@ -90,18 +93,19 @@ def _pruned_graphs(graph, node_sets, count, seed=0):
   return out
 
 
-def bench_case(name, config, params, graph, arch, repeats):
-  """Times one case. ``arch`` (or None) is used for the backward through ``from_graph``."""
+def bench_case(name, config, params, graph, arch, repeats, plan=None):
+  """Times one case. ``arch`` (or None) is used for the backward through ``from_graph``;
+  ``plan`` (or None: the scatter path) selects the dense-block path."""
   graph = jax.tree_util.tree_map(np.asarray, graph)
   spec = metanet._spec(config)  # pylint: disable=protected-access
   t = time.perf_counter()
-  jax.block_until_ready(metanet.apply_metanet(config, params, graph))
+  jax.block_until_ready(metanet.apply_metanet(config, params, graph, plan=plan))
   compile_fwd = time.perf_counter() - t
   fwd_med, fwd_min, fwd_cpu = _median_time(
-      lambda: metanet.apply_metanet(config, params, graph), repeats)
+      lambda: metanet.apply_metanet(config, params, graph, plan=plan), repeats)
 
   def loss(p, g):
-    out = metanet._forward(spec, p, g)  # pylint: disable=protected-access
+    out = metanet._forward(spec, p, g, plan)  # pylint: disable=protected-access
     if arch is not None:
       new = graph_lib.from_graph(arch, out)
       leaves = jax.tree_util.tree_leaves(new["params"])
@@ -116,7 +120,7 @@ def bench_case(name, config, params, graph, arch, repeats):
   compile_bwd = time.perf_counter() - t
   bwd_med, bwd_min, bwd_cpu = _median_time(lambda: grad_fn(params, g), repeats)
   return {
-      "case": name, "device": str(jax.devices()[0]), "num_nodes": int(graph.nodes.shape[0]),
+      "case": name, "path": "blocks" if plan is not None else "scatter", "device": str(jax.devices()[0]), "num_nodes": int(graph.nodes.shape[0]),
       "num_edges": int(graph.senders.shape[0]), "hidden": spec.hidden,
       "num_layers": spec.num_layers, "forward_s": fwd_med, "forward_min_s": fwd_min,
       "forward_cpu_s": fwd_cpu, "forward_backward_s": bwd_med,
@@ -129,6 +133,8 @@ def bench_case(name, config, params, graph, arch, repeats):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--path", choices=("blocks", "scatter"), default="blocks",
+                      help="ResNet-56: the dense-block fast path or the generic scatter path")
   parser.add_argument("--tune_malloc", action=argparse.BooleanOptionalAction, default=False)
   args = parser.parse_args()
   if args.tune_malloc:
@@ -140,12 +146,24 @@ def main():
   graph = jax.tree_util.tree_map(np.asarray, graph_lib.to_graph(arch, variables))
   config = metanet.default_metanet_config("resnet56")
   params = metanet.init_metanet(config, jax.random.PRNGKey(1))
-  res = bench_case("resnet56", config, params, graph, arch, args.repeats)
-  # Compilations over 5 differently pruned networks padded to the full-width budget.
-  budget = (graph.nodes.shape[0] + 1, (graph.edges[0].shape[0],))
+  plan = metanet.block_plan(arch) if args.path == "blocks" else None
+  res = bench_case("resnet56", config, params, graph, arch, args.repeats, plan)
   before = metanet._forward_jit._cache_size()  # pylint: disable=protected-access
-  for g in _pruned_graphs(graph, graph_lib.graph_layout(arch).node_sets, 5):
-    jax.block_until_ready(metanet.apply_metanet(config, params, metanet.pad_graph(g, *budget)))
+  if plan is None:
+    # Compilations over 5 differently pruned networks padded to the full-width budget.
+    budget = (graph.nodes.shape[0] + 1, (graph.edges[0].shape[0],))
+    for g in _pruned_graphs(graph, graph_lib.graph_layout(arch).node_sets, 5):
+      jax.block_until_ready(metanet.apply_metanet(config, params, metanet.pad_graph(g, *budget)))
+  else:
+    # Compilations over 5 differently pruned networks held at full width with masks (the
+    # meta-training form, metatrain.make_slot).
+    rng = np.random.default_rng(0)
+    spec = metanet._spec(config)  # pylint: disable=protected-access
+    for _ in range(5):
+      masks = {s: (rng.random(arch.width(s)) < 0.6).astype(np.float32)
+                  for s in arch.prunable_spaces}
+      valid = graph_lib.node_valid(arch, masks)
+      jax.block_until_ready(metanet._forward_jit(spec, params, graph, plan, valid))  # pylint: disable=protected-access
   res["compiles_over_5_pruned"] = metanet._forward_jit._cache_size() - before  # pylint: disable=protected-access
   res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(json.dumps(res), flush=True)

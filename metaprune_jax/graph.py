@@ -434,6 +434,21 @@ def _check_bijection(arch: Arch, layout: GraphLayout):
 # ---------------------------------------------------------------------------------------------
 # Conversions
 # ---------------------------------------------------------------------------------------------
+def node_valid(arch: Arch, masks: Mapping | None) -> jax.Array:
+  """``[N]`` float32 validity of the full-width graph's nodes under channel ``masks``.
+
+  Args:
+    arch: the (full-width) architecture.
+    masks: ``{space: [width]}`` (1 keep, 0 pruned); spaces without a mask are all valid.
+  """
+  parts = []
+  for _, space, _, count in graph_layout(arch).node_sets:
+    m = (masks or {}).get(space)
+    parts.append(jnp.ones((count,), jnp.float32) if m is None else
+                 jnp.asarray(m, jnp.float32).reshape(count))
+  return jnp.concatenate(parts)
+
+
 def graph_from_flat(layout_arrays: Mapping, flat: jax.Array) -> jraph.GraphsTuple:
   """Gathers a graph from a flat vector. Jittable; ``layout_arrays`` = ``layout.arrays()``."""
   la = layout_arrays

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from metaprune_jax import metanet_blocks
 from metaprune_jax._compat import jraph
 
 _LN_EPS = 1e-5
@@ -356,14 +357,42 @@ def init_metanet(config, rng) -> Any:
   return _module(spec).init(rng, nodes, edges, idx, idx)["params"]
 
 
-def _forward(spec: _Spec, params, graph):
+def _forward(spec: _Spec, params, graph, plan=None, node_valid=None):
+  """The metanetwork on ``graph``. Traceable.
+
+  Args:
+    spec: static config.
+    params: metanetwork params.
+    graph: ``GraphsTuple`` (see ``apply_metanet``).
+    plan: optional ``metanet_blocks.BlockPlan`` of the graph's (unpadded) layout: selects the
+      dense-block fast path (``block_plan``); None: the generic scatter path (any graph).
+    node_valid: optional [N] validity mask (fast path only): masked channels of a full-width
+      graph; their nodes and edges take no part and output 0 (``metanet_blocks``).
+  """
+  if plan is not None:
+    nodes, edges = metanet_blocks.forward(spec, params, graph.nodes, tuple(graph.edges), plan,
+                                          node_valid, graph.senders, graph.receivers)
+    return graph._replace(nodes=nodes, edges=edges)
+  if node_valid is not None:
+    raise ValueError("node_valid needs a block plan (the dense-block path)")
   nodes, edges = _module(spec).apply({"params": params}, graph.nodes, tuple(graph.edges),
                                      graph.senders, graph.receivers)
   return graph._replace(nodes=nodes, edges=edges)
 
 
-# One compilation per (spec, padded graph shapes).
-_forward_jit = jax.jit(_forward, static_argnums=0)
+# One compilation per (spec, padded graph shapes[, plan]).
+_forward_jit = jax.jit(_forward, static_argnums=(0, 3))
+
+
+def block_plan(arch):
+  """The dense-block plan of ``arch``'s full graph (cached; a jit static argument)."""
+  return _block_plan(arch)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_plan(arch):
+  from metaprune_jax import graph as graph_lib  # pylint: disable=g-import-not-at-top
+  return metanet_blocks.block_plan_from_layout(graph_lib.graph_layout(arch))
 
 
 def validate_graph(config, graph, check_finite: bool = True) -> None:
@@ -409,7 +438,7 @@ def validate_graph(config, graph, check_finite: bool = True) -> None:
                          f"first rows {rows}; the input network has NaN/Inf parameters")
 
 
-def apply_metanet(config, params, graph, check_finite: bool = True):
+def apply_metanet(config, params, graph, check_finite: bool = True, plan=None):
   """Applies the metanetwork to a graph (jitted; one compile per config and graph shapes).
 
   Args:
@@ -420,6 +449,8 @@ def apply_metanet(config, params, graph, check_finite: bool = True):
       ``receivers`` [E] int32 (E = sum E_k, kind blocks contiguous in order; senders = the
       layer's output channel), ``n_node``/``n_edge`` [G] int32. May be padded (``pad_graph``).
     check_finite: raise on NaN/Inf input features (checked outside jit; skipped for tracers).
+    plan: optional ``block_plan(arch)`` of the graph's architecture (graphs made by
+      ``graph.to_graph(arch, ...)``, unpadded): the dense-block fast path, same outputs.
 
   Returns:
     A ``GraphsTuple`` of the same structure with the predicted nodes and edges.
@@ -432,7 +463,12 @@ def apply_metanet(config, params, graph, check_finite: bool = True):
                          else (graph.edges,),
                          senders=jnp.asarray(graph.senders, jnp.int32),
                          receivers=jnp.asarray(graph.receivers, jnp.int32))
-  return _forward_jit(_spec(config), params, graph)
+  if plan is not None and (int(graph.nodes.shape[0]) != plan.num_nodes or tuple(
+      int(e.shape[0]) for e in graph.edges) != plan.num_edges):
+    raise ValueError(f"graph ({graph.nodes.shape[0]} nodes, edges "
+                     f"{tuple(int(e.shape[0]) for e in graph.edges)}) does not fit the block plan "
+                     f"({plan.num_nodes} nodes, edges {plan.num_edges})")
+  return _forward_jit(_spec(config), params, graph, plan)
 
 
 # --------------------------------------------------------------------------------------------
@@ -706,7 +742,7 @@ def transform(config, params, arch, variables, reference_compat: bool = False):
   from metaprune_jax import graph as graph_lib  # pylint: disable=g-import-not-at-top
 
   graph = graph_lib.to_graph(arch, variables)
-  out = apply_metanet(config, params, graph)
+  out = apply_metanet(config, params, graph, plan=block_plan(arch))
   new = graph_lib.from_graph(arch, out)
   new = {"params": new["params"], "batch_stats": variables["batch_stats"]}
   if reference_compat and getattr(arch, "edge_style", "single") == "single":

@@ -13,9 +13,12 @@ with respect to ``theta'`` (a ``lax.scan`` over batches, cheap: only the CNN), `
 added, and the sum is pulled back through ``from_graph`` and the metanetwork once.
 
 Shapes are static across data models of one architecture: a data model is held embedded in the
-full-width network with channel masks, and its graph is gathered through a
-:class:`~metaprune_jax.graph.GraphLayout` padded to the full-width budget, whose index arrays are
-*arguments* of the jitted step. One compilation serves every data model whatever its widths, and
+full-width network with channel masks, and its graph is the full-width graph (gathered through
+the full-width :class:`~metaprune_jax.graph.GraphLayout`, whose index arrays are *arguments* of
+the jitted step) with the pruned channels' nodes marked invalid: the metanetwork's dense-block
+path (:mod:`metaprune_jax.metanet_blocks`) ignores invalid nodes and their edges, so valid ones
+compute what the materialised data model's graph computes, and outputs 0 for them (pruned
+parameters stay exactly 0). One compilation serves every data model whatever its widths, and
 a stack of data models is processed by ``vmap``, sharded over the mesh's ``data`` axis (each
 device takes its own data models and batches; gradients are averaged).
 """
@@ -47,8 +50,9 @@ class ModelSlot(NamedTuple):
 
   Fields:
     flat: ``[F]`` float32, the full-width embedded variables (:func:`graph.flatten_variables`).
-    layout: ``graph_layout(full_arch, keep, pad_to=full).arrays()`` (int32 index arrays).
-    masks: ``{space: [width] float32}``.
+    layout: ``graph_layout(full_arch).arrays()`` (int32 index arrays, the same for every
+      data model of ``full_arch``).
+    masks: ``{space: [width] float32}`` (they also mark the graph's valid nodes).
     batch_stats: the embedded running statistics (kept as they are, DESIGN.md 3.1).
   """
 
@@ -71,8 +75,7 @@ def make_slot(full_arch: Arch, variables: Mapping, keep: Mapping | None = None) 
     variables, masks = masks_lib.embed(full_arch, variables, keep)
   else:
     masks = masks_lib.full_masks(full_arch)
-  layout = graph_lib.graph_layout(full_arch, keep=keep,
-                                  pad_to=graph_lib.graph_layout(full_arch))
+  layout = graph_lib.graph_layout(full_arch)
   flat = graph_lib.flatten_variables(full_arch, variables)
   return ModelSlot(np.asarray(flat), layout.arrays(), {k: np.asarray(v) for k, v in masks.items()},
                    jax.tree_util.tree_map(np.asarray, variables["batch_stats"]))
@@ -87,11 +90,15 @@ def _spec(config):
   return metanet_lib._spec(config)  # pylint: disable=protected-access
 
 
-def transformed_params(spec, phi, full_arch: Arch, slot: ModelSlot):
-  """``theta'`` params (full width, pruned channels exactly zero) of one slot. Traceable."""
+def transformed_params(spec, phi, full_arch: Arch, slot: ModelSlot, masked: bool = True):
+  """``theta'`` params (full width, pruned channels exactly zero) of one slot. Traceable.
+
+  ``masked``: the slot's masks mark pruned channels (False: the network is unmasked).
+  """
   flat = jnp.asarray(slot.flat)
   g = graph_lib.graph_from_flat(slot.layout, flat)
-  out = metanet_lib._forward(spec, phi, g)  # pylint: disable=protected-access
+  valid = graph_lib.node_valid(full_arch, slot.masks) if masked else None
+  out = metanet_lib._forward(spec, phi, g, metanet_lib.block_plan(full_arch), valid)  # pylint: disable=protected-access
   new_flat = graph_lib.flat_from_graph(slot.layout, out, flat.shape[0])
   return graph_lib.unflatten_variables(full_arch, new_flat)["params"]
 
@@ -102,7 +109,7 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
   masks = slot.masks if use_masks else None
 
   def theta_fn(p):
-    th = transformed_params(spec, p, full_arch, slot)
+    th = transformed_params(spec, p, full_arch, slot, masked=use_masks)
     if compat:
       th = metanet_lib.scramble_classifier(full_arch, {"params": th})["params"]
     return th
