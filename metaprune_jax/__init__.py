@@ -35,3 +35,4 @@ from metaprune_jax.metatrain import meta_train_grads  # noqa: E402
 from metaprune_jax.meta_modes import load_metanet, metanet_epochs  # noqa: E402
 
 get_arch = zoo.get_arch
+from metaprune_jax.prune_mode import load_pruned  # noqa: E402  (issue 8: the final network)
