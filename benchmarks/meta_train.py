@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import time
 
 import jax
@@ -33,7 +34,13 @@ from metaprune_jax.regularizer import regularizer
 FIX = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "reference")
 
 
+def _log(msg):
+  print(f"[meta_train benchmark] {msg}", file=sys.stderr, flush=True)
+
+
 def _t(fn, runs):
+  """Median wall time after one warm-up call (compilation excluded)."""
+  jax.block_until_ready(fn())
   ts = []
   for _ in range(runs):
     t = time.perf_counter()
@@ -66,18 +73,26 @@ def bench(full, mc, batch, runs, n_models=5):
   tx = optax.adamw(1e-3, weight_decay=5e-4)
   opt = tx.init(phi)
 
-  @jax.jit
-  def step(phi, opt, slot, x, y):
-    *_, g = metatrain._model_loss_grads(spec, full, phi, slot, x, y, 16.0, 10.0, "max")  # pylint: disable=protected-access
-    u, opt = tx.update(g, opt, phi)
-    return optax.apply_updates(phi, u), opt
+  def make_step():
+    @jax.jit
+    def step(phi, opt, slot, x, y):
+      *_, g = metatrain._model_loss_grads(spec, full, phi, slot, x, y, 16.0, 10.0, "max")  # pylint: disable=protected-access
+      u, opt = tx.update(g, opt, phi)
+      return optax.apply_updates(phi, u), opt
+    return step
+  step = make_step()
   t = time.perf_counter()
   jax.block_until_ready(step(phi, opt, slots[0], x, y))
   compile_s = time.perf_counter() - t
+  _log(f"first step (compile + run) {compile_s:.1f} s")
   step_s = _t(lambda: step(phi, opt, slots[0], x, y), runs)
-  for s in slots[1:]:
-    jax.block_until_ready(step(phi, opt, s, x, y))
-  n_compiles = step._cache_size()  # pylint: disable=protected-access
+  _log(f"step {step_s:.2f} s")
+  # compilations over the data models of different widths (a small batch: same program shape
+  # rules, cheap runs)
+  small_step = make_step()
+  for s in slots:
+    jax.block_until_ready(small_step(phi, opt, s, x[:, :8], y[:, :8]))
+  n_compiles = small_step._cache_size()  # pylint: disable=protected-access
 
   slot = slots[0]
   flat = jnp.asarray(slot.flat)
@@ -92,6 +107,7 @@ def bench(full, mc, batch, runs, n_models=5):
   reg = jax.jit(jax.value_and_grad(lambda th: regularizer(full, {"params": th}, masks=slot.masks)))
   mn_vjp = jax.jit(jax.grad(lambda p, g, ct: sum(
       jnp.vdot(a, b) for a, b in zip(metanet_lib._forward(spec, p, g).edges, ct))))  # pylint: disable=protected-access
+  _log("timing the parts")
   split = {
       "metanet_forward_s": _t(lambda: fwd(phi, graph), runs),
       "graph_gather_plus_from_graph_s": _t(lambda: dec(slot.layout, out), runs),
@@ -109,7 +125,7 @@ def bench(full, mc, batch, runs, n_models=5):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--runs", type=int, default=3)
+  p.add_argument("--runs", type=int, default=2)
   p.add_argument("--batch", type=int, default=500)
   p.add_argument("--case", default="all")
   args = p.parse_args()
@@ -118,6 +134,7 @@ def main():
     full = mp.get_arch("resnet56", 10)
     out["resnet56"] = bench(full, metanet_lib.default_metanet_config("resnet56"), args.batch,
                             args.runs)
+    print(json.dumps({"resnet56": out["resnet56"]}), flush=True)
   if args.case in ("vgg19", "all"):
     # the shared fixture's VGG-19 widths are the budget; data models are pruned from it
     arch, _ = mp.import_reference_model(dict(np.load(os.path.join(
