@@ -53,7 +53,6 @@ from metaprune_jax import metanet_blocks
 from metaprune_jax._compat import jraph
 
 _LN_EPS = 1e-5
-_STD_EPS = 1e-5
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,21 +223,8 @@ def _aggregate(p, scale, seg, count, sorted_):
   Returns:
     [N, 4h] float32: mean, std, max, min; all zero at nodes without messages.
   """
-  num_segments = count.shape[0]
-  has = count > 0
-  denom = jnp.maximum(count, 1.0)
-  s1, s2, pmax, pmin = _segment_stats(p, seg, num_segments, sorted_)
-  mean = scale * (s1 / denom)
-  mean_sq = (scale * scale) * (s2 / denom)
-  var = mean_sq - mean * mean
-  std = jnp.sqrt(jnp.maximum(var, _STD_EPS))
-  std = jnp.where(std <= np.sqrt(_STD_EPS).astype(np.float32), 0.0, std)
-  pmax = jnp.where(has, pmax, 0.0)
-  pmin = jnp.where(has, pmin, 0.0)
-  pos = scale >= 0
-  mmax = jnp.where(pos, scale * pmax, scale * pmin)
-  mmin = jnp.where(pos, scale * pmin, scale * pmax)
-  return jnp.concatenate([mean, std, mmax, mmin], axis=-1)
+  s1, s2, pmax, pmin = _segment_stats(p, seg, count.shape[0], sorted_)
+  return metanet_blocks._finish(s1, s2, pmax, pmin, scale, count)  # pylint: disable=protected-access
 
 
 class _Conv(nn.Module):
