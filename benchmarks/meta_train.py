@@ -61,7 +61,7 @@ def _data_models(full, n, seed):
   return out
 
 
-def bench(full, mc, batch, runs, n_models=5):
+def bench(full, mc, batch, runs, chunk, n_models=5):
   spec = metatrain._spec(mc)  # pylint: disable=protected-access
   phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(0))
   t = time.perf_counter()
@@ -76,7 +76,8 @@ def bench(full, mc, batch, runs, n_models=5):
   def make_step():
     @jax.jit
     def step(phi, opt, slot, x, y):
-      *_, g = metatrain._model_loss_grads(spec, full, phi, slot, x, y, 16.0, 10.0, "max")  # pylint: disable=protected-access
+      *_, g = metatrain._model_loss_grads(spec, full, phi, slot, x, y, 16.0, 10.0, "max",  # pylint: disable=protected-access
+                                            chunk=chunk)
       u, opt = tx.update(g, opt, phi)
       return optax.apply_updates(phi, u), opt
     return step
@@ -102,8 +103,8 @@ def bench(full, mc, batch, runs, n_models=5):
   dec = jax.jit(lambda la, g: graph_lib.unflatten_variables(
       full, graph_lib.flat_from_graph(la, g, flat.shape[0]))["params"])
   theta = dec(slot.layout, out)
-  ce = jax.jit(jax.value_and_grad(lambda th, x, y: metatrain.cross_entropy(cnn.apply_model(
-      full, {"params": th, "batch_stats": slot.batch_stats}, x, masks=slot.masks), y)))
+  ce = jax.jit(lambda th, x, y: metatrain.network_grads(full, th, slot.batch_stats, slot.masks,
+                                                        x, y, chunk))
   reg = jax.jit(jax.value_and_grad(lambda th: regularizer(full, {"params": th}, masks=slot.masks)))
   mn_vjp = jax.jit(jax.grad(lambda p, g, ct: sum(
       jnp.vdot(a, b) for a, b in zip(metanet_lib._forward(spec, p, g).edges, ct))))  # pylint: disable=protected-access
@@ -111,13 +112,14 @@ def bench(full, mc, batch, runs, n_models=5):
   split = {
       "metanet_forward_s": _t(lambda: fwd(phi, graph), runs),
       "graph_gather_plus_from_graph_s": _t(lambda: dec(slot.layout, out), runs),
-      "network_forward_backward_s": _t(lambda: ce(theta, x[0], y[0]), runs),
+      "network_forward_backward_s": _t(lambda: ce(theta, x, y), runs),
       "regularizer_value_and_grad_s": _t(lambda: reg(theta), runs),
   }
   jax.block_until_ready(mn_vjp(phi, graph, out.edges))
   split["metanet_forward_backward_s"] = _t(lambda: mn_vjp(phi, graph, out.edges), runs)
   return {"nodes": int(graph.nodes.shape[0]), "edges": int(graph.senders.shape[0]),
           "hidden": mc.hidden, "layers": mc.num_layers, "batch": batch,
+          "chunk": metatrain.chunk_size(batch, chunk),
           "step_s_median": step_s, "first_step_s_with_compile": round(compile_s, 2),
           "compilations_over_%d_widths" % n_models: int(n_compiles),
           "split": split, "data_model_prep_s": round(prep_s, 2)}
@@ -128,19 +130,21 @@ def main():
   p.add_argument("--runs", type=int, default=2)
   p.add_argument("--batch", type=int, default=500)
   p.add_argument("--case", default="all")
+  p.add_argument("--chunk", type=int, default=metatrain.DEFAULT_CHUNK,
+                 help="images per scanned network forward/backward (0: the whole batch)")
   args = p.parse_args()
   out = {"device": str(jax.devices()[0])}
   if args.case in ("resnet56", "all"):
     full = mp.get_arch("resnet56", 10)
     out["resnet56"] = bench(full, metanet_lib.default_metanet_config("resnet56"), args.batch,
-                            args.runs)
+                            args.runs, args.chunk)
     print(json.dumps({"resnet56": out["resnet56"]}), flush=True)
   if args.case in ("vgg19", "all"):
     # the shared fixture's VGG-19 widths are the budget; data models are pruned from it
     arch, _ = mp.import_reference_model(dict(np.load(os.path.join(
         FIX, "vgg19_c100_small", "model.npz"))), "VGG19", 100)
     out["vgg19_case"] = bench(arch, metanet_lib.default_metanet_config("vgg19"), args.batch,
-                              args.runs)
+                              args.runs, args.chunk)
   out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
   print(json.dumps(out, indent=1))
 

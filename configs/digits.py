@@ -73,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.meta_train.batch_size = 64       # images per data batch (CIFAR: 500)
   config.meta_train.batches_per_model = 2  # data batches per data model and step (faithful:
                                            # the whole training set; low-memory: 1)
+  config.meta_train.chunk_size = 100  # images per scanned forward/backward (>= batch: one)
   config.meta_train.models_per_step = 0   # data models per optimizer step (0: device count)
   config.meta_train.val_fraction = 0.2
   config.meta_train.eval_batch_size = 360

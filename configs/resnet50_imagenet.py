@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.meta_train.lr_milestones = (2,)
   config.meta_train.batch_size = 32 * 8
   config.meta_train.batches_per_model = 200
+  config.meta_train.chunk_size = 32  # images per scanned forward/backward (memory ~ chunk)
   config.meta_train.val_fraction = 1 / 3  # 2 train, 1 validation
   config.finetune_after_metanet = _sched(200, (120, 160, 185))
   config.finetune_after_pruning = _sched(200, (120, 160, 185), keep="best")

@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.meta_train.reg = 10.0
   config.meta_train.batch_size = 500
   config.meta_train.batches_per_model = 100  # the whole training set (low-memory: 1)
+  config.meta_train.chunk_size = 100  # images per scanned forward/backward (memory ~ chunk)
   config.meta_train.eval_batch_size = 512
   # visualize and prune
   config.finetune_after_metanet = finetune(100, (60, 90))

@@ -132,15 +132,18 @@ def split_models(num: int, val_fraction: float) -> tuple[list[int], list[int]]:
   return list(range(n_train)), list(range(n_train, num))
 
 
-def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer):
+def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
+                   chunk: int = metatrain.DEFAULT_CHUNK):
   """Jitted ``(phi, opt_state, slots[M], images[M,B,b,H,W,3], labels[M,B,b]) -> (phi,
-  opt_state, metrics)``; the model axis is sharded over the mesh's ``data`` axis."""
+  opt_state, metrics)``; the model axis is sharded over the mesh's ``data`` axis (one lane of
+  models per device, see :func:`metatrain.batched_loss_grads`); ``chunk``: images per scanned
+  network forward/backward."""
   model_sharded = NamedSharding(mesh, P("data"))
   repl = NamedSharding(mesh, P())
 
   def step(phi, opt_state, slots, images, labels):
     g, m = metatrain.batched_loss_grads(spec, full_arch, phi, slots, images, labels, alpha, reg,
-                                        normalizer)
+                                        normalizer, lanes=mesh.shape["data"], chunk=chunk)
     updates, opt_state = tx.update(g, opt_state, phi)
     return optax.apply_updates(phi, updates), opt_state, m
   return jax.jit(step, in_shardings=(repl, repl, model_sharded, model_sharded, model_sharded),
@@ -208,7 +211,7 @@ def meta_train(config, workdir: str) -> dict:
   ckpt = ckpt_lib.Checkpointer(out_dir, max_to_keep=None)
   signature = {"metanet": mc.to_dict(), "arch": json.loads(full.to_json()),
                "num_models": len(models), "meta_train": {k: v for k, v in mt.to_dict().items()
-                                                         if k not in ("epochs",)},
+                                                         if k not in ("epochs", "chunk_size")},
                "seed": int(config.seed), "dataset": dataset.spec.name}
   history, start = [], 0
   if ckpt.latest_step() is not None:
@@ -220,7 +223,8 @@ def meta_train(config, workdir: str) -> dict:
   repl = NamedSharding(mesh, P())
   phi, opt_state = jax.device_put((phi, opt_state), repl)
   step_fn = make_meta_step(spec, full, tx, mesh, float(mt.alpha), float(mt.reg),
-                           str(mt.get("normalizer", "max")))
+                           str(mt.get("normalizer", "max")),
+                           int(mt.get("chunk_size", metatrain.DEFAULT_CHUNK)))
   stacked = metatrain.stack_slots([slots[p] for p in train_pos])
   bsz, nb = int(mt.batch_size), int(mt.batches_per_model)
   data_seed = int(config.seed) + 12345
