@@ -98,7 +98,10 @@ def bench(full, mc, batch, runs, chunk, n_models=5):
   slot = slots[0]
   flat = jnp.asarray(slot.flat)
   graph = jax.jit(graph_lib.graph_from_flat)(slot.layout, flat)
-  fwd = jax.jit(lambda p, g: metanet_lib._forward(spec, p, g))  # pylint: disable=protected-access
+  # the meta step's own metanetwork form: the dense-block path at full width with node masks
+  plan = metanet_lib.block_plan(full)
+  valid = graph_lib.node_valid(full, slot.masks)
+  fwd = jax.jit(lambda p, g: metanet_lib._forward(spec, p, g, plan, valid))  # pylint: disable=protected-access
   out = fwd(phi, graph)
   dec = jax.jit(lambda la, g: graph_lib.unflatten_variables(
       full, graph_lib.flat_from_graph(la, g, flat.shape[0]))["params"])
@@ -107,7 +110,7 @@ def bench(full, mc, batch, runs, chunk, n_models=5):
                                                         x, y, chunk))
   reg = jax.jit(jax.value_and_grad(lambda th: regularizer(full, {"params": th}, masks=slot.masks)))
   mn_vjp = jax.jit(jax.grad(lambda p, g, ct: sum(
-      jnp.vdot(a, b) for a, b in zip(metanet_lib._forward(spec, p, g).edges, ct))))  # pylint: disable=protected-access
+      jnp.vdot(a, b) for a, b in zip(metanet_lib._forward(spec, p, g, plan, valid).edges, ct))))  # pylint: disable=protected-access
   _log("timing the parts")
   split = {
       "metanet_forward_s": _t(lambda: fwd(phi, graph), runs),

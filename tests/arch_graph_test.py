@@ -594,3 +594,32 @@ def test_to_graph_equals_layout_gather(name):
                       gathered._replace(n_node=None, n_edge=None))
   np.testing.assert_array_equal(direct.n_node, gathered.n_node)
   np.testing.assert_array_equal(direct.n_edge, gathered.n_edge)
+
+
+@pytest.mark.parametrize("kernel,stride,pad,size", [(3, 1, 1, 8), (3, 2, 1, 8), (3, 2, 1, 9),
+                                                    (1, 2, 0, 8), (7, 2, 3, 11), (3, 1, 0, 7)])
+def test_conv2d_backward_equals_xla(kernel, stride, pad, size):
+  """cnn.conv2d's hand-written VJP is XLA's own, bit for bit, outside and inside a scan."""
+  kx, kw, kd = jax.random.split(jax.random.PRNGKey(kernel * 100 + size), 3)
+  x = jax.random.normal(kx, (3, size, size, 4))
+  w = jax.random.normal(kw, (kernel, kernel, 4, 5))
+  strides, padding = (stride, stride), ((pad, pad), (pad, pad))
+
+  def lax_conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, strides, padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  dy = jax.random.normal(kd, lax_conv(x, w).shape)
+  want = jax.jit(lambda x, w, dy: jax.vjp(lax_conv, x, w)[1](dy))(x, w, dy)
+  ours = jax.jit(lambda x, w, dy: jax.vjp(
+      lambda x, w: cnn.conv2d(x, w, strides, padding), x, w)[1](dy))(x, w, dy)
+  np.testing.assert_array_equal(cnn.conv2d(x, w, strides, padding), lax_conv(x, w))
+  for a, b in zip(ours, want):
+    np.testing.assert_array_equal(a, b)
+
+  def scanned(x, w, dy):  # two steps of a loop: the context XLA used to mishandle
+    def body(c, _):
+      gx, gw = jax.vjp(lambda x, w: cnn.conv2d(x, w, strides, padding), x, w)[1](dy)
+      return (c[0] + gx, c[1] + gw), None
+    return jax.lax.scan(body, (jnp.zeros_like(x), jnp.zeros_like(w)), None, length=2)[0]
+  for a, b in zip(jax.jit(scanned)(x, w, dy), want):
+    np.testing.assert_allclose(a, 2 * b, rtol=1e-6, atol=1e-5)

@@ -294,3 +294,28 @@ def test_bad_inputs(tmp_path):
     datamodels.load_data_model_set(str(tmp_path), expected=5)
   os.makedirs(datamodels.model_dir(str(tmp_path), 2) + ".tmp")  # half-written: ignored
   assert datamodels.list_data_models(str(tmp_path)) == [0, 1]
+
+
+def test_chunked_network_gradient_equals_whole_batches():
+  """Scanning a data model's images in chunks changes nothing but the summation order."""
+  assert [metatrain.chunk_size(500, c) for c in (0, 50, 64, 100, 600)] == [500, 50, 50, 100, 500]
+  assert metatrain.chunk_size(6, 4) == 3 and metatrain.chunk_size(7, 3) == 1
+  full, models = _tiny_models(1, seed=3)
+  slot = metatrain.make_slot(full, models[0][1], models[0][2])
+  theta = mp.init_variables(full, jax.random.PRNGKey(1), (8, 8))["params"]
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 6, 8, 8, 3))
+  y = (jnp.arange(12).reshape(2, 6) % 10).astype(jnp.int32)
+  f = jax.jit(lambda c: metatrain.network_grads(full, theta, slot.batch_stats, slot.masks, x, y,
+                                                c), static_argnums=0)
+  g_all, ce_all, acc_all = f(0)
+  # the reference's loss: the sum over batches of each batch's mean cross-entropy
+  ce_ref = sum(metatrain.cross_entropy(mp.apply_model(
+      full, {"params": theta, "batch_stats": slot.batch_stats}, x[b], masks=slot.masks), y[b])
+               for b in range(2))
+  np.testing.assert_allclose(ce_all, ce_ref, rtol=1e-6)
+  for c in (1, 2, 3):
+    g, ce, acc = f(c)
+    np.testing.assert_allclose(ce, ce_all, rtol=1e-6)
+    assert acc == acc_all
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_all)):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
