@@ -10,13 +10,11 @@ matching the reference (DESIGN.md section 7): explicit symmetric conv padding (n
 BatchNorm normalising with the biased batch variance while its running variance takes the
 unbiased one, momentum 0.1 in torch terms, eps 1e-5; max-pool pads with -inf.
 
-Residual joins are divided by a runtime 1.0 (:func:`_materialize`). Without it, XLA:CPU fuses
-the whole elementwise residual stream of a stage (BN, add, ReLU of every earlier block) into
-each transpose that the weight-gradient convolutions need, recomputing it from the stage's start
-for every layer: quadratic work that made a ResNet-56 train step 1.6x slower (2.7 s against
-1.65 s at batch 128, ``benchmarks/train_step.py``). A division is an "expensive" op that XLA
-will not duplicate into its consumers, so the join is computed once; dividing by exactly 1.0 is
-exact, so results are bit-identical.
+Residual joins go through :func:`xla_hints.materialize` (an exact division by 1.0). Without it,
+XLA:CPU fuses the whole elementwise residual stream of a stage (BN, add, ReLU of every earlier
+block) into each transpose that the weight-gradient convolutions need, recomputing it from the
+stage's start for every layer: quadratic work that made a ResNet-56 train step 1.6x slower
+(2.7 s against 1.65 s at batch 128, ``benchmarks/train_step.py``).
 
 Masks: ``masks[space]`` is a ``[width]`` float vector (1 keep, 0 pruned). Every conv and BN
 output in a space is multiplied by its mask, so a pruned channel is an exact zero everywhere it
@@ -34,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from metaprune_jax import xla_hints
 from metaprune_jax.arch import Arch
 
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -149,7 +148,6 @@ class CNN(nn.Module):
     arch = self.arch
     layers = arch.layer_map
     env = {"x": x}
-    one = _runtime_one(x)
     for op in arch.ops:
       a = env[op.inputs[0]]
       if op.op == "conv":
@@ -176,7 +174,7 @@ class CNN(nn.Module):
       elif op.op == "relu":
         y = nn.relu(a)
       elif op.op == "add":
-        y = _materialize(a + env[op.inputs[1]], one)
+        y = xla_hints.materialize(a + env[op.inputs[1]])
       elif op.op == "maxpool":
         p = op.padding
         y = jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, (1, op.window, op.window, 1),
@@ -188,23 +186,6 @@ class CNN(nn.Module):
         raise ValueError(f"unknown op {op.op!r}")
       env[op.output] = y
     return env[arch.ops[-1].output]
-
-
-def _runtime_one(x):
-  """Exactly 1.0, computed from ``x`` so that the compiler cannot constant-fold it.
-
-  ``nan_to_num`` keeps it finite (a NaN or Inf pixel must not reach other images).
-  """
-  x0 = jax.lax.stop_gradient(x.reshape(-1)[0])
-  return 1.0 + 0.0 * jnp.nan_to_num(x0, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def _materialize(y, one):
-  """``y`` unchanged (bit for bit), but computed once rather than re-fused into consumers.
-
-  See the module docstring: XLA treats a division as too expensive to duplicate.
-  """
-  return y / one
 
 
 def _mask(y, masks, space):

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metaprune_jax import xla_hints
+
 _LN_EPS = 1e-5
 _STD_EPS = 1e-5
 _HI = jax.lax.Precision.HIGHEST
@@ -284,7 +286,9 @@ def _combine(parts, gather, h):
                                       (jnp.inf, jnp.min))):
     rows = jnp.concatenate([p[j].reshape(-1, h) for p in parts]
                            + [jnp.full((1, h), neutral, jnp.float32)])
-    out.append(red(jnp.take(rows, gather, axis=0), axis=1))
+    # materialised: fused into the gather, the concatenation was re-evaluated per element
+    rows = xla_hints.materialize(rows)
+    out.append(red(jnp.take(rows, gather, axis=0, mode="clip"), axis=1))
   return out
 
 

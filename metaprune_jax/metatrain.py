@@ -37,6 +37,7 @@ from metaprune_jax import graph as graph_lib
 from metaprune_jax import masks as masks_lib
 from metaprune_jax import metanet as metanet_lib
 from metaprune_jax.arch import Arch
+from metaprune_jax import xla_hints
 from metaprune_jax.regularizer import regularizer
 
 
@@ -100,6 +101,9 @@ def transformed_params(spec, phi, full_arch: Arch, slot: ModelSlot, masked: bool
   valid = graph_lib.node_valid(full_arch, slot.masks) if masked else None
   out = metanet_lib._forward(spec, phi, g, metanet_lib.block_plan(full_arch), valid)  # pylint: disable=protected-access
   new_flat = graph_lib.flat_from_graph(slot.layout, out, flat.shape[0])
+  # the flat cotangent is a sum of one padded slice per leaf: computed once, not per gathered
+  # element of flat_from_graph's transpose (0.3 s of a ResNet-56 meta step otherwise)
+  new_flat = xla_hints.materialize_cotangent(new_flat)
   return graph_lib.unflatten_variables(full_arch, new_flat)["params"]
 
 
