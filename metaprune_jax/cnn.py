@@ -97,7 +97,9 @@ def _flax_conv(x, w, strides, padding, lhs_dilation=None, rhs_dilation=None,
   del dimension_numbers, precision  # nn.Conv's 2-D defaults: NHWC / HWIO
   if any(d != 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1))) or \
       feature_group_count != 1:
-    raise NotImplementedError("conv2d: dilation and groups are not used by any architecture")
+    raise ValueError("cnn.conv2d supports plain convolutions only (no dilation, no groups): "
+                     f"got lhs_dilation={lhs_dilation}, rhs_dilation={rhs_dilation}, "
+                     f"feature_group_count={feature_group_count}")
   return conv2d(x, w, tuple(strides), tuple(tuple(p) for p in padding))
 
 
