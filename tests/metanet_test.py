@@ -88,6 +88,11 @@ def _allclose(a, b, atol=1e-5):
 
 class FixtureTest(parameterized.TestCase):
 
+  def setUp(self):
+    super().setUp()
+    if not os.path.isdir(_FIXTURES):  # as tests/conftest.py does for the other fixture tests
+      self.skipTest(f"reference fixtures not found at {_FIXTURES}")
+
   @parameterized.parameters(*_CASES)
   def test_matches_reference_outputs(self, case):
     config, params, graph, want_nodes, want_edges = _fixture(case)
