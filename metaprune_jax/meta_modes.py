@@ -43,6 +43,7 @@ from metaprune_jax import graph as graph_lib
 from metaprune_jax import masks as masks_lib
 from metaprune_jax import metanet as metanet_lib
 from metaprune_jax import metatrain
+from metaprune_jax import metric_writers
 from metaprune_jax import optim
 from metaprune_jax import pruning
 from metaprune_jax import sharding
@@ -228,10 +229,8 @@ def meta_train(config, workdir: str) -> dict:
   stacked = metatrain.stack_slots([slots[p] for p in train_pos])
   bsz, nb = int(mt.batch_size), int(mt.batches_per_model)
   data_seed = int(config.seed) + 12345
-  metrics_path = os.path.join(out_dir, "metrics.jsonl")
-  os.makedirs(out_dir, exist_ok=True)
-  with open(metrics_path, "w") as f:
-    f.writelines(json.dumps(h) + "\n" for h in history)
+  metrics = metric_writers.MetricWriter(out_dir, history, start + 1,
+                                        enabled=jax.process_index() == 0)
   try:
     for epoch in range(start, epochs):
       t0 = time.time()
@@ -275,14 +274,13 @@ def meta_train(config, workdir: str) -> dict:
       logging.info("meta_train epoch %d/%d: loss %.4f (ce %.4f, reg %.4f) | val loss %.4f acc "
                    "%.4f | %.1fs", epoch + 1, epochs, rec["train_loss"], rec["train_ce"],
                    rec["train_reg"], val_loss, val_acc, rec["epoch_time_s"])
-      if jax.process_index() == 0:
-        with open(metrics_path, "a") as f:
-          f.write(json.dumps(rec) + "\n")
+      metrics.write(epoch + 1, rec)
       ckpt.save(epoch + 1, {"params": phi, "opt_state": opt_state},
                 {"signature": signature, "metanet_config": mc.to_dict(), "arch": full.to_json(),
                  "history": history, "epoch": epoch + 1,
                  "config": config.to_dict() if hasattr(config, "to_dict") else None})
   finally:
+    metrics.close()
     ckpt.close()
   return history[-1] if history else {}
 

@@ -8,11 +8,13 @@ skipped. At the end it prints where the report and the plots are.
 
 Workdir layout (one pipeline, one folder)::
 
-  <workdir>/checkpoints, metrics.jsonl, pretrain.json    pretrain (the base network)
-  <workdir>/data_models/, generate/                      generate
-  <workdir>/meta_train/                                  meta_train
-  <workdir>/visualize/curves.{png,json}, epoch_XXX/      visualize
-  <workdir>/prune/..., report.{json,txt}                 prune
+  <workdir>/checkpoints, metrics.jsonl, tb/, pretrain.json    pretrain (the base network)
+  <workdir>/data_models/, generate/                           generate
+  <workdir>/meta_train/                                       meta_train
+  <workdir>/visualize/curves.{png,json}, epoch_XXX/           visualize
+  <workdir>/prune/..., report.{json,txt}                      prune
+
+(every training run's directory holds metrics.jsonl and tb/, TensorBoard event files)
 """
 
 from __future__ import annotations

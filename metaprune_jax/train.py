@@ -2,11 +2,11 @@
 with a given schedule, resumable) and the `pretrain` mode built on it.
 
 `fit` owns one run directory: Orbax checkpoints in `<dir>/checkpoints` (periodic, end of each
-epoch, and on SIGTERM), per-epoch metrics as JSON lines in `<dir>/metrics.jsonl`, one log line per
-epoch and a tqdm bar per epoch. Resume order: the directory's latest checkpoint (after checking it
-belongs to the same run signature), else the variables given. The data position is the state's
-step, so a resumed run replays exactly the batches an uninterrupted run would see, and ends with
-bit-identical parameters.
+epoch, and on SIGTERM), per-epoch metrics as JSON lines in `<dir>/metrics.jsonl` and TensorBoard
+events in `<dir>/tb/` (`metric_writers`), one log line per epoch and a tqdm bar per epoch. Resume
+order: the directory's latest checkpoint (after checking it belongs to the same run signature),
+else the variables given. The data position is the state's step, so a resumed run replays exactly
+the batches an uninterrupted run would see, and ends with bit-identical parameters.
 """
 
 import dataclasses
@@ -25,6 +25,7 @@ from absl import logging
 from metaprune_jax import checkpoint as ckpt_lib
 from metaprune_jax import cnn
 from metaprune_jax import data as data_lib
+from metaprune_jax import metric_writers
 from metaprune_jax import optim
 from metaprune_jax import sharding
 from metaprune_jax import state as state_lib
@@ -161,10 +162,9 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
   else:
     logging.info("%s: no checkpoint in %s; starting from the given variables.", desc, workdir)
   state, best = arrays["train"], arrays["best"]
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if is_chief:  # the checkpoint's history is authoritative: drop lines of lost epochs.
-    with open(metrics_path, "w") as f:
-      f.writelines(json.dumps(h) + "\n" for h in history)
+  # The checkpoint's history is authoritative: lines and events of lost epochs are dropped.
+  metrics = metric_writers.MetricWriter(workdir, history, (ckpt.latest_step() or 0) + 1,
+                                        enabled=is_chief)
 
   def meta_at(step):
     return {"signature": run_signature, "arch": arch.to_json(), "history": history,
@@ -220,11 +220,10 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
                      "lr %.4g | %.1fs", desc, epoch + 1, epochs, record["train_loss"],
                      record["train_accuracy"], test["loss"], test["accuracy"], record["lr"],
                      record["epoch_time_s"])
-        if is_chief:
-          with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        metrics.write(step, record)
         ckpt.save(step, {"train": state, "best": best}, meta_at(step))
   finally:
+    metrics.close()
     ckpt.close()
   final = best if keep == "best" else state.variables
   return FitResult(variables=final, history=history, step=step, best_epoch=best_epoch)

@@ -1,5 +1,6 @@
 """The CLI end to end: pretrain on digits, SIGKILL / SIGTERM mid-run, resume == uninterrupted."""
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import jax
 import numpy as np
 from absl.testing import absltest
 
+import _tb_events
 from metaprune_jax import train
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +76,12 @@ class EndToEndTest(absltest.TestCase):
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
       np.testing.assert_array_equal(a, b)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      self.assertLen(f.readlines(), 3)
+      lines = [json.loads(line) for line in f]
+    self.assertEqual([r["epoch"] for r in lines], [1, 2, 3])
+    # TensorBoard (an event file per run) shows exactly these epochs, once each.
+    self.assertLen(_tb_events.event_files(os.path.join(workdir, "tb")), 3)
+    self.assertEqual(_tb_events.scalars(os.path.join(workdir, "tb")),
+                     _tb_events.from_records(lines))
 
   def test_unknown_mode_cli(self):
     workdir = os.path.join(tempfile.mkdtemp(), "w")

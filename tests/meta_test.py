@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _tb_events
 import metaprune_jax as mp
 from metaprune_jax import datamodels
 from metaprune_jax import meta_modes
@@ -274,6 +275,8 @@ def test_meta_train_resumes_after_sigkill(tmp_path):
     np.testing.assert_array_equal(x, y)
   hist = [json.loads(l) for l in open(run / "meta_train" / "metrics.jsonl")]
   assert [h["epoch"] for h in hist] == [1, 2, 3]
+  tb = _tb_events.scalars(str(run / "meta_train" / "tb"))
+  assert tb == _tb_events.from_records(hist, "epoch")
 
 
 def test_bad_inputs(tmp_path):
