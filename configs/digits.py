@@ -52,6 +52,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.generate.initial_speed_up = 1.5  # group-L2 progressive pruning target per data model
   config.generate.train = schedule(epochs=6, milestones=(4,))   # from scratch
   config.generate.finetune = schedule(epochs=3, lr=0.01, milestones=(2,))
+  # Multi-host: each process trains its own share (models p, p+P, ...) on its own devices and
+  # waits for the others at the end (at most barrier_timeout_hours); False: every model
+  # data parallel over all processes.
+  config.generate.per_process = True
+  config.generate.barrier_timeout_hours = 72.0
 
   # ---- metanetwork (DESIGN.md section 4); node_dim / edge_dims come from the graph ----
   config.metanet = ml_collections.ConfigDict()

@@ -16,6 +16,8 @@ written. `PreemptionGuard` turns SIGTERM into a flag that the training loop poll
 processes) to save once more and exit.
 """
 
+import asyncio
+import itertools
 import json
 import os
 import signal
@@ -25,9 +27,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from orbax.checkpoint import type_handlers
+from orbax.checkpoint._src.serialization import ocdbt_utils  # for _CallingProcessNumpyHandler
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 ARRAYS = "arrays"
 META = "meta"
+_BARRIERS = itertools.count()  # unique barrier names (the processes concerned count alike)
 
 
 class CheckpointError(RuntimeError):
@@ -44,6 +50,31 @@ def diff_signatures(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
   return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
 
 
+class _CallingProcessNumpyHandler(type_handlers.NumpyHandler):
+  """Orbax's numpy handler, writing from the calling process instead of process 0 only.
+
+  Orbax 0.12.8's `NumpyHandler` writes replicated numpy arrays from process 0 alone, and its
+  `ArrayHandler` refuses process-local jax.Arrays when there are several processes. A checkpointer
+  that one process of a multi-host job uses alone (its own run on its own devices) therefore
+  has no way to write through Orbax's stock handlers; this one is their numpy handler with that
+  condition dropped (the loop below is theirs otherwise). Used only by such checkpointers.
+  """
+
+  async def _background_serialize(self, values, infos, args=None):
+    writes = []
+    for value, info, arg in zip(values, infos, args):
+      await info.await_path_creation()
+      spec = ts_utils.build_array_write_spec(
+          info=info, arg=arg, global_shape=value.shape, local_shape=value.shape,
+          dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
+          process_index=ocdbt_utils.get_process_index_for_subdir(
+              use_ocdbt=info.is_ocdbt_checkpoint,
+              override_ocdbt_process_id=self._override_ocdbt_process_id),
+          metadata_key=self._metadata_key)
+      writes.append(self._open_and_write(value, spec.json, info.ts_context))
+    await asyncio.gather(*writes)
+
+
 class Checkpointer:
   """An Orbax `CheckpointManager` for one run directory.
 
@@ -51,14 +82,45 @@ class Checkpointer:
     directory: the run directory; checkpoints go to `<directory>/checkpoints` (made absolute).
     max_to_keep: number of most recent checkpoints kept.
     async_save: write in a background thread (call `wait()` before reading or exiting).
+    processes: the processes that call this checkpointer, for a run on a subset of the
+      processes of a multi-host job (e.g. one process training on its own devices); None: all
+      processes (Orbax's default: every one of them takes part in every save).
   """
 
-  def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True,
+               processes: tuple[int, ...] | None = None):
     self.directory = os.path.join(os.path.abspath(directory), "checkpoints")
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    # On a subset of the processes of a multi-host job the arrays are process-local, which
+    # Orbax refuses to serialise as jax.Arrays there: they are saved and read as numpy arrays.
+    everyone = set(range(jax.process_count()))
+    self._host_local = processes is not None and set(processes) != everyone
+    if not self._host_local:
+      multi = ocp.options.MultiprocessingOptions()
+      create = True
+    else:
+      # Orbax syncs the active processes only, and writes from their lowest; it leaves
+      # creating the root directory to us in that case.
+      multi = ocp.options.MultiprocessingOptions(primary_host=min(processes),
+                                                 active_processes=set(processes))
+      create = False
+      if jax.process_index() == min(processes):
+        os.makedirs(self.directory, exist_ok=True)
+      ocp.multihost.sync_global_processes(
+          f"metaprune_mkdir_{next(_BARRIERS)}:{self.directory}", processes=set(processes))
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                           enable_async_checkpointing=async_save,
+                                           multiprocessing_options=multi)
+    # The item handlers must know the writing process too (they default to process 0).
+    if self._host_local:
+      registry = ocp.type_handlers.create_type_handler_registry(
+          (np.ndarray, _CallingProcessNumpyHandler()), (jax.Array, type_handlers.ArrayHandler()))
+      arrays = ocp.PyTreeCheckpointHandler(multiprocessing_options=multi,
+                                           type_handler_registry=registry)
+    else:
+      arrays = ocp.StandardCheckpointHandler(multiprocessing_options=multi)
+    handlers = {ARRAYS: arrays, META: ocp.JsonCheckpointHandler(multiprocessing_options=multi)}
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=(ARRAYS, META))
+                                          item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -113,10 +175,17 @@ class Checkpointer:
     """
     step = self.latest_step() if step is None else step
     meta = self.restore_meta(step)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    if self._host_local:
+      abstract = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), target)
+    else:
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
       out = self._manager.restore(
-        step, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(abstract)}))
+        step, args=ocp.args.Composite(**{ARRAYS: self._restore_args(abstract)}))
+      if self._host_local:
+        out = {ARRAYS: jax.tree.map(
+            lambda x, t: jax.device_put(x, t.sharding) if hasattr(t, "sharding") else x,
+            out[ARRAYS], target)}
     except Exception as e:
       raise CheckpointError(
         f"The arrays of checkpoint {self._step_dir(step)} cannot be restored into this run's "
@@ -130,7 +199,7 @@ class Checkpointer:
     meta = self.restore_meta(step)
     try:
       out = self._manager.restore(
-        step, args=ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore()}))
+        step, args=ocp.args.Composite(**{ARRAYS: self._restore_args(None)}))
     except Exception as e:
       raise CheckpointError(
         f"The arrays of checkpoint {self._step_dir(step)} cannot be read ({type(e).__name__}: "
@@ -141,9 +210,20 @@ class Checkpointer:
     """Saves (asynchronously) unless `step` is already saved."""
     if step in self._manager.all_steps():
       return
+    if self._host_local:
+      save = ocp.args.PyTreeSave(jax.device_get(arrays))
+    else:
+      save = ocp.args.StandardSave(arrays)
     self._manager.save(step, args=ocp.args.Composite(**{
-      ARRAYS: ocp.args.StandardSave(arrays), META: ocp.args.JsonSave(_jsonable(meta))}),
-      force=True)
+      ARRAYS: save, META: ocp.args.JsonSave(_jsonable(meta))}), force=True)
+
+  def _restore_args(self, abstract):
+    if not self._host_local:
+      return ocp.args.StandardRestore(abstract)
+    if abstract is None:
+      return ocp.args.PyTreeRestore()
+    return ocp.args.PyTreeRestore(abstract, restore_args=jax.tree.map(
+        lambda x: ocp.RestoreArgs(restore_type=np.ndarray), abstract))
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -158,11 +238,14 @@ class PreemptionGuard:
 
   `should_stop()` is True on every process as soon as any process got SIGTERM (a cross-process
   all-gather when there are several processes), so all of them save the same step and exit.
+  With `local=True` (a run on this process's devices alone, which other processes do not follow
+  step by step) it reads this process's flag only.
   """
 
-  def __init__(self):
+  def __init__(self, local: bool = False):
     self._flag = False
     self._previous = None
+    self._local = local
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
     logging.warning("SIGTERM received: saving a checkpoint and exiting.")
@@ -181,7 +264,7 @@ class PreemptionGuard:
     return False
 
   def should_stop(self) -> bool:
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or self._local:
       return self._flag
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 

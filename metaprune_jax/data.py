@@ -235,12 +235,29 @@ class Dataset:
     num_train / num_test: example counts.
   """
 
-  def __init__(self, spec: DatasetSpec, train_source, test_source):
+  def __init__(self, spec: DatasetSpec, train_source, test_source,
+               shard: tuple[int, int] | None = None):
     self.spec = spec
     self._train = train_source
     self._test = test_source
     self.num_train = len(train_source)
     self.num_test = len(test_source)
+    self._shard = shard  # (process count, this process's position); None: all of jax's
+
+  def for_mesh(self, mesh) -> "Dataset":
+    """This dataset as read by a run on `mesh`: each of the mesh's processes reads its part.
+
+    On a mesh over every process (the default) that is `jax.process_index()`'s part of
+    `global_batch / jax.process_count()` rows; on a process-local mesh (`sharding.local_mesh()`)
+    this process reads whole batches itself, the same ones a single-process run reads.
+    """
+    procs = sorted({int(d.process_index) for d in mesh.devices.flat})
+    shard = (len(procs), procs.index(jax.process_index()))
+    if shard == (jax.process_count(), jax.process_index()):
+      shard = None
+    if shard == self._shard:
+      return self
+    return Dataset(self.spec, self._train, self._test, shard)
 
   @property
   def num_classes(self) -> int:
@@ -259,7 +276,7 @@ class Dataset:
     return steps
 
   def _local_batch(self, global_batch: int) -> tuple[int, int, int]:
-    count, index = jax.process_count(), jax.process_index()
+    count, index = self._shard or (jax.process_count(), jax.process_index())
     if global_batch % count:
       raise ValueError(f"Global batch {global_batch} is not divisible by the process count "
                        f"{count}.")

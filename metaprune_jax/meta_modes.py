@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import tqdm
 from absl import logging
 from jax.sharding import NamedSharding
@@ -78,8 +79,14 @@ def generate(config, workdir: str) -> list[int]:
   init = jax.jit(cnn.init_variables, static_argnums=(0, 2))
   train_schedule = gen.get("train", None) or config.pretrain
   shape = input_shape(dataset)
-  bar = tqdm.tqdm(range(int(gen.num_models)), desc="data models", dynamic_ncols=True,
-                  disable=jax.process_index() != 0)
+  num, procs, me = int(gen.num_models), jax.process_count(), jax.process_index()
+  per_process = procs > 1 and bool(gen.get("per_process", True))
+  if per_process:  # process p trains models p, p + P, ... on its own devices, alone
+    mesh, mine, desc = sharding.local_mesh(), range(me, num, procs), f"data models (process {me})"
+  else:  # every process takes part in every model (data parallel over all devices)
+    mesh, mine, desc = sharding.make_mesh(), range(num), "data models"
+  writer = sharding.is_writer(mesh)
+  bar = tqdm.tqdm(mine, desc=desc, dynamic_ncols=True, disable=not writer)
   for i in bar:
     if i in done:
       continue
@@ -87,23 +94,28 @@ def generate(config, workdir: str) -> list[int]:
     base = os.path.join(workdir, "generate", f"model_{i:05d}")
     v = init(full, jax.random.fold_in(jax.random.PRNGKey(seed), 0), tuple(dataset.image_hw))
     trained = train_lib.fit(train_schedule, full, v, None, dataset, os.path.join(base, "train"),
-                            seed=seed, config=config, desc=f"model {i} train")
+                            seed=seed, config=config, mesh=mesh, desc=f"model {i} train")
     res = pruning.prune_to_target(full, trained.variables, float(gen.initial_speed_up), shape)
     v = masks_lib.mask_variables(full, trained.variables, res.masks)
     tuned = train_lib.fit(gen.finetune, full, v, res.masks, dataset, os.path.join(base, "finetune"),
-                          seed=seed, config=config, desc=f"model {i} finetune")
+                          seed=seed, config=config, mesh=mesh, desc=f"model {i} finetune")
     small, sv = masks_lib.materialize(full, tuned.variables, res.masks)
     keep = masks_lib.kept_indices(full, res.masks)
     last = tuned.history[-1] if tuned.history else {}
-    info = {"seed": seed, "speed_up": res.speed_up, "pruning_steps": res.steps,
+    info = {"seed": seed, "process": me, "speed_up": res.speed_up, "pruning_steps": res.steps,
             "train_accuracy": last.get("train_accuracy"), "train_loss": last.get("train_loss"),
             "test_accuracy": last.get("test_accuracy"), "test_loss": last.get("test_loss"),
             "accuracy_before_pruning": (trained.history[-1]["test_accuracy"]
                                         if trained.history else None)}
-    if jax.process_index() == 0:
+    if writer:
       datamodels.save_data_model(root, i, small, jax.device_get(sv), keep, info, full)
     logging.info("data model %d: speed-up %.3f, test accuracy %.4f", i, res.speed_up,
                  info["test_accuracy"] or float("nan"))
+  if per_process:  # the next stage reads every process's models
+    logging.info("process %d: its data models are done; waiting for the other processes", me)
+    ocp.multihost.sync_global_processes(
+        f"metaprune_generate_done:{root}", processes=set(range(procs)),
+        timeout=int(float(gen.get("barrier_timeout_hours", 72.0)) * 3600))
   return datamodels.list_data_models(root)
 
 

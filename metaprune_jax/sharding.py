@@ -28,6 +28,27 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), ("data",))
 
 
+def local_mesh() -> Mesh:
+  """A 1-D 'data' mesh over this process's devices only: a process-local run that needs no
+  other process (each process of a multi-host `generate` trains its own data models)."""
+  return make_mesh(jax.local_devices())
+
+
+def mesh_processes(mesh: Mesh) -> tuple[int, ...]:
+  """The sorted process indices that own the mesh's devices."""
+  return tuple(sorted({int(d.process_index) for d in mesh.devices.flat}))
+
+
+def is_process_subset(mesh: Mesh) -> bool:
+  """True when the mesh leaves out some processes of a multi-host run (e.g. `local_mesh()`)."""
+  return len(mesh_processes(mesh)) < jax.process_count()
+
+
+def is_writer(mesh: Mesh) -> bool:
+  """True on the one process that writes files for a run on `mesh` (its lowest process)."""
+  return jax.process_index() == mesh_processes(mesh)[0]
+
+
 def data_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 

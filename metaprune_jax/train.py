@@ -79,6 +79,7 @@ def evaluate(arch, variables, masks, dataset: data_lib.Dataset, batch_size: int,
   """
   mesh = mesh or sharding.make_mesh()
   sharding.check_batch_size(batch_size, mesh, "eval batch size")
+  dataset = dataset.for_mesh(mesh)
   eval_fn = sharding.jit_eval_step(arch, mesh)
   variables = sharding.replicate(variables, mesh)
   masks = sharding.replicate(masks, mesh) if masks is not None else None
@@ -109,14 +110,17 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
     seed: seeds the data order/augmentation and the state's PRNG key.
     signature: extra identity of the run (checked on resume besides arch, dataset, schedule).
     config: the full config, stored beside the checkpoints.
-    mesh: the mesh (default: all devices).
+    mesh: the mesh (default: all devices of all processes). A mesh over some processes only
+      (e.g. `sharding.local_mesh()`) makes an independent run of those processes: they read
+      whole batches among themselves, checkpoint among themselves and write the metrics.
     desc: progress-bar / log prefix.
 
   Returns:
     A FitResult.
 
   Raises:
-    ValueError: batch sizes not divisible by the device count, unknown optimizer or keep.
+    ValueError: batch sizes not divisible by the device count, unknown optimizer or keep, a
+      mesh over several but not all processes.
     ckpt_lib.CheckpointError: the workdir holds another run or a corrupt checkpoint.
     FloatingPointError: a non-finite training loss (names the epoch's step range).
     Preempted: after saving on SIGTERM.
@@ -126,6 +130,12 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
   eval_batch = int(schedule.get("eval_batch_size", batch_size))
   sharding.check_batch_size(batch_size, mesh)
   sharding.check_batch_size(eval_batch, mesh, "eval batch size")
+  subset = sharding.is_process_subset(mesh)
+  if subset and len(sharding.mesh_processes(mesh)) > 1:
+    raise ValueError(f"fit runs on a mesh over every process or over one process's devices, "
+                     f"not over processes {sharding.mesh_processes(mesh)} of "
+                     f"{jax.process_count()}.")
+  dataset = dataset.for_mesh(mesh)
   keep = schedule.get("keep", "last")
   if keep not in ("last", "best"):
     raise ValueError(f"schedule.keep must be 'last' or 'best', got {keep!r}.")
@@ -149,10 +159,11 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
   best_acc, best_epoch = -1.0, -1
 
   workdir = os.path.abspath(workdir)
-  is_chief = jax.process_index() == 0
+  is_chief = sharding.is_writer(mesh)
   if is_chief:
     os.makedirs(workdir, exist_ok=True)
-  ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=int(schedule.get("max_to_keep", 3)))
+  ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=int(schedule.get("max_to_keep", 3)),
+                               processes=sharding.mesh_processes(mesh) if subset else None)
   if ckpt.latest_step() is not None:
     ckpt.check_signature(run_signature)
     arrays, meta = ckpt.restore(arrays)
@@ -176,7 +187,7 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
   step = int(jax.device_get(state.step))
   ckpt_every = int(schedule.get("ckpt_every_steps", 0) or 0)
   try:
-    with ckpt_lib.PreemptionGuard() as guard:
+    with ckpt_lib.PreemptionGuard(local=subset) as guard:
       batches = dataset.train_batches(batch_size, seed, start_step=step,
                                       num_steps=total_steps - step)
       while step < total_steps:

@@ -215,16 +215,30 @@ def test_eight_devices_equal_one_device(tmp_path):
     np.testing.assert_allclose(outs[0][k], outs[1][k], rtol=1e-5, atol=1e-6)
 
 
-def _cli(workdir, *overrides, wait=True):
+def _cli(workdir, *overrides, wait=True, env=None):
   cmd = [sys.executable, "-m", "metaprune_jax", f"--config={ROOT}/configs/digits.py",
          f"--workdir={workdir}", *overrides]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
   if wait:
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-4000:]
     return r
   return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           cwd=ROOT)
+
+
+def _cli_two_processes(workdir, *overrides, wait=True):
+  """The same command on 2 local processes (1 CPU device each) joined by jax.distributed."""
+  import portpicker  # pylint: disable=g-import-not-at-top
+
+  port = portpicker.pick_unused_port()
+  procs = [_cli(workdir, *overrides, wait=False, env={
+      "METAPRUNE_MULTIHOST": "1", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+      "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}) for i in range(2)]
+  if wait:
+    assert [p.wait(timeout=900) for p in procs] == [0, 0]
+  return procs
 
 
 SMALL = ["--config.generate.num_models=2", "--config.generate.train.epochs=2",
@@ -242,19 +256,46 @@ def _kill_when(proc, ready, timeout=300):
   proc.wait()
 
 
+def _has_checkpoint(run_dir):
+  return run_dir.exists() and any(c.name.isdigit() for c in run_dir.iterdir())
+
+
+def _assert_same_models(ref, run, indices):
+  for i in indices:
+    a, b = datamodels.load_data_model(str(ref), i), datamodels.load_data_model(str(run), i)
+    for x, y in zip(jax.tree_util.tree_leaves(a.variables), jax.tree_util.tree_leaves(b.variables)):
+      np.testing.assert_array_equal(x, y)
+
+
 def test_generate_resumes_after_sigkill(tmp_path):
   ref, run = tmp_path / "ref", tmp_path / "run"
   _cli(ref, "--config.mode=generate", *SMALL)
   # kill while the second data model trains, then rerun the same command
   p = _cli(run, "--config.mode=generate", *SMALL, wait=False)
   target = run / "generate" / "model_00001" / "train" / "checkpoints"
-  _kill_when(p, lambda: target.exists() and any(c.name.isdigit() for c in target.iterdir()))
+  _kill_when(p, lambda: _has_checkpoint(target))
   assert datamodels.list_data_models(str(run)) == [0]
   _cli(run, "--config.mode=generate", *SMALL)
-  for i in (0, 1):
-    a, b = datamodels.load_data_model(str(ref), i), datamodels.load_data_model(str(run), i)
-    for x, y in zip(jax.tree_util.tree_leaves(a.variables), jax.tree_util.tree_leaves(b.variables)):
-      np.testing.assert_array_equal(x, y)
+  _assert_same_models(ref, run, (0, 1))
+
+  # Two processes: each trains its own share (model i on process i % 2) on its own device and
+  # checkpoints it alone; killed mid-way (both models half-trained) and restarted, they store
+  # the same models as the single-process run.
+  multi = tmp_path / "multi"
+  procs = _cli_two_processes(multi, "--config.mode=generate", *SMALL, wait=False)
+  ckpts = [multi / "generate" / f"model_{i:05d}" / "train" / "checkpoints" for i in (0, 1)]
+  t0 = time.time()
+  while time.time() - t0 < 300 and not all(_has_checkpoint(c) for c in ckpts):
+    time.sleep(0.2)
+  for proc in procs:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  assert all(_has_checkpoint(c) for c in ckpts)
+  assert datamodels.list_data_models(str(multi)) == []
+  _cli_two_processes(multi, "--config.mode=generate", *SMALL)
+  assert datamodels.list_data_models(str(multi)) == [0, 1]
+  assert [datamodels.load_data_model(str(multi), i).info["process"] for i in (0, 1)] == [0, 1]
+  _assert_same_models(ref, multi, (0, 1))
 
 
 def test_meta_train_resumes_after_sigkill(tmp_path):
