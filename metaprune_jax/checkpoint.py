@@ -17,6 +17,7 @@ processes) to save once more and exit.
 """
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -28,6 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import type_handlers
+from orbax.checkpoint._src.futures import future as orbax_future  # process_local_checkpointing
+from orbax.checkpoint._src.futures import synchronization as orbax_sync
 from orbax.checkpoint._src.serialization import ocdbt_utils  # for _CallingProcessNumpyHandler
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
@@ -48,6 +51,38 @@ def diff_signatures(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
   """Keys whose values differ between two run signatures (after a JSON round trip)."""
   saved, current = _jsonable(saved), _jsonable(current)
   return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+
+
+@contextlib.contextmanager
+def process_local_checkpointing(name: str, timeout_s: int):
+  """Scope in which each process checkpoints runs of its own (`Checkpointer(processes=(me,))`).
+
+  Orbax coordinates a save through keys in the jax.distributed key-value store, named after a
+  per-process count of save operations: it assumes that every process saves in lockstep.
+  Processes that checkpoint independent runs would read each other's keys (and deadlock), and
+  their counts drift apart. Inside this scope the keys carry the process index. On exit every
+  process waits for the others (barrier `name`, up to `timeout_s`) and all continue from the
+  largest count, so checkpoints over all processes afterwards are in lockstep again.
+  """
+  if jax.process_count() == 1:
+    yield
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  contract = orbax_future.AwaitableSignalsContract
+  shared_prefix = contract.awaitable_signals_contract_prefix
+  contract.awaitable_signals_contract_prefix = f"{shared_prefix}_process{jax.process_index()}"
+  try:
+    yield
+  finally:
+    contract.awaitable_signals_contract_prefix = shared_prefix
+  ocp.multihost.sync_global_processes(name, timeout=timeout_s,
+                                      processes=set(range(jax.process_count())))
+  ids = orbax_sync.OperationIdGenerator
+  count = int(ids.get_current_operation_id())
+  top = int(np.max(multihost_utils.process_allgather(np.asarray(count, np.int64))))
+  ids._operation_id_counter = itertools.count(top)  # pylint: disable=protected-access
+  ids.next_operation_id()  # now `top` on every process
 
 
 class _CallingProcessNumpyHandler(type_handlers.NumpyHandler):
@@ -198,8 +233,12 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     meta = self.restore_meta(step)
     try:
+      # numpy targets from the saved shapes: readable on any topology (a run saved on 8
+      # devices is read on 1)
+      saved = self._manager.item_metadata(step)[ARRAYS]
+      target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), saved.tree)
       out = self._manager.restore(
-        step, args=ocp.args.Composite(**{ARRAYS: self._restore_args(None)}))
+        step, args=ocp.args.Composite(**{ARRAYS: self._restore_args(target)}))
     except Exception as e:
       raise CheckpointError(
         f"The arrays of checkpoint {self._step_dir(step)} cannot be read ({type(e).__name__}: "
@@ -220,8 +259,6 @@ class Checkpointer:
   def _restore_args(self, abstract):
     if not self._host_local:
       return ocp.args.StandardRestore(abstract)
-    if abstract is None:
-      return ocp.args.PyTreeRestore()
     return ocp.args.PyTreeRestore(abstract, restore_args=jax.tree.map(
         lambda x: ocp.RestoreArgs(restore_type=np.ndarray), abstract))
 

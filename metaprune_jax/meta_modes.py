@@ -20,6 +20,7 @@ with an error naming the epoch and the data models; the last good checkpoint sta
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -30,7 +31,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tqdm
 from absl import logging
 from jax.sharding import NamedSharding
@@ -76,9 +76,6 @@ def generate(config, workdir: str) -> list[int]:
   gen = config.generate
   root = _root(config, "data_models_dir", workdir)
   done = set(datamodels.list_data_models(root))
-  init = jax.jit(cnn.init_variables, static_argnums=(0, 2))
-  train_schedule = gen.get("train", None) or config.pretrain
-  shape = input_shape(dataset)
   num, procs, me = int(gen.num_models), jax.process_count(), jax.process_index()
   per_process = procs > 1 and bool(gen.get("per_process", True))
   if per_process:  # process p trains models p, p + P, ... on its own devices, alone
@@ -86,7 +83,24 @@ def generate(config, workdir: str) -> list[int]:
   else:  # every process takes part in every model (data parallel over all devices)
     mesh, mine, desc = sharding.make_mesh(), range(num), "data models"
   writer = sharding.is_writer(mesh)
-  bar = tqdm.tqdm(mine, desc=desc, dynamic_ncols=True, disable=not writer)
+  if per_process:  # the next stage reads every process's models: wait for them at the end
+    timeout = int(float(gen.get("barrier_timeout_hours", 72.0)) * 3600)
+    scope = ckpt_lib.process_local_checkpointing(f"metaprune_generate_done:{root}", timeout)
+  else:
+    scope = contextlib.nullcontext()
+  with scope:
+    _generate_models(config, workdir, dataset, full, root, mine, done, mesh, writer, desc)
+  return datamodels.list_data_models(root)
+
+
+def _generate_models(config, workdir, dataset, full, root, indices, done, mesh, writer, desc):
+  """Trains, prunes, finetunes and stores the data models `indices` (those not `done`) on
+  `mesh`; `writer`: this process stores them."""
+  gen = config.generate
+  init = jax.jit(cnn.init_variables, static_argnums=(0, 2))
+  train_schedule = gen.get("train", None) or config.pretrain
+  shape = input_shape(dataset)
+  bar = tqdm.tqdm(indices, desc=desc, dynamic_ncols=True, disable=not writer)
   for i in bar:
     if i in done:
       continue
@@ -102,7 +116,8 @@ def generate(config, workdir: str) -> list[int]:
     small, sv = masks_lib.materialize(full, tuned.variables, res.masks)
     keep = masks_lib.kept_indices(full, res.masks)
     last = tuned.history[-1] if tuned.history else {}
-    info = {"seed": seed, "process": me, "speed_up": res.speed_up, "pruning_steps": res.steps,
+    info = {"seed": seed, "process": jax.process_index(), "speed_up": res.speed_up,
+            "pruning_steps": res.steps,
             "train_accuracy": last.get("train_accuracy"), "train_loss": last.get("train_loss"),
             "test_accuracy": last.get("test_accuracy"), "test_loss": last.get("test_loss"),
             "accuracy_before_pruning": (trained.history[-1]["test_accuracy"]
@@ -111,12 +126,8 @@ def generate(config, workdir: str) -> list[int]:
       datamodels.save_data_model(root, i, small, jax.device_get(sv), keep, info, full)
     logging.info("data model %d: speed-up %.3f, test accuracy %.4f", i, res.speed_up,
                  info["test_accuracy"] or float("nan"))
-  if per_process:  # the next stage reads every process's models
-    logging.info("process %d: its data models are done; waiting for the other processes", me)
-    ocp.multihost.sync_global_processes(
-        f"metaprune_generate_done:{root}", processes=set(range(procs)),
-        timeout=int(float(gen.get("barrier_timeout_hours", 72.0)) * 3600))
-  return datamodels.list_data_models(root)
+  if jax.process_count() > 1:
+    logging.info("process %d: its data models are done", jax.process_index())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +232,7 @@ def meta_train(config, workdir: str) -> dict:
   phi = metanet_lib.init_metanet(mc, key)
   opt_state = tx.init(phi)
   out_dir = os.path.join(os.path.abspath(workdir), META_DIR)
+  phi, opt_state = sharding.replicate((phi, opt_state), mesh)  # restored onto these shardings
   ckpt = ckpt_lib.Checkpointer(out_dir, max_to_keep=None)
   signature = {"metanet": mc.to_dict(), "arch": json.loads(full.to_json()),
                "num_models": len(models), "meta_train": {k: v for k, v in mt.to_dict().items()
@@ -233,14 +245,30 @@ def meta_train(config, workdir: str) -> dict:
     phi, opt_state = arrays["params"], arrays["opt_state"]
     history, start = meta.get("history", []), int(ckpt.latest_step())
     logging.info("meta_train: resumed after epoch %d from %s", start, ckpt.directory)
-  repl = NamedSharding(mesh, P())
-  phi, opt_state = jax.device_put((phi, opt_state), repl)
+  phi, opt_state = sharding.replicate((phi, opt_state), mesh)
   step_fn = make_meta_step(spec, full, tx, mesh, float(mt.alpha), float(mt.reg),
                            str(mt.get("normalizer", "max")),
                            int(mt.get("chunk_size", metatrain.DEFAULT_CHUNK)))
-  stacked = metatrain.stack_slots([slots[p] for p in train_pos])
+  stacked = jax.device_get(metatrain.stack_slots([slots[p] for p in train_pos]))
   bsz, nb = int(mt.batch_size), int(mt.batches_per_model)
   data_seed = int(config.seed) + 12345
+  # Each process builds the whole data batches of the step's models that its devices hold.
+  local_data = dataset.for_mesh(sharding.local_mesh())
+
+  def step_inputs(epoch, s, ids, rows):
+    """Slots, images [n, nb, bsz, H, W, 3] and labels [n, nb, bsz] of the step's models `rows`."""
+    imgs, labs = [], []
+    for j in rows:
+      xs, ys = [], []
+      for b in range(nb):
+        k = ((epoch * steps_per_epoch + s) * per_step + int(j)) * nb + b
+        bt = local_data.train_batch(bsz, data_seed, k)
+        xs.append(bt["image"])
+        ys.append(bt["label"])
+      imgs.append(np.stack(xs))
+      labs.append(np.stack(ys).astype(np.int32))
+    return (jax.tree_util.tree_map(lambda a: a[ids[rows]], stacked), np.stack(imgs),
+            np.stack(labs))
   metrics = metric_writers.MetricWriter(out_dir, history, start + 1,
                                         enabled=jax.process_index() == 0)
   try:
@@ -252,19 +280,9 @@ def meta_train(config, workdir: str) -> dict:
                       leave=False, dynamic_ncols=True, disable=jax.process_index() != 0)
       for s in bar:
         ids = order[s * per_step:(s + 1) * per_step]
-        batch_slots = jax.tree_util.tree_map(lambda a: a[ids], stacked)
-        imgs, labs = [], []
-        for j in range(per_step):
-          xs, ys = [], []
-          for b in range(nb):
-            k = ((epoch * steps_per_epoch + s) * per_step + j) * nb + b
-            bt = dataset.train_batch(bsz, data_seed, k)
-            xs.append(bt["image"])
-            ys.append(bt["label"])
-          imgs.append(np.stack(xs))
-          labs.append(np.stack(ys))
-        phi, opt_state, m = step_fn(phi, opt_state, batch_slots, np.stack(imgs),
-                                    np.stack(labs).astype(np.int32))
+        inputs = sharding.rows_to_global(
+            functools.partial(step_inputs, epoch, s, ids), per_step, mesh)
+        phi, opt_state, m = step_fn(phi, opt_state, *inputs)
         m = jax.device_get(m)
         if not np.all(np.isfinite(m["loss"])):
           bad = [models[train_pos[i]].index for i, ok in zip(ids, np.isfinite(m["loss"]))
@@ -275,7 +293,9 @@ def meta_train(config, workdir: str) -> dict:
               f"{ckpt.directory} is kept and a restart resumes from it")
         sums.append({k: float(np.mean(v)) for k, v in m.items()})
         bar.set_postfix(loss=f"{sums[-1]['loss']:.4g}")
-      val_loss, val_acc = validate_metanet(spec, full, phi, [slots[p] for p in val_pos], dataset,
+      # every process validates alone (on its default device), the same models and batches
+      val_loss, val_acc = validate_metanet(spec, full, jax.device_get(phi),
+                                           [slots[p] for p in val_pos], local_data,
                                            int(mt.get("eval_batch_size", 500)),
                                            int(mt.get("val_batches", 0)))
       rec = {"epoch": epoch + 1, "lr": float(lr((epoch + 1) * steps_per_epoch - 1)),

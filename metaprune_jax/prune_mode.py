@@ -311,9 +311,10 @@ def prune(config, workdir: str) -> dict:
       "saved": {"orbax": os.path.join(out, "final"),
                 "state_dict_npz": os.path.join(out, "final_state_dict.npz")},
   }
+  # every process takes part in the Orbax save (it writes from process 0)
+  save_pruned(os.path.join(out, "final"), final_arch, final_vars,
+              {"accuracy": acc_after["accuracy"], "speed_up": report["speed_up"]})
   if is_chief:
-    save_pruned(os.path.join(out, "final"), final_arch, final_vars,
-                {"accuracy": acc_after["accuracy"], "speed_up": report["speed_up"]})
     sd = reference.export_reference_state_dict(final_arch, final_vars, num_batches_tracked=True)
     np.savez(os.path.join(out, "final_state_dict.npz"), **sd)
     try:

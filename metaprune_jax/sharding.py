@@ -79,6 +79,33 @@ def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
                       local_batch)
 
 
+def rows_to_global(build, num_rows: int, mesh: Mesh) -> Any:
+  """Global arrays split over the mesh's 'data' axis along their first axis, of which this
+  process builds only the rows that its own devices hold.
+
+  Args:
+    build: ``rows [n] int -> pytree of numpy arrays [n, ...]`` (the given rows, in order).
+    num_rows: the global first-axis size (divisible by the mesh size).
+    mesh: the mesh.
+
+  Returns:
+    The pytree of global ``[num_rows, ...]`` arrays sharded ``P('data')``.
+  """
+  sharding = data_sharding(mesh)
+  held = sharding.addressable_devices_indices_map((num_rows,)).values()
+  rows = sorted({r for idx in held for r in range(*idx[0].indices(num_rows))})
+  local = build(np.asarray(rows, np.int64))
+  where = {r: p for p, r in enumerate(rows)}
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(
+        (num_rows,) + x.shape[1:], sharding,
+        lambda idx: x[[where[r] for r in range(*idx[0].indices(num_rows))]])
+
+  return jax.tree.map(put, local)
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a pytree (the same value on every process) replicated on the mesh."""
   sharding = replicated(mesh)

@@ -320,6 +320,32 @@ def test_meta_train_resumes_after_sigkill(tmp_path):
   assert tb == _tb_events.from_records(hist, "epoch")
 
 
+def test_meta_train_on_two_processes_equals_one_process(tmp_path):
+  """2 processes x 1 device (each builds the batches of its own data models) give the update of
+  1 process x 2 devices with the same data models, batches and steps."""
+  full, models = _tiny_models(3, seed=4)
+  runs = {"one": tmp_path / "one", "two": tmp_path / "two"}
+  for root in runs.values():
+    for i, (small, sv, keep) in enumerate(models):
+      datamodels.save_data_model(str(root), i, small, sv, keep, {}, full)
+  args = ["--config.mode=meta_train", "--config.generate.num_models=3",
+          "--config.meta_train.epochs=2", "--config.meta_train.batch_size=8",
+          "--config.meta_train.batches_per_model=2", "--config.meta_train.val_fraction=0.34",
+          "--config.meta_train.models_per_step=2", "--config.meta_train.eval_batch_size=120",
+          "--config.meta_train.val_batches=2"]
+  _cli(runs["one"], *args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  _cli_two_processes(runs["two"], *args)
+  (_, pa, ea), (_, pb, eb) = (meta_modes.load_metanet(str(r)) for r in runs.values())
+  assert ea == eb == 2
+  for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  ha, hb = ([json.loads(l) for l in open(r / "meta_train" / "metrics.jsonl")]
+            for r in runs.values())
+  for a, b in zip(ha, hb, strict=True):
+    for k in ("train_loss", "val_loss", "val_accuracy"):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5)
+
+
 def test_bad_inputs(tmp_path):
   with pytest.raises(ValueError, match="no data models"):
     datamodels.load_data_model_set(str(tmp_path))
