@@ -5,7 +5,9 @@
 ``config.generate.initial_speed_up`` and finetuned (``config.generate.finetune``), stored with
 :mod:`metaprune_jax.datamodels`. Every training run checkpoints in
 ``<workdir>/generate/model_XXXXX/{train,finetune}``, so a killed run resumes the model it was on;
-finished models are skipped.
+finished models are skipped. On several processes each process trains its own share (model i on
+process i % P, on its own devices; ``config.generate.per_process``), then all wait for each
+other; ``per_process=False`` trains every model data parallel over all processes.
 
 ``meta_train``: the metanetwork (``config.metanet``) is trained over the first 80% of the data
 models (generation order), validated on the rest every epoch, with AdamW and a step LR decay at
@@ -15,7 +17,8 @@ the faithful single-device setting is 1), each with ``batches_per_model`` augmen
 batches of ``batch_size`` (the reference: every batch of the training set; its low-memory mode:
 one). A checkpoint per epoch in ``<workdir>/meta_train/checkpoints/<epoch>`` (all kept, for
 ``visualize``); a restart resumes after the last complete epoch. A non-finite loss stops the run
-with an error naming the epoch and the data models; the last good checkpoint stays.
+with an error naming the epoch and the data models; the last good checkpoint stays. On several
+processes each process builds the data batches of the models its devices hold.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ tensorboard itself is an optional install, the files are written with `tensorboa
 One process writes a run's metrics (the caller decides which; the others get a writer that does
 nothing). Opening a writer rewrites metrics.jsonl from the given history (on resume the
 checkpoint's history is authoritative: lines of lost epochs are dropped) and starts a new event
-file whose first records are the purge marker `tensorboardX.SummaryWriter(purge_step=...)`
+file (at the first write) whose first records are the purge marker `tensorboardX.SummaryWriter(purge_step=...)`
 writes: TensorBoard then discards the earlier files' events at steps >= `purge_step` (those of
 lost epochs). Events are written synchronously (tensorboardX's `EventsWriter`, not
 `SummaryWriter`, whose background thread may not have written the last event when `flush`
@@ -49,15 +49,21 @@ class MetricWriter:
     os.makedirs(self.tb_dir, exist_ok=True)
     with open(self.jsonl_path, "w") as f:
       f.writelines(json.dumps(dict(h)) + "\n" for h in history)
-    # A suffix that sorts in opening order: two files opened in the same second (same name
-    # otherwise) must neither overwrite each other nor be read out of order.
-    self._events = EventsWriter(os.path.join(self.tb_dir, "events"),
-                                filename_suffix=f".{time.time_ns()}")
-    if purge_step is not None:
-      self._events.write_event(Event(step=int(purge_step), file_version="brain.Event:2"))
-      self._events.write_event(Event(step=int(purge_step),
-                                     session_log=SessionLog(status=SessionLog.START)))
-    self._events.flush()
+    self._purge_step = purge_step
+
+  def _open_events(self):
+    """The event file, opened at the first write: reopening a finished run adds no file."""
+    if self._events is None:
+      # A suffix that sorts in opening order: two files opened in the same second (same name
+      # otherwise) must neither overwrite each other nor be read out of order.
+      self._events = EventsWriter(os.path.join(self.tb_dir, "events"),
+                                  filename_suffix=f".{time.time_ns()}")
+      if self._purge_step is not None:
+        step = int(self._purge_step)
+        self._events.write_event(Event(step=step, file_version="brain.Event:2"))
+        self._events.write_event(Event(step=step,
+                                       session_log=SessionLog(status=SessionLog.START)))
+    return self._events
 
   def write(self, step: int, record: Mapping[str, Any]):
     """Appends `record` as a JSON line and its numbers (but `epoch`, `step`) as TensorBoard
@@ -66,12 +72,12 @@ class MetricWriter:
       return
     with open(self.jsonl_path, "a") as f:
       f.write(json.dumps(dict(record)) + "\n")
-    now = time.time()
+    now, events = time.time(), self._open_events()
     for k, v in record.items():
       if k not in AXIS_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool):
-        self._events.write_event(Event(wall_time=now, step=int(step),
-                                       summary=tb_summary.scalar(k, float(v))))
-    self._events.flush()
+        events.write_event(Event(wall_time=now, step=int(step),
+                                 summary=tb_summary.scalar(k, float(v))))
+    events.flush()
 
   def close(self):
     """Flushes and closes the event file (idempotent)."""

@@ -62,6 +62,10 @@ def test_resume_drops_lost_steps(tmp_path):
   got = _tb_events.scalars(tb)
   assert got == _tb_events.from_records(first[:2] + [again])
   assert got != _tb_events.from_records(first)
+  # reopening the finished run (a resume with nothing left to train) adds no event file
+  metric_writers.MetricWriter(run, first[:2] + [again], purge_step=4).close()
+  assert _tb_events.event_files(tb) == files
+  assert _jsonl(run) == first[:2] + [again]
 
 
 def test_disabled_writes_nothing(tmp_path):
