@@ -14,6 +14,7 @@ import tempfile
 import jax
 import ml_collections
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 from metaprune_jax import checkpoint as ckpt_lib
@@ -75,6 +76,7 @@ def _snapshot(root):
   return out
 
 
+@pytest.mark.xdist_group("PipelineTest")
 class PipelineTest(absltest.TestCase):
 
   @classmethod

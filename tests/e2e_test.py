@@ -78,8 +78,9 @@ class EndToEndTest(absltest.TestCase):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       lines = [json.loads(line) for line in f]
     self.assertEqual([r["epoch"] for r in lines], [1, 2, 3])
-    # TensorBoard (an event file per run) shows exactly these epochs, once each.
-    self.assertLen(_tb_events.event_files(os.path.join(workdir, "tb")), 3)
+    # TensorBoard shows exactly these epochs, once each (an event file per launch that
+    # finished an epoch: files are opened at the first write).
+    self.assertBetween(len(_tb_events.event_files(os.path.join(workdir, "tb"))), 1, 3)
     self.assertEqual(_tb_events.scalars(os.path.join(workdir, "tb")),
                      _tb_events.from_records(lines))
 

@@ -7,6 +7,7 @@ import tempfile
 
 import jax
 import numpy as np
+import pytest
 import portpicker
 from absl.testing import absltest
 
@@ -27,6 +28,7 @@ def _load(path):
     return {k: f[k] for k in f.files}
 
 
+@pytest.mark.xdist_group("ShardingTest")
 class ShardingTest(absltest.TestCase):
 
   @classmethod
