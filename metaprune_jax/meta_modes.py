@@ -248,7 +248,6 @@ def meta_train(config, workdir: str) -> dict:
     phi, opt_state = arrays["params"], arrays["opt_state"]
     history, start = meta.get("history", []), int(ckpt.latest_step())
     logging.info("meta_train: resumed after epoch %d from %s", start, ckpt.directory)
-  phi, opt_state = sharding.replicate((phi, opt_state), mesh)
   step_fn = make_meta_step(spec, full, tx, mesh, float(mt.alpha), float(mt.reg),
                            str(mt.get("normalizer", "max")),
                            int(mt.get("chunk_size", metatrain.DEFAULT_CHUNK)))

@@ -110,9 +110,10 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
     seed: seeds the data order/augmentation and the state's PRNG key.
     signature: extra identity of the run (checked on resume besides arch, dataset, schedule).
     config: the full config, stored beside the checkpoints.
-    mesh: the mesh (default: all devices of all processes). A mesh over some processes only
-      (e.g. `sharding.local_mesh()`) makes an independent run of those processes: they read
-      whole batches among themselves, checkpoint among themselves and write the metrics.
+    mesh: the mesh (default: all devices of all processes). In a multi-host job, a mesh over
+      one process's devices (`sharding.local_mesh()`) makes an independent run of that process:
+      it reads whole batches, checkpoints alone and writes the metrics (inside
+      `checkpoint.process_local_checkpointing`).
     desc: progress-bar / log prefix.
 
   Returns:
