@@ -33,6 +33,8 @@ import grain
 import jax
 import numpy as np
 
+from metaprune_jax import sharding
+
 Batch = dict[str, np.ndarray]
 
 
@@ -251,7 +253,7 @@ class Dataset:
     `global_batch / jax.process_count()` rows; on a process-local mesh (`sharding.local_mesh()`)
     this process reads whole batches itself, the same ones a single-process run reads.
     """
-    procs = sorted({int(d.process_index) for d in mesh.devices.flat})
+    procs = list(sharding.mesh_processes(mesh))
     shard = (len(procs), procs.index(jax.process_index()))
     if shard == (jax.process_count(), jax.process_index()):
       shard = None
