@@ -13,6 +13,7 @@ different widths (target: 1). Reference (PyTorch, this 2-core CPU): ResNet-56 st
 """
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -29,6 +30,7 @@ from metaprune_jax import cnn
 from metaprune_jax import graph as graph_lib
 from metaprune_jax import metanet as metanet_lib
 from metaprune_jax import metatrain
+from metaprune_jax import xla_hints
 from metaprune_jax.regularizer import regularizer
 
 FIX = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "reference")
@@ -73,8 +75,10 @@ def bench(full, mc, batch, runs, chunk, n_models=5):
   tx = optax.adamw(1e-3, weight_decay=5e-4)
   opt = tx.init(phi)
 
+  conv_opts = xla_hints.conv_compiler_options()  # as the library's meta step
+
   def make_step():
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=conv_opts)
     def step(phi, opt, slot, x, y):
       *_, g = metatrain._model_loss_grads(spec, full, phi, slot, x, y, 16.0, 10.0, "max",  # pylint: disable=protected-access
                                             chunk=chunk)
@@ -107,7 +111,8 @@ def bench(full, mc, batch, runs, chunk, n_models=5):
       full, graph_lib.flat_from_graph(la, g, flat.shape[0]))["params"])
   theta = dec(slot.layout, out)
   ce = jax.jit(lambda th, x, y: metatrain.network_grads(full, th, slot.batch_stats, slot.masks,
-                                                        x, y, chunk))
+                                                        x, y, chunk),
+               compiler_options=xla_hints.conv_compiler_options())
   reg = jax.jit(jax.value_and_grad(lambda th: regularizer(full, {"params": th}, masks=slot.masks)))
   mn_vjp = jax.jit(jax.grad(lambda p, g, ct: sum(
       jnp.vdot(a, b) for a, b in zip(metanet_lib._forward(spec, p, g, plan, valid).edges, ct))))  # pylint: disable=protected-access

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 import metaprune_jax as mp
+from metaprune_jax import xla_hints
 
 
 def _median_time(fn, runs):
@@ -53,9 +54,10 @@ def main():
 
   small, sv = mp.materialize(arch, v, res.masks)
   x = jax.random.normal(jax.random.PRNGKey(1), (args.batch, 32, 32, 3))
-  f_full = jax.jit(lambda v, x: mp.apply_model(arch, v, x))
-  f_small = jax.jit(lambda v, x: mp.apply_model(small, v, x))
-  f_masked = jax.jit(lambda v, m, x: mp.apply_model(arch, v, x, masks=m))
+  opts = xla_hints.conv_compiler_options()  # as the library's jitted networks
+  f_full = jax.jit(lambda v, x: mp.apply_model(arch, v, x), compiler_options=opts)
+  f_small = jax.jit(lambda v, x: mp.apply_model(small, v, x), compiler_options=opts)
+  f_masked = jax.jit(lambda v, m, x: mp.apply_model(arch, v, x, masks=m), compiler_options=opts)
   for f, a in ((f_full, (v, x)), (f_small, (sv, x)), (f_masked, (v, res.masks, x))):
     jax.block_until_ready(f(*a))
   t_full, _ = _median_time(lambda: f_full(v, x), args.runs * 2)

@@ -67,11 +67,13 @@ def conv2d(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple) -> jax.Ar
 
 
 def _conv2d_fwd(x, w, strides, padding):
+  x = xla_hints.materialize(x)
   return _conv_forward(x, w, strides, padding), (x, w)
 
 
 def _conv2d_bwd(strides, padding, res, dy):
   x, w = res
+  dy = xla_hints.materialize(dy)
   kh, kw = w.shape[:2]
   size = (x.shape[1], x.shape[2])
   # dx: pad so the (stride-dilated) cotangent covers every input position once

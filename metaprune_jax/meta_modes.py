@@ -52,6 +52,7 @@ from metaprune_jax import optim
 from metaprune_jax import pruning
 from metaprune_jax import sharding
 from metaprune_jax import train as train_lib
+from metaprune_jax import xla_hints
 from metaprune_jax import zoo
 from metaprune_jax.arch import Arch
 
@@ -174,7 +175,8 @@ def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
     updates, opt_state = tx.update(g, opt_state, phi)
     return optax.apply_updates(phi, updates), opt_state, m
   return jax.jit(step, in_shardings=(repl, repl, model_sharded, model_sharded, model_sharded),
-                 out_shardings=(repl, repl, repl), donate_argnums=(0, 1))
+                 out_shardings=(repl, repl, repl), donate_argnums=(0, 1),
+                 compiler_options=xla_hints.conv_compiler_options(mesh.devices.flat))
 
 
 @functools.lru_cache(maxsize=8)
@@ -186,7 +188,7 @@ def _eval_fn(spec, full_arch):
     logp = jax.nn.log_softmax(logits)
     nll = -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
     return jnp.sum(nll * valid), jnp.sum((jnp.argmax(logits, -1) == y) * valid), jnp.sum(valid)
-  return jax.jit(f)
+  return jax.jit(f, compiler_options=xla_hints.conv_compiler_options())
 
 
 def validate_metanet(spec, full_arch, phi, slots, dataset, batch_size, max_batches):

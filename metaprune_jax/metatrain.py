@@ -208,15 +208,20 @@ def meta_train_grads(config, params, arch: Arch, variables: Mapping, images_nhwc
     x, y = x[None], y[None]
   slot = ModelSlot(graph_lib.flatten_variables(arch, variables), graph_lib.graph_layout(arch).arrays(),
                    masks_lib.full_masks(arch), variables["batch_stats"])
-  return _grads_jit(_spec(config), arch, params, slot, x, y, float(alpha), float(reg),
-                    normalizer, bool(reference_compat), int(chunk))
+  return _grads_jit()(_spec(config), arch, params, slot, x, y, float(alpha), float(reg),
+                      normalizer, bool(reference_compat), int(chunk))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 6, 7, 8, 9, 10))
-def _grads_jit(spec, arch, params, slot, x, y, alpha, reg, normalizer, compat, chunk):
-  *_, g = _model_loss_grads(spec, arch, params, slot, x, y, alpha, reg, normalizer,
-                            use_masks=False, compat=compat, chunk=chunk)
-  return g
+@functools.cache
+def _grads_jit():
+  """The jitted single-model gradient (made on first use: its compiler options need the
+  backend)."""
+  def grads(spec, arch, params, slot, x, y, alpha, reg, normalizer, compat, chunk):
+    *_, g = _model_loss_grads(spec, arch, params, slot, x, y, alpha, reg, normalizer,
+                              use_masks=False, compat=compat, chunk=chunk)
+    return g
+  return jax.jit(grads, static_argnums=(0, 1, 6, 7, 8, 9, 10),
+                 compiler_options=xla_hints.conv_compiler_options())
 
 
 def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, alpha, reg,

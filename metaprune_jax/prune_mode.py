@@ -49,6 +49,7 @@ from metaprune_jax import pipeline
 from metaprune_jax import pruning
 from metaprune_jax import reference
 from metaprune_jax import train as train_lib
+from metaprune_jax import xla_hints
 from metaprune_jax.arch import Arch
 
 DIRNAME = "prune"
@@ -98,7 +99,8 @@ def max_speed_up(arch: Arch, shape) -> float:
 
 def inference_seconds(arch: Arch, variables, image_hw, batch: int = 128, runs: int = 20) -> float:
   """Median wall-clock seconds of one jitted eval-mode forward pass at ``batch`` images."""
-  fn = jax.jit(lambda v, x: cnn.apply_model(arch, v, x))
+  fn = jax.jit(lambda v, x: cnn.apply_model(arch, v, x),
+               compiler_options=xla_hints.conv_compiler_options())
   v = jax.device_put({"params": variables["params"], "batch_stats": variables["batch_stats"]})
   x = jnp.zeros((batch, *image_hw, 3), jnp.float32)
   for _ in range(3):

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from metaprune_jax import steps
+from metaprune_jax import xla_hints
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -123,7 +124,8 @@ def jit_train_step(arch, tx, mesh: Mesh):
   """`steps.train_step` bound to (arch, tx), jitted: state replicated and donated, batch split."""
   repl, data = replicated(mesh), data_sharding(mesh)
   return jax.jit(functools.partial(steps.train_step, arch=arch, tx=tx),
-                 in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
+                 in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0,
+                 compiler_options=xla_hints.conv_compiler_options(mesh.devices.flat))
 
 
 @functools.cache
@@ -131,4 +133,5 @@ def jit_eval_step(arch, mesh: Mesh):
   """`steps.eval_step` bound to arch, jitted (cached: one compilation per arch and mesh)."""
   repl, data = replicated(mesh), data_sharding(mesh)
   return jax.jit(functools.partial(steps.eval_step, arch=arch),
-                 in_shardings=(repl, repl, data), out_shardings=repl)
+                 in_shardings=(repl, repl, data), out_shardings=repl,
+                 compiler_options=xla_hints.conv_compiler_options(mesh.devices.flat))

@@ -9,6 +9,7 @@ network computes what its materialised version computes.
 import collections
 import functools
 import json
+import re
 
 import hypothesis
 from hypothesis import strategies as st
@@ -24,6 +25,7 @@ from metaprune_jax import groups as groups_lib
 from metaprune_jax import macs as macs_lib
 from metaprune_jax import masks as masks_lib
 from metaprune_jax import reference
+from metaprune_jax import xla_hints
 from metaprune_jax import zoo
 
 # Every new width compiles new programs, so examples are few; deep networks get fewer.
@@ -623,3 +625,41 @@ def test_conv2d_backward_equals_xla(kernel, stride, pad, size):
     return jax.lax.scan(body, (jnp.zeros_like(x), jnp.zeros_like(w)), None, length=2)[0]
   for a, b in zip(jax.jit(scanned)(x, w, dy), want):
     np.testing.assert_allclose(a, 2 * b, rtol=1e-6, atol=1e-5)
+
+
+def test_conv_compiler_options_take_convolutions_off_ynnpack(monkeypatch):
+  """The options move convolutions (only) off YNNPACK, the result unchanged; XLA_FLAGS wins."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the options are CPU-only")
+  opts = xla_hints.conv_compiler_options()
+  assert opts, "the pinned XLA should accept the YNNPACK fusion-type option"
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 64))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 64, 64))
+
+  def net(x, w):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y, jnp.sum(y, axis=(0, 1, 2))
+
+  def hlo(**kw):
+    return jax.jit(net, **kw).lower(x, w).compile().as_text()
+
+  def ynn_ops(text):  # HLO op kinds computed inside YNNPACK fusions
+    comps = dict(re.findall(r"^(%\S+) \(.*?\n(.*?)\n}", text, re.M | re.S))
+    called = re.findall(r"= \S+ fusion\(.*calls=(%[^,\s]+).*__ynn_fusion", text)
+    return {op for c in called for op in re.findall(r"= \S+ ([a-z-]+)\(", comps[c])}
+
+  prev = jax.config.read("jax_disable_most_optimizations")  # conftest turns the passes off
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    default, ours = hlo(), hlo(compiler_options=opts)
+    np.testing.assert_allclose(jax.jit(net, compiler_options=opts)(x, w)[0],
+                               jax.jit(net)(x, w)[0], rtol=1e-5, atol=1e-4)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", prev)
+  assert "convolution" in ynn_ops(default) and "reduce" in ynn_ops(default), \
+      "XLA:CPU's YNNPACK defaults changed: revisit xla_hints._YNN_NO_CONV"
+  assert "convolution" not in ynn_ops(ours) and "reduce" in ynn_ops(ours)
+  assert "convolution(" in ours
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+  assert xla_hints.conv_compiler_options() == {}
