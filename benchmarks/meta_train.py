@@ -7,7 +7,11 @@ batch of ``--batch`` CIFAR-shaped images) for ResNet-56 (hidden 64, 8 layers; a 
 pruned to ~1.32x by group L2, embedded at full width) and for the shared VGG-19 case (hidden 32);
 the cost split between the metanetwork, from_graph, the network forward/backward and the
 regulariser (each timed as its own jitted function); compilations over 5 data models of
-different widths (target: 1). Reference (PyTorch, this 2-core CPU): ResNet-56 step 14-20 s
+different widths (target: 1). Memory: ``peak_rss_mb_compile`` (the process's peak up to the
+compiled step), ``peak_rss_mb_steps`` (the peak while the steps run, after the compiler's freed
+memory is released as ``meta_train`` does: the figure the step itself costs),
+``xla_step_temp_buffers_mb`` (XLA's own buffers of one step) and ``peak_rss_mb`` (the whole
+process, including the timing of the parts). Reference (PyTorch, this 2-core CPU): ResNet-56 step 14-20 s
 (metanetwork forward 1.6 s, CE forward 1.1 s, CE backward 7.1 s, regulariser backward 3.6 s),
 9 GB peak.
 """
@@ -34,6 +38,27 @@ from metaprune_jax import xla_hints
 from metaprune_jax.regularizer import regularizer
 
 FIX = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "reference")
+
+
+def _rss_mb():
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _reset_peak_rss() -> bool:
+  """Resets the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _vm(key):
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(key + ":"):
+        return round(int(line.split()[1]) / 1024, 1)
 
 
 def _log(msg):
@@ -86,12 +111,19 @@ def bench(full, mc, batch, runs, chunk, n_models=5):
       return optax.apply_updates(phi, u), opt
     return step
   step = make_step()
+  rss_before_mb = _rss_mb()
   t = time.perf_counter()
-  jax.block_until_ready(step(phi, opt, slots[0], x, y))
+  mem = step.lower(phi, opt, slots[0], x, y).compile().memory_analysis()
   compile_s = time.perf_counter() - t
-  _log(f"first step (compile + run) {compile_s:.1f} s")
+  xla_temp_mb = round(mem.temp_size_in_bytes / 2**20, 1) if mem is not None else None
+  rss_compile_mb = _rss_mb()
+  xla_hints.release_freed_memory()  # as meta_train does after compiling its step
+  resettable = _reset_peak_rss()  # from here the peak is the steps' own
+  jax.block_until_ready(step(phi, opt, slots[0], x, y))  # no compilation: jax's cache
+  _log(f"compile {compile_s:.1f} s")
   step_s = _t(lambda: step(phi, opt, slots[0], x, y), runs)
   _log(f"step {step_s:.2f} s")
+  rss_exec_mb = _vm("VmHWM") if resettable else None
   # compilations over the data models of different widths (a small batch: same program shape
   # rules, cheap runs)
   small_step = make_step()
@@ -128,9 +160,11 @@ def bench(full, mc, batch, runs, chunk, n_models=5):
   return {"nodes": int(graph.nodes.shape[0]), "edges": int(graph.senders.shape[0]),
           "hidden": mc.hidden, "layers": mc.num_layers, "batch": batch,
           "chunk": metatrain.chunk_size(batch, chunk),
-          "step_s_median": step_s, "first_step_s_with_compile": round(compile_s, 2),
+          "step_s_median": step_s, "compile_s": round(compile_s, 2),
           "compilations_over_%d_widths" % n_models: int(n_compiles),
-          "split": split, "data_model_prep_s": round(prep_s, 2)}
+          "split": split, "data_model_prep_s": round(prep_s, 2),
+          "peak_rss_mb_before_compile": rss_before_mb, "peak_rss_mb_compile": rss_compile_mb,
+          "peak_rss_mb_steps": rss_exec_mb, "xla_step_temp_buffers_mb": xla_temp_mb}
 
 
 def main():

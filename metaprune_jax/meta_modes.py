@@ -286,6 +286,8 @@ def meta_train(config, workdir: str) -> dict:
         ids = order[s * per_step:(s + 1) * per_step]
         inputs = sharding.rows_to_global(
             functools.partial(step_inputs, epoch, s, ids), per_step, mesh)
+        if epoch == start and s == 0:  # the compiler's memory is released before the run
+          xla_hints.compile_and_release(step_fn, phi, opt_state, *inputs)
         phi, opt_state, m = step_fn(phi, opt_state, *inputs)
         m = jax.device_get(m)
         if not np.all(np.isfinite(m["loss"])):

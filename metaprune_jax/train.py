@@ -29,6 +29,7 @@ from metaprune_jax import metric_writers
 from metaprune_jax import optim
 from metaprune_jax import sharding
 from metaprune_jax import state as state_lib
+from metaprune_jax import xla_hints
 from metaprune_jax import zoo
 
 
@@ -185,7 +186,7 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
             "finished": step >= total_steps, "steps_per_epoch": steps_per_epoch}
 
   train_step = sharding.jit_train_step(arch, tx, mesh)
-  step = int(jax.device_get(state.step))
+  step = start_step = int(jax.device_get(state.step))
   ckpt_every = int(schedule.get("ckpt_every_steps", 0) or 0)
   try:
     with ckpt_lib.PreemptionGuard(local=subset) as guard:
@@ -198,7 +199,10 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
         bar = tqdm.tqdm(total=steps_per_epoch, initial=first, desc=f"{desc} epoch {epoch + 1}/"
                         f"{epochs}", leave=False, disable=not is_chief, dynamic_ncols=True)
         while step < epoch_end:
-          state, m = train_step(state, sharding.to_global(next(batches), mesh))
+          batch = sharding.to_global(next(batches), mesh)
+          if step == start_step:  # compiled, and the compiler's memory released, before the run
+            xla_hints.compile_and_release(train_step, state, batch)
+          state, m = train_step(state, batch)
           sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
           step += 1
           bar.update(1)
