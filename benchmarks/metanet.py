@@ -16,7 +16,10 @@ of a scalar of ``from_graph``'s output (single jit). Times are the median of ``-
 runs after compilation. ``compiles_over_5_pruned`` counts compilations of the forward over 5
 differently pruned networks (hidden channels dropped from random node sets), padded to the
 full-width budget with ``pad_graph`` (scatter path), or held at full width with node masks
-(blocks path, as meta-training does; the first masked call compiles once). ``peak_rss_mb`` is the process's max RSS so far.
+(blocks path, as meta-training does; the first masked call compiles once). ``peak_rss_mb`` is the process's max RSS so far (compilations included);
+``peak_rss_mb_forward_backward_runs`` the peak while the forward+backward runs, after the
+compiler's freed memory is released (``xla_hints.release_freed_memory``);
+``xla_forward_backward_temp_buffers_mb`` XLA's own buffers of one forward+backward.
 ``*_cpu_s`` is the process CPU time (user + sys) per call, a contention-robust figure on a
 shared machine (XLA uses up to 2 threads here, so wall time on an idle 2-core box lies between
 cpu/2 and cpu).
@@ -40,6 +43,7 @@ import numpy as np
 from metaprune_jax import cnn
 from metaprune_jax import graph as graph_lib
 from metaprune_jax import metanet
+from metaprune_jax import xla_hints
 from metaprune_jax import zoo
 
 _FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures",
@@ -57,6 +61,24 @@ def _median_time(fn, repeats):
   c1 = os.times()
   cpu = (c1.user - c0.user + c1.system - c0.system) / repeats
   return float(np.median(times)), float(np.min(times)), float(cpu)
+
+
+def _reset_peak_rss() -> bool:
+  """Resets the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _vm_mb(key):
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(key + ":"):
+        return round(int(line.split()[1]) / 1024, 1)
+  return None
 
 
 def _tune_malloc():
@@ -116,9 +138,13 @@ def bench_case(name, config, params, graph, arch, repeats, plan=None):
   grad_fn = jax.jit(jax.value_and_grad(loss))
   g = graph._replace(edges=tuple(graph.edges))
   t = time.perf_counter()
+  mem = grad_fn.lower(params, g).compile().memory_analysis()
   jax.block_until_ready(grad_fn(params, g))
   compile_bwd = time.perf_counter() - t
+  xla_hints.release_freed_memory()  # the compiler's freed memory (see xla_hints)
+  resettable = _reset_peak_rss()
   bwd_med, bwd_min, bwd_cpu = _median_time(lambda: grad_fn(params, g), repeats)
+  runs_peak = _vm_mb("VmHWM") if resettable else None
   return {
       "case": name, "path": "blocks" if plan is not None else "scatter", "device": str(jax.devices()[0]), "num_nodes": int(graph.nodes.shape[0]),
       "num_edges": int(graph.senders.shape[0]), "hidden": spec.hidden,
@@ -127,6 +153,9 @@ def bench_case(name, config, params, graph, arch, repeats, plan=None):
       "forward_backward_min_s": bwd_min, "forward_backward_cpu_s": bwd_cpu,
       "load_avg_1min": os.getloadavg()[0],
       "compile_forward_s": compile_fwd, "compile_forward_backward_s": compile_bwd,
+      "xla_forward_backward_temp_buffers_mb": (round(mem.temp_size_in_bytes / 2**20, 1)
+                                               if mem is not None else None),
+      "peak_rss_mb_forward_backward_runs": runs_peak,
   }
 
 

@@ -582,8 +582,24 @@ def _build_graph(arch, edge_plan, vector_leaves, variables, node_gather):
       else:  # dense identity block, 1 at the centre of the diagonal pairs
         eye = jnp.eye(c, dtype=jnp.float32).reshape(c * c, 1)
         parts.append(jnp.pad(eye, ((0, 0), (dim // 2, dim - dim // 2 - 1))))
-    edges.append(jnp.concatenate(parts) if parts else jnp.zeros((0, dim), jnp.float32))
+    edges.append(_stack_rows(parts, dim))
   return nodes, tuple(edges)
+
+
+def _stack_rows(parts, dim):
+  """``concatenate(parts)``, written as in-place updates of one output buffer.
+
+  XLA:CPU materialises every transposed kernel before a concatenation copies it (ResNet-50:
+  88 MB of temporaries, page-faulted in on every call); an update fuses the transpose and writes
+  the output directly. Same values, bit for bit.
+  """
+  total = sum(p.shape[0] for p in parts)
+  out = jnp.zeros((total, dim), jnp.float32)
+  start = 0
+  for p in parts:
+    out = jax.lax.dynamic_update_slice_in_dim(out, p, start, axis=0)
+    start += p.shape[0]
+  return out
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
