@@ -24,6 +24,7 @@ import resource
 import sys
 import time
 
+import _memory  # benchmarks/_memory.py (the script's folder is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,23 +43,6 @@ FIX = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", 
 
 def _rss_mb():
   return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def _reset_peak_rss() -> bool:
-  """Resets the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0)."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
-
-
-def _vm(key):
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(key + ":"):
-        return round(int(line.split()[1]) / 1024, 1)
 
 
 def _log(msg):
@@ -118,12 +102,12 @@ def bench(full, mc, batch, runs, chunk, n_models=5):
   xla_temp_mb = round(mem.temp_size_in_bytes / 2**20, 1) if mem is not None else None
   rss_compile_mb = _rss_mb()
   xla_hints.release_freed_memory()  # as meta_train does after compiling its step
-  resettable = _reset_peak_rss()  # from here the peak is the steps' own
+  resettable = _memory.reset_peak_rss()  # from here the peak is the steps' own
   jax.block_until_ready(step(phi, opt, slots[0], x, y))  # no compilation: jax's cache
   _log(f"compile {compile_s:.1f} s")
   step_s = _t(lambda: step(phi, opt, slots[0], x, y), runs)
   _log(f"step {step_s:.2f} s")
-  rss_exec_mb = _vm("VmHWM") if resettable else None
+  rss_exec_mb = _memory.vm_mb("VmHWM") if resettable else None
   # compilations over the data models of different widths (a small batch: same program shape
   # rules, cheap runs)
   small_step = make_step()

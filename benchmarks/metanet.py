@@ -36,6 +36,7 @@ import os
 import resource
 import time
 
+import _memory  # benchmarks/_memory.py (the script's folder is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,24 +62,6 @@ def _median_time(fn, repeats):
   c1 = os.times()
   cpu = (c1.user - c0.user + c1.system - c0.system) / repeats
   return float(np.median(times)), float(np.min(times)), float(cpu)
-
-
-def _reset_peak_rss() -> bool:
-  """Resets the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0)."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
-
-
-def _vm_mb(key):
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(key + ":"):
-        return round(int(line.split()[1]) / 1024, 1)
-  return None
 
 
 def _tune_malloc():
@@ -142,9 +125,9 @@ def bench_case(name, config, params, graph, arch, repeats, plan=None):
   jax.block_until_ready(grad_fn(params, g))
   compile_bwd = time.perf_counter() - t
   xla_hints.release_freed_memory()  # the compiler's freed memory (see xla_hints)
-  resettable = _reset_peak_rss()
+  resettable = _memory.reset_peak_rss()
   bwd_med, bwd_min, bwd_cpu = _median_time(lambda: grad_fn(params, g), repeats)
-  runs_peak = _vm_mb("VmHWM") if resettable else None
+  runs_peak = _memory.vm_mb("VmHWM") if resettable else None
   return {
       "case": name, "path": "blocks" if plan is not None else "scatter", "device": str(jax.devices()[0]), "num_nodes": int(graph.nodes.shape[0]),
       "num_edges": int(graph.senders.shape[0]), "hidden": spec.hidden,
