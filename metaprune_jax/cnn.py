@@ -67,6 +67,8 @@ def conv2d(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple) -> jax.Ar
 
 
 def _conv2d_fwd(x, w, strides, padding):
+  # x and dy (below) materialised: the weight gradient's transposes then read buffers instead
+  # of re-evaluating the fused BatchNorm + ReLU producer per element (~10% of a train step)
   x = xla_hints.materialize(x)
   return _conv_forward(x, w, strides, padding), (x, w)
 
