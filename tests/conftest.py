@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -12,6 +14,29 @@ jax.config.update("jax_disable_most_optimizations", True)
 # The same for the CLI runs and workers the tests start as subprocesses (they inherit the
 # environment): a tiny meta_train run compiles in 9 s instead of 20 s.
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+
+# A persistent compilation cache shared by this test run's processes (both xdist workers and
+# every CLI run or worker they start inherit the folder through the environment): the resume
+# tests restart the same command, and the restarted process loads its programs instead of
+# compiling them again (the 2-process meta_train resume test: 178 s -> 78 s). The folder is
+# made fresh by the first process of the run (the xdist controller) and removed by it at the end.
+if "METAPRUNE_JAX_TEST_XLA_CACHE" not in os.environ:
+  os.environ["METAPRUNE_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="metaprune_jax_xla_cache_")
+  _OWNS_CACHE = True
+else:
+  _OWNS_CACHE = False
+_CACHE_DIR = os.environ["METAPRUNE_JAX_TEST_XLA_CACHE"]
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWNS_CACHE:
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 _FIXTURES = _REPO_ROOT.parent / "shared" / "fixtures" / "reference"
