@@ -1,5 +1,14 @@
 """Process memory figures for the benchmarks (Linux /proc; None elsewhere)."""
 
+import resource
+import sys
+
+
+def process_peak_rss_mb() -> float:
+  """The process's peak RSS since it started (``ru_maxrss``: KB on Linux, bytes on macOS), in MB."""
+  kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return round(kb / 1024 / (1024 if sys.platform == "darwin" else 1), 1)
+
 
 def reset_peak_rss() -> bool:
   """Resets the kernel's peak-RSS mark (VmHWM) of this process to its current RSS (Linux >= 4.0).

@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 
+import _memory  # benchmarks/_memory.py (the script's folder is on sys.path)
 import jax
 import numpy as np
 
@@ -38,11 +39,6 @@ from metaprune_jax import graph as graph_lib
 from metaprune_jax import zoo
 
 _ARCHS = {"resnet56": ("resnet56", 10, (32, 32)), "resnet50": ("resnet50", 1000, (224, 224))}
-
-
-def _peak_rss_mb() -> float:
-  kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return kb / (1024.0 * 1024.0) if sys.platform == "darwin" else kb / 1024.0
 
 
 def _random_variables(arch, seed=0):
@@ -83,7 +79,7 @@ def bench(name: str, runs: int, warmup: int) -> dict:
   t0 = time.perf_counter()
   layout = graph_lib.graph_layout(arch)
   layout_s = time.perf_counter() - t0
-  rss_before = _peak_rss_mb()
+  rss_before = _memory.process_peak_rss_mb()
   res = {"arch": name, "num_classes": num_classes, "layout_build_s": round(layout_s, 4)}
   res["to_graph"] = _time(graph_lib.to_graph, arch, variables, runs=runs, warmup=warmup)
   graph = graph_lib.to_graph(arch, variables)
@@ -106,7 +102,7 @@ def bench(name: str, runs: int, warmup: int) -> dict:
   res["num_variables"] = int(graph_lib.flat_spec(arch).size)
   res["round_trip_bit_exact"] = bool(exact)
   res["peak_rss_mb_before"] = round(rss_before, 1)
-  res["peak_rss_mb_after"] = round(_peak_rss_mb(), 1)
+  res["peak_rss_mb_after"] = round(_memory.process_peak_rss_mb(), 1)
   return res
 
 

@@ -20,7 +20,6 @@ import argparse
 import functools
 import json
 import os
-import resource
 import sys
 import time
 
@@ -31,7 +30,6 @@ import numpy as np
 import optax
 
 import metaprune_jax as mp
-from metaprune_jax import cnn
 from metaprune_jax import graph as graph_lib
 from metaprune_jax import metanet as metanet_lib
 from metaprune_jax import metatrain
@@ -39,10 +37,6 @@ from metaprune_jax import xla_hints
 from metaprune_jax.regularizer import regularizer
 
 FIX = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "reference")
-
-
-def _rss_mb():
-  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _log(msg):
@@ -95,12 +89,12 @@ def bench(full, mc, batch, runs, chunk, n_models=5):
       return optax.apply_updates(phi, u), opt
     return step
   step = make_step()
-  rss_before_mb = _rss_mb()
+  rss_before_mb = _memory.process_peak_rss_mb()
   t = time.perf_counter()
   mem = step.lower(phi, opt, slots[0], x, y).compile().memory_analysis()
   compile_s = time.perf_counter() - t
   xla_temp_mb = round(mem.temp_size_in_bytes / 2**20, 1) if mem is not None else None
-  rss_compile_mb = _rss_mb()
+  rss_compile_mb = _memory.process_peak_rss_mb()
   xla_hints.release_freed_memory()  # as meta_train does after compiling its step
   resettable = _memory.reset_peak_rss()  # from here the peak is the steps' own
   jax.block_until_ready(step(phi, opt, slots[0], x, y))  # no compilation: jax's cache
@@ -171,7 +165,7 @@ def main():
         FIX, "vgg19_c100_small", "model.npz"))), "VGG19", 100)
     out["vgg19_case"] = bench(arch, metanet_lib.default_metanet_config("vgg19"), args.batch,
                               args.runs, args.chunk)
-  out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+  out["peak_rss_mb"] = _memory.process_peak_rss_mb()
   print(json.dumps(out, indent=1))
 
 

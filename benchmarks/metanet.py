@@ -33,7 +33,6 @@ import argparse
 import ctypes
 import json
 import os
-import resource
 import time
 
 import _memory  # benchmarks/_memory.py (the script's folder is on sys.path)
@@ -177,7 +176,7 @@ def main():
       valid = graph_lib.node_valid(arch, masks)
       jax.block_until_ready(metanet._forward_jit(spec, params, graph, plan, valid))  # pylint: disable=protected-access
   res["compiles_over_5_pruned"] = metanet._forward_jit._cache_size() - before  # pylint: disable=protected-access
-  res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  res["peak_rss_mb"] = _memory.process_peak_rss_mb()
   print(json.dumps(res), flush=True)
 
   # VGG-19 fixture graph with the fixture's metanetwork.
@@ -191,7 +190,7 @@ def main():
       n_node=np.array([g["node_features"].shape[0]], np.int32),
       n_edge=np.array([ei.shape[1]], np.int32))
   res = bench_case("vgg19_c100_small", config, params, vgg_graph, None, args.repeats)
-  res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  res["peak_rss_mb"] = _memory.process_peak_rss_mb()
   print(json.dumps(res), flush=True)
 
 

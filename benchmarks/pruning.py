@@ -12,9 +12,9 @@ Reference (Torch-Pruning 1.6.1, this 2-core CPU): ResNet-56 7.9 s (103 steps, 2.
 
 import argparse
 import json
-import resource
 import time
 
+import _memory  # benchmarks/_memory.py (the script's folder is on sys.path)
 import jax
 import numpy as np
 
@@ -70,7 +70,7 @@ def main():
       "materialised_images_per_s": round(args.batch / t_small, 1),
       "wall_clock_speed_up": round(t_full / t_small, 3),
       "macs_full": mp.count_macs(arch)[0], "macs_materialised": mp.count_macs(small)[0]}
-  out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+  out["peak_rss_mb"] = _memory.process_peak_rss_mb()
   print(json.dumps(out, indent=1))
 
 

@@ -12,9 +12,9 @@ width: masking does not make a step faster, materialising does).
 """
 
 import json
-import resource
 import time
 
+import _memory  # benchmarks/_memory.py (the script's folder is on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +23,6 @@ from absl import flags
 
 from metaprune_jax import cnn
 from metaprune_jax import macs
-from metaprune_jax import masks as masks_lib
 from metaprune_jax import optim
 from metaprune_jax import sharding
 from metaprune_jax import state as state_lib
@@ -104,7 +103,7 @@ def main(argv):
     "masked": dict(_bench(arch, variables, masks, mesh, _BATCH.value, _STEPS.value),
                    keep_fraction=round(float(keep), 3),
                    macs_speed_up_if_materialised=round(_speed_up(arch, masks), 3)),
-    "peak_host_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    "peak_host_memory_mb": _memory.process_peak_rss_mb(),
     "reference_torch_images_per_s": 153,
   }
   print(json.dumps(out, indent=1))
