@@ -128,7 +128,8 @@ def _tiny_models(n, seed=0):
 
 
 def test_padded_slot_path_equals_materialised_and_compiles_once():
-  full, models = _tiny_models(3)
+  full, models = _tiny_models(2)
+  assert models[0][0].widths != models[1][0].widths  # two data models of different widths
   mc = metanet_lib.make_metanet_config(2, 8, 8, (9,), 0.1, 0.1)
   phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(0))
   spec = metatrain._spec(mc)
@@ -153,6 +154,8 @@ def test_padded_slot_path_equals_materialised_and_compiles_once():
 
 
 def test_one_meta_step_lowers_the_loss():
+  """Three jitted meta steps lower the loss (each step's metrics are those of the metanetwork
+  it starts from, so the fourth call reports the loss after three updates)."""
   full, models = _tiny_models(2, seed=1)
   mc = metanet_lib.make_metanet_config(2, 8, 8, (9,), 0.5, 0.5)
   phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(3))
@@ -161,18 +164,15 @@ def test_one_meta_step_lowers_the_loss():
   y = (jnp.arange(16).reshape(2, 1, 8) % 10).astype(jnp.int32)
   spec = metatrain._spec(mc)
   import optax
-  tx = optax.adamw(1e-3, weight_decay=0.0)
-  mesh = mp.sharding.make_mesh() if hasattr(mp, "sharding") else None
   from metaprune_jax import sharding
+  tx = optax.adamw(1e-3, weight_decay=0.0)
   step = meta_modes.make_meta_step(spec, full, tx, sharding.make_mesh(), 16.0, 0.01, "max")
   opt = tx.init(phi)
   losses = []
-  for _ in range(3):
+  for _ in range(4):
     phi, opt, m = step(phi, opt, slots, x, y)
     losses.append(float(np.mean(m["loss"])))
-  _, m = metatrain.batched_loss_grads(spec, full, phi, slots, x, y, 16.0, 0.01, "max")
-  assert float(np.mean(m["loss"])) < losses[0]
-  del mesh
+  assert losses[-1] < losses[0], losses
 
 
 WORKER = textwrap.dedent("""

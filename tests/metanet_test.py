@@ -233,10 +233,12 @@ class PropertiesTest(parameterized.TestCase):
 class BlockPathTest(parameterized.TestCase):
   """The dense-block fast path (metanet_blocks) against the generic scatter path."""
 
-  @parameterized.parameters("resnet_tiny", "resnet26")
+  @parameterized.parameters("resnet_tiny", "bottleneck")
   def test_block_path_equals_scatter_path(self, name):
-    if name == "resnet26":  # multi-kind graph: 49/9/1 kinds, diagonal reversed identities
-      arch = zoo.resnet26(10, width_mult=0.0625)
+    if name == "bottleneck":
+      # multi-kind graph (49/9/1 kinds): projection shortcuts and, in the second block of
+      # stage 2, diagonal reversed identities; two stages keep the compilation short
+      arch = zoo.bottleneck_resnet((1, 2), 10, "bottleneck12", "bottleneck12", width_mult=0.0625)
       config = metanet.make_metanet_config(2, 8, 8, graph_lib.edge_kinds(arch), 0.1, 0.1)
     else:
       arch = zoo.get_arch(name, 10)
