@@ -214,7 +214,7 @@ class PropertiesTest(parameterized.TestCase):
       new = metanet.transform(self.config, params, arch, variables)
       return jnp.mean(cnn.apply_model(arch, new, x) ** 2)
 
-    grads = jax.grad(loss)(self.params)
+    grads = jax.jit(jax.grad(loss))(self.params)
     leaves = jax.tree_util.tree_leaves(grads)
     self.assertTrue(all(bool(jnp.all(jnp.isfinite(g))) for g in leaves))
     self.assertGreater(sum(float(jnp.abs(g).sum()) for g in leaves), 0.0)
