@@ -543,14 +543,18 @@ def _device_layout(arch: Arch) -> _DeviceLayout:
     else:
       plan[ki].append(("kernel", name, count, c))
       kernel_rows[name] = (ki, start, count)
-  put = jax.device_put
-  return _DeviceLayout(
-      put(node_gather.astype(np.int32)), tuple(tuple(b) for b in plan),
-      tuple((coll, layer, leaf) for coll, layer, leaf, _, _ in vector_leaves),
-      tuple(put(i) for i in vector_index), tuple(sorted(kernel_rows.items())),
-      put(layout.senders), put(layout.receivers),
-      put(np.array([layout.num_nodes], np.int32)),
-      put(np.array([layout.senders.shape[0]], np.int32)))
+  # Cached across calls, so the arrays must be concrete even when the first call comes from
+  # inside a jax transformation (to_graph under jit/grad): a device_put traced there would
+  # leave tracers in the cache and break every later call for this architecture.
+  with jax.ensure_compile_time_eval():
+    put = jax.device_put
+    return _DeviceLayout(
+        put(node_gather.astype(np.int32)), tuple(tuple(b) for b in plan),
+        tuple((coll, layer, leaf) for coll, layer, leaf, _, _ in vector_leaves),
+        tuple(put(i) for i in vector_index), tuple(sorted(kernel_rows.items())),
+        put(layout.senders), put(layout.receivers),
+        put(np.array([layout.num_nodes], np.int32)),
+        put(np.array([layout.senders.shape[0]], np.int32)))
 
 
 def _kernel_rows(arch: Arch, layer: str, kernel: jax.Array, dim: int) -> jax.Array:

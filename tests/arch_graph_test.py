@@ -261,6 +261,23 @@ def test_round_trip_bit_exact(name):
   check()
 
 
+def test_graph_conversion_first_called_under_jit():
+  """The per-architecture device layout is cached; building it inside a trace (to_graph under
+  jit, as a user's jitted loss does) must not leave tracers in that cache: later eager and
+  jitted calls for the same architecture still work and agree bit for bit."""
+  arch = zoo.get_arch("resnet20", 10, width_mult=0.125)
+  variables = _random_variables(arch, 3)
+  graph_lib._device_layout.cache_clear()  # pylint: disable=protected-access
+  jitted = jax.jit(lambda v: graph_lib.from_graph(arch, graph_lib.to_graph(arch, v)))
+  _assert_trees_equal(jitted(variables), variables)
+  eager = graph_lib.to_graph(arch, variables)
+  again = jax.jit(lambda v: graph_lib.to_graph(arch, v))(variables)
+  np.testing.assert_array_equal(eager.nodes, again.nodes)
+  for a, b in zip(eager.edges, again.edges):
+    np.testing.assert_array_equal(a, b)
+  _assert_trees_equal(graph_lib.from_graph(arch, eager), variables)
+
+
 def test_round_trip_preserves_every_bit_pattern():
   """Negative zeros, denormals, infinities and NaN payloads survive the round trip."""
   arch = _ARCHS["resnet_tiny"]
