@@ -261,8 +261,8 @@ def _assert_same_models(ref, run, indices):
 
 def test_generate_on_two_processes_resumes_after_sigkill(tmp_path):
   """Two processes: each trains its own share (model i on process i % 2) on its own device and
-  checkpoints it alone; SIGKILLed mid-way (both models half-trained) and restarted, they store
-  the same models, bit for bit, as one process that ran uninterrupted."""
+  checkpoints it alone; SIGKILLed mid-way (at least one model half-trained) and restarted, they
+  store the same models, bit for bit, as one process that ran uninterrupted."""
   ref = tmp_path / "ref"
   _cli(ref, "--config.mode=generate", *SMALL)
   multi = tmp_path / "multi"
@@ -275,7 +275,11 @@ def test_generate_on_two_processes_resumes_after_sigkill(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
   assert all(_has_checkpoint(c) for c in ckpts)
-  assert datamodels.list_data_models(str(multi)) == []
+  # killed within 0.2 s of the later process's first checkpoint, so that process's model is cut
+  # mid-training; the other process may already have finished its model (when it started
+  # first), which the restart must then keep rather than train again
+  interrupted = {0, 1} - set(datamodels.list_data_models(str(multi)))
+  assert interrupted
   _cli_two_processes(multi, "--config.mode=generate", *SMALL)
   assert datamodels.list_data_models(str(multi)) == [0, 1]
   assert [datamodels.load_data_model(str(multi), i).info["process"] for i in (0, 1)] == [0, 1]
