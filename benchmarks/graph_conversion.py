@@ -8,12 +8,12 @@ the graph's size and the process's peak resident memory (``resource.getrusage``)
 Run:
   python benchmarks/graph_conversion.py [--runs 20] [--warmup 3] [--archs resnet56,resnet50]
 
-``--hugepages`` restarts the script with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35:
-malloc asks for transparent huge pages). Each call's outputs are fresh buffers of ~100 MB
+The script restarts itself with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35: malloc
+asks for transparent huge pages), as the CLI runs (``metaprune_jax.host_memory``);
+``METAPRUNE_HUGE_PAGES=0`` measures without. Each call's outputs are fresh buffers of ~100 MB
 (ResNet-50) that glibc maps anew, so with 4 KiB pages a call spends much of its time in page
-faults (``minor_faults_per_call`` in the output: ~47,000 for ResNet-50's to_graph); with huge
-pages it takes a few hundred. The same environment variable speeds up any process of this
-library that allocates large buffers (set it in the launcher).
+faults (``minor_faults_per_call`` in the output: ~25,000 for ResNet-50's to_graph); with huge
+pages it takes a few hundred.
 
 Reference implementation (PyTorch, the 2-core CPU machine of the issue): ResNet-56 state dict
 -> graph 37 ms, graph -> state dict 8 ms; ResNet-50 (23,723 nodes, 15.4M edges) 0.87 s and
@@ -28,7 +28,6 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 
 import _memory  # benchmarks/_memory.py (the script's folder is on sys.path)
@@ -111,18 +110,12 @@ def main(argv=None):
   p.add_argument("--runs", type=int, default=20)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--archs", default="resnet56,resnet50")
-  p.add_argument("--hugepages", action="store_true",
-                 help="restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see the docstring)")
   args = p.parse_args(argv)
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if args.hugepages and "glibc.malloc.hugetlb" not in tunables:
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables,
-                                                                 "glibc.malloc.hugetlb=1"])))
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+  host = _memory.huge_pages_first()
   dev = jax.devices()[0]
   out = {"device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
          "num_cpus": os.cpu_count(), "jax": jax.__version__,
-         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+         **host,
          "python": platform.python_version(), "runs": args.runs, "warmup": args.warmup,
          "results": [bench(n, args.runs, args.warmup) for n in args.archs.split(",")]}
   print(json.dumps(out, indent=1))

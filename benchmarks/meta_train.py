@@ -153,12 +153,13 @@ def main():
   p.add_argument("--chunk", type=int, default=metatrain.DEFAULT_CHUNK,
                  help="images per scanned network forward/backward (0: the whole batch)")
   args = p.parse_args()
-  out = {"device": str(jax.devices()[0])}
+  host = _memory.huge_pages_first()
+  out = {"device": str(jax.devices()[0]), **host}
   if args.case in ("resnet56", "all"):
     full = mp.get_arch("resnet56", 10)
     out["resnet56"] = bench(full, metanet_lib.default_metanet_config("resnet56"), args.batch,
                             args.runs, args.chunk)
-    print(json.dumps({"resnet56": out["resnet56"]}), flush=True)
+    print(json.dumps({"resnet56": out["resnet56"], **host}), flush=True)
   if args.case in ("vgg19", "all"):
     # the shared fixture's VGG-19 widths are the budget; data models are pruned from it
     arch, _ = mp.import_reference_model(dict(np.load(os.path.join(

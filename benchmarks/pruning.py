@@ -48,7 +48,8 @@ def main():
   p.add_argument("--runs", type=int, default=5)
   p.add_argument("--batch", type=int, default=128)
   args = p.parse_args()
-  out = {"device": str(jax.devices()[0]), "cores": __import__("os").cpu_count()}
+  host = _memory.huge_pages_first()
+  out = {"device": str(jax.devices()[0]), "cores": __import__("os").cpu_count(), **host}
   arch, v, res, out["resnet56_2.3x"] = search("resnet56", 10, 2.3, args.runs)
   _, _, _, out["vgg19_8.95x"] = search("vgg19", 100, 8.95, args.runs)
 

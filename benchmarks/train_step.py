@@ -87,6 +87,7 @@ def _bench(arch, variables, masks, mesh, batch, steps):
 
 def main(argv):
   del argv
+  host = _memory.huge_pages_first()
   mesh = sharding.make_mesh()
   arch = zoo.get_arch(_ARCH.value, 10)
   variables = jax.jit(cnn.init_variables, static_argnums=(0, 2))(arch, jax.random.PRNGKey(0),
@@ -105,6 +106,7 @@ def main(argv):
                    macs_speed_up_if_materialised=round(_speed_up(arch, masks), 3)),
     "peak_host_memory_mb": _memory.process_peak_rss_mb(),
     "reference_torch_images_per_s": 153,
+    **host,
   }
   print(json.dumps(out, indent=1))
 

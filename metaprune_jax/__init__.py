@@ -3,6 +3,9 @@
 Public API (re-exports only). See README.md and DESIGN.md.
 """
 
+# `python -m metaprune_jax`: restart with huge pages before the heavy imports (host_memory).
+from metaprune_jax import host_memory  # noqa: E402  (standard library only)
+host_memory.restart_cli_early()
 from metaprune_jax import _compat  # noqa: F401  (jraph shim, before anything imports jraph)
 from metaprune_jax import zoo
 from metaprune_jax.arch import Arch, Layer, Op

@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from metaprune_jax import host_memory
 from metaprune_jax import modes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -51,6 +52,10 @@ def main(argv) -> None:
   logging.info("process %d/%d, %d local / %d global devices (%s); mode %s; workdir %s",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform, config.mode, _WORKDIR.value)
+  logging.info("host memory: transparent huge pages %s (GLIBC_TUNABLES=%r, THP mode %s; "
+               "metaprune_jax.host_memory)",
+               "on" if host_memory.huge_pages_active() else "off",
+               os.environ.get("GLIBC_TUNABLES", ""), host_memory.thp_mode())
   if config.get("log_compiles"):
     jax.config.update("jax_log_compiles", True)
   modes.get(config.mode)  # unknown modes fail before anything is written
@@ -58,6 +63,9 @@ def main(argv) -> None:
 
 
 def run() -> None:
+  # `python -m metaprune_jax` restarted already (the package's __init__); other launches of
+  # this entry point restart here, before any work.
+  host_memory.restart_with_huge_pages()
   app.run(main)
 
 

@@ -8,6 +8,14 @@ import tempfile
 import jax
 import pytest
 
+from metaprune_jax import host_memory
+
+# Transparent huge pages for every process this run starts (the xdist workers, which the
+# controller starts after loading this file, and their CLI runs and workers): the same setting
+# `python -m metaprune_jax` restarts itself with (metaprune_jax/host_memory.py). The process that
+# loads this file first keeps its own allocator; it only collects and reports.
+host_memory.set_for_subprocesses()
+
 # Tests compile many small programs once each; XLA's optimisation passes cost far more than
 # they save here. Numerics stay within the tolerances the tests compare at (<= 1e-4 relative).
 jax.config.update("jax_disable_most_optimizations", True)
