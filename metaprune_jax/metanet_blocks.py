@@ -22,6 +22,8 @@ compilation serves every pruned data model of an architecture.
 The per-group edge work of a layer (both passes' statistics and the edge update) is one
 custom-VJP function whose backward recomputes the messages from the saved edge tensor (max/min
 gradients are split evenly among ties, as ``torch.scatter_reduce`` and the scatter path do).
+Both directions run a large group a cache-sized chunk of blocks at a time (:func:`_map_blocks`),
+which changes no bit of the results.
 """
 
 from __future__ import annotations
@@ -175,11 +177,50 @@ def _grid_fwd_math(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr):
   return st1, st2, E * fac
 
 
+# Blocks per step of the block loop (:func:`_map_blocks`): about this many bytes of one
+# [c, S, R, h] operand, so that a step's temporaries stay in the CPU's caches.
+_CHUNK_BYTES = 5 * 2**20
+
+
+def _block_chunk(shape, itemsize=4) -> int:
+  """Blocks per loop step for a ``[B, S, R, h]`` group: the largest divisor of B whose chunk
+  holds at most ``_CHUNK_BYTES`` (at least 1); B itself when the whole group fits."""
+  b, per_block = shape[0], int(np.prod(shape[1:])) * itemsize
+  limit = max(1, _CHUNK_BYTES // max(per_block, 1))
+  if b <= limit:
+    return b
+  c = max(d for d in range(1, limit + 1) if b % d == 0)
+  # One block per step made XLA:CPU's backward ~4x slower (measured): keep such groups whole.
+  return b if c == 1 else c
+
+
+def _map_blocks(fn, args):
+  """``fn(*args)`` computed over chunks of the leading (block) axis, one chunk at a time.
+
+  Every block of a group is independent (B is a batch axis of all the per-group maths), so the
+  results are the same, bit for bit; but XLA runs each chunk's whole fused chain while its
+  [c, S, R, h] temporaries are in the cache, instead of streaming each full-group temporary
+  through memory once per op. Measured on the 2-core CPU (interleaved runs in one process,
+  huge pages on), ResNet-56's metanetwork (hidden 64; 25-block groups of 64x64 and 32x32
+  blocks): forward 0.174 -> 0.114 s, forward+backward 0.81 -> 0.77 s; with node masks (the
+  meta-training form) 0.26 -> 0.245 s and 0.95 -> 0.90 s. ``None`` arguments (no masks) pass
+  through.
+  """
+  shape = args[0].shape
+  c = _block_chunk(shape, args[0].dtype.itemsize)
+  if c == shape[0]:
+    return fn(*args)
+  n = shape[0] // c
+  split = lambda x: None if x is None else x.reshape((n, c) + x.shape[1:])
+  out = jax.lax.map(lambda t: fn(*t), tuple(split(x) for x in args))
+  return jax.tree_util.tree_map(lambda y: y.reshape((n * c,) + y.shape[2:]), out)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
 def _grid(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, masked):
   if not masked:
     vs = vr = None
-  return _grid_fwd_math(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr)
+  return _map_blocks(_grid_fwd_math, (E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr))
 
 
 def _grid_fwd(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, masked):
@@ -189,11 +230,23 @@ def _grid_fwd(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, masked):
 
 
 def _grid_bwd(masked, res, cot):
+  E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, mx1, mn1, mx2, mn2 = res
+  (gs1, gq1, gmx1, gmn1), (gs2, gq2, gmx2, gmn2), gE = cot
+  if not masked:
+    vs = vr = None
+  grads = _map_blocks(functools.partial(_grid_bwd_math, masked), (
+      E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, mx1, mn1, mx2, mn2,
+      gs1, gq1, gmx1, gmn1, gs2, gq2, gmx2, gmn2, gE))
+  zv = lambda v: None if v is None else np.zeros(v.shape, jax.dtypes.float0)
+  return (*grads, zv(res[7]), zv(res[8]))
+
+
+def _grid_bwd_math(masked, E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, mx1, mn1, mx2, mn2,
+                   gs1, gq1, gmx1, gmn1, gs2, gq2, gmx2, gmn2, gE):
+  """Cotangents of E and the six node factors (one chunk of blocks; see :func:`_grid_bwd`)."""
   # XLA:CPU reduces materialised operands quickly (YNNPACK) but a reduction with a fused
   # broadcast-multiply slowly: the 4-D operands of every reduction are materialised
   # (optimization barriers), and buffers are reused across the scanned layers.
-  E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, mx1, mn1, mx2, mn2 = res
-  (gs1, gq1, gmx1, gmn1), (gs2, gq2, gmx2, gmn2), gE = cot
   f = E.dtype
   bar = jax.lax.optimization_barrier
   a1s_, a3s_, a4s_ = a1s[:, :, None, :], a3s[:, :, None, :], a4s[:, :, None, :]
@@ -222,8 +275,7 @@ def _grid_bwd(masked, res, cot):
   y1, y2, y3 = bar((E * dp2, t * a4s_, t * a3s_))
   da1s, da3s, da4s = jnp.sum(x1, 2), jnp.sum(x2, 2), jnp.sum(x3, 2)
   da1r, da3r, da4r = jnp.sum(y1, 1), jnp.sum(y2, 1), jnp.sum(y3, 1)
-  zv = lambda v: None if v is None else np.zeros(v.shape, jax.dtypes.float0)
-  return dE, da1s, da1r, da3s, da3r, da4s, da4r, zv(vs), zv(vr)
+  return dE, da1s, da1r, da3s, da3r, da4s, da4r
 
 
 _grid.defvjp(_grid_fwd, _grid_bwd)
