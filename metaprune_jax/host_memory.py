@@ -8,10 +8,11 @@ entry. Measured on the 2-core development VM (jax 0.10.2, glibc 2.36, Linux 6.18
 
 * the ResNet-56 metanetwork's forward+backward faulted ~288,000 pages (1.1 GB) per call;
 * with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35: malloc asks for transparent
-  huge pages with ``madvise``) it faults ~2,000 2 MiB pages, and, interleaved runs of the same
-  code: ResNet-56 train step 133 -> 206-218 images/s, meta-training step 4.5 -> 3.1 s,
-  metanetwork forward 0.24 -> 0.17 s (``benchmarks/``; the README has the table). Peak memory
-  did not change (the meta step: 2.86 vs 2.83 GB).
+  huge pages with ``madvise``) it faults ~2,000 2 MiB pages. The benchmarks run back to back,
+  without then with: ResNet-56 train step 141 -> 227 images/s, meta-training step 3.6 -> 3.1 s,
+  metanetwork forward 0.19 -> 0.15 s and forward+backward 1.06 -> 0.66 s, ResNet-50
+  ``to_graph`` 100 -> 46 ms (``benchmarks/``; the README has the table). Peak memory did not
+  change (the meta step: 2.84 vs 2.83 GB while stepping).
 
 glibc reads its tunables once, when the process starts, so the setting has to be in the
 environment of the process: :func:`restart_with_huge_pages` re-executes the current command with
