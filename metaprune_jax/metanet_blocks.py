@@ -183,8 +183,9 @@ _CHUNK_BYTES = 5 * 2**20
 
 
 def _block_chunk(shape, itemsize=4) -> int:
-  """Blocks per loop step for a ``[B, S, R, h]`` group: the largest divisor of B whose chunk
-  holds at most ``_CHUNK_BYTES`` (at least 1); B itself when the whole group fits."""
+  """Blocks per loop step for a ``[B, S, R, h]`` group: the largest divisor c >= 2 of B whose
+  chunk holds at most ``_CHUNK_BYTES``; B itself (no loop) when the whole group fits or no such
+  divisor exists."""
   b, per_block = shape[0], int(np.prod(shape[1:])) * itemsize
   limit = max(1, _CHUNK_BYTES // max(per_block, 1))
   if b <= limit:
