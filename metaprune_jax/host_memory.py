@@ -66,6 +66,11 @@ def glibc_supports_hugetlb() -> bool:
   return (major, minor) >= (2, 35)
 
 
+def huge_pages_possible() -> bool:
+  """Whether the tunable can take effect here: glibc >= 2.35 and THP ``always`` or ``madvise``."""
+  return glibc_supports_hugetlb() and thp_mode() in ("always", "madvise")
+
+
 def _chosen(environ: Mapping[str, str]) -> Optional[str]:
   """The ``glibc.malloc.hugetlb`` value in ``environ``'s GLIBC_TUNABLES, or None."""
   for item in environ.get("GLIBC_TUNABLES", "").split(":"):
@@ -78,8 +83,7 @@ def _chosen(environ: Mapping[str, str]) -> Optional[str]:
 def huge_pages_active(environ: Mapping[str, str] = os.environ) -> bool:
   """Whether malloc of this process asks for huge pages (tunable set, THP not ``never``)."""
   value = _chosen(environ)
-  return (value is not None and value != "0" and glibc_supports_hugetlb()
-          and thp_mode() in ("always", "madvise"))
+  return value is not None and value != "0" and huge_pages_possible()
 
 
 def environ_with_huge_pages(environ: Mapping[str, str]) -> Optional[dict]:
@@ -102,7 +106,7 @@ def set_for_subprocesses(environ: MutableMapping[str, str] = os.environ) -> bool
   Returns:
     Whether it was added.
   """
-  if not (glibc_supports_hugetlb() and thp_mode() in ("always", "madvise")):
+  if not huge_pages_possible():
     return False
   env = environ_with_huge_pages(environ)
   if env is None:
@@ -122,9 +126,7 @@ def restart_with_huge_pages(argv: Optional[list] = None) -> None:
     argv: the command line to run again; default ``sys.orig_argv`` (interpreter options and
       ``-m``/``-c`` included).
   """
-  if huge_pages_active() or not glibc_supports_hugetlb():
-    return
-  if thp_mode() not in ("always", "madvise"):
+  if not huge_pages_possible() or huge_pages_active():
     return
   env = environ_with_huge_pages(os.environ)
   if env is None:
@@ -135,8 +137,8 @@ def restart_with_huge_pages(argv: Optional[list] = None) -> None:
   for stream in (sys.stdout, sys.stderr):
     try:
       stream.flush()
-    except (AttributeError, ValueError):
-      pass
+    except (AttributeError, ValueError):  # no stream, or a closed one: nothing to flush
+      continue
   os.execve(sys.executable, [sys.executable, *argv[1:]], env)
 
 

@@ -11,8 +11,7 @@ from absl.testing import absltest
 from metaprune_jax import host_memory
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_USABLE = host_memory.glibc_supports_hugetlb() and host_memory.thp_mode() in ("always",
-                                                                               "madvise")
+_USABLE = host_memory.huge_pages_possible()
 
 
 def _env_without_tunable(**extra):
