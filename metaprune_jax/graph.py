@@ -606,6 +606,25 @@ def _stack_rows(parts, dim):
   return out
 
 
+def _transposed(rows: jax.Array, o: int, i: int) -> jax.Array:
+  """``rows [o * i]`` as ``[o, i]``, transposed, shaped ``[1, 1, i, o]``.
+
+  Written as a transpose of the last two axes of ``[1, 1, o, i]``, XLA:CPU emits a 2-D
+  transpose; the same permutation written as ``(2, 3, 1, 0)`` of ``[o, i, 1, 1]``, or as a 2-D
+  transpose reshaped to 4-D afterwards, runs as a generic loop 2.5x slower (ResNet-50's 36 1x1
+  kernels: 8 ms against 21 ms; bit-identical). Padding the rows against cache-set conflicts
+  (power-of-two widths) was measured too: no gain over the whole conversion.
+  """
+  return jnp.transpose(rows.reshape(1, 1, o, i), (0, 1, 3, 2))
+
+
+def _conv_kernel(rows: jax.Array, kh: int, kw: int, i: int, o: int) -> jax.Array:
+  """Edge rows ``[o * i, kh * kw]`` -> HWIO kernel ``[kh, kw, i, o]``."""
+  if kh * kw == 1:
+    return _transposed(rows, o, i)
+  return jnp.transpose(rows.reshape(o, i, kh, kw), (2, 3, 1, 0))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _read_graph(arch, vector_leaves, kernel_rows, nodes, edges, vector_index):
   out = {"params": {}, "batch_stats": {}}
@@ -621,7 +640,7 @@ def _read_graph(arch, vector_leaves, kernel_rows, nodes, edges, vector_index):
       kh, kw, i, o = shape
       if rows.shape[1] != kh * kw:  # 1x1 at the centre
         rows = rows[:, rows.shape[1] // 2:rows.shape[1] // 2 + 1]
-      k = jnp.transpose(rows.reshape(o, i, kh, kw), (2, 3, 1, 0))
+      k = _conv_kernel(rows, kh, kw, i, o)
     else:
       i, o = shape
       k = rows[:, rows.shape[1] // 2].reshape(o, i).T
