@@ -31,6 +31,7 @@ import statistics
 import time
 
 import _memory  # benchmarks/_memory.py (the script's folder is on sys.path)
+import _networks
 import jax
 import numpy as np
 
@@ -38,17 +39,6 @@ from metaprune_jax import graph as graph_lib
 from metaprune_jax import zoo
 
 _ARCHS = {"resnet56": ("resnet56", 10, (32, 32)), "resnet50": ("resnet50", 1000, (224, 224))}
-
-
-def _random_variables(arch, seed=0):
-  """Random variables of ``arch`` placed on the default device (no flax init: faster)."""
-  rng = np.random.default_rng(seed)
-  out = {"params": {}, "batch_stats": {}}
-  for coll, shapes in (("params", arch.param_shapes()), ("batch_stats", arch.stat_shapes())):
-    for layer, leaves in shapes.items():
-      out[coll][layer] = {leaf: rng.standard_normal(shape, np.float32)
-                          for leaf, shape in leaves.items()}
-  return jax.device_put(out)
 
 
 def _minor_faults() -> int:
@@ -74,7 +64,7 @@ def _time(fn, *args, runs, warmup):
 def bench(name: str, runs: int, warmup: int) -> dict:
   zoo_name, num_classes, _ = _ARCHS[name]
   arch = zoo.get_arch(zoo_name, num_classes)
-  variables = _random_variables(arch)
+  variables = _networks.random_variables(arch)
   t0 = time.perf_counter()
   layout = graph_lib.graph_layout(arch)
   layout_s = time.perf_counter() - t0

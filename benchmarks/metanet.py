@@ -18,7 +18,10 @@ differently pruned networks (hidden channels dropped from random node sets), pad
 full-width budget with ``pad_graph`` (scatter path), or held at full width with node masks
 (blocks path, as meta-training does; the first masked call compiles once). ``peak_rss_mb`` is the process's max RSS so far (compilations included);
 ``peak_rss_mb_forward_backward_runs`` the peak while the forward+backward runs, after the
-compiler's freed memory is released (``xla_hints.release_freed_memory``);
+compiler's freed memory is released (``xla_hints.release_freed_memory``), and
+``rss_mb_before_forward_backward_runs`` the process's resident memory just before them (the
+Python/jax runtime, the compiled programs, the graph); the network's variables are random
+normal, not flax's ``init`` (see ``benchmarks/_networks.py``);
 ``xla_forward_backward_temp_buffers_mb`` XLA's own buffers of one forward+backward.
 ``*_cpu_s`` is the process CPU time (user + sys) per call, a contention-robust figure on a
 shared machine (XLA uses up to 2 threads here, so wall time on an idle 2-core box lies between
@@ -37,11 +40,11 @@ import os
 import time
 
 import _memory  # benchmarks/_memory.py (the script's folder is on sys.path)
+import _networks
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaprune_jax import cnn
 from metaprune_jax import graph as graph_lib
 from metaprune_jax import metanet
 from metaprune_jax import xla_hints
@@ -118,6 +121,7 @@ def bench_case(name, config, params, graph, arch, repeats, plan=None):
   compile_bwd = time.perf_counter() - t
   xla_hints.release_freed_memory()  # the compiler's freed memory (see xla_hints)
   resettable = _memory.reset_peak_rss()
+  rss_before_runs = _memory.vm_mb("VmRSS")
   bwd_med, bwd_min, bwd_cpu = _median_time(lambda: grad_fn(params, g), repeats)
   runs_peak = _memory.vm_mb("VmHWM") if resettable else None
   return {
@@ -130,6 +134,7 @@ def bench_case(name, config, params, graph, arch, repeats, plan=None):
       "compile_forward_s": compile_fwd, "compile_forward_backward_s": compile_bwd,
       "xla_forward_backward_temp_buffers_mb": (round(mem.temp_size_in_bytes / 2**20, 1)
                                                if mem is not None else None),
+      "rss_mb_before_forward_backward_runs": rss_before_runs,
       "peak_rss_mb_forward_backward_runs": runs_peak,
   }
 
@@ -144,7 +149,7 @@ def main():
 
   # ResNet-56, full width.
   arch = zoo.get_arch("resnet56", 10)
-  variables = cnn.init_variables(arch, jax.random.PRNGKey(0))
+  variables = _networks.random_variables(arch)  # see _networks: no flax init in the process
   graph = jax.tree_util.tree_map(np.asarray, graph_lib.to_graph(arch, variables))
   config = metanet.default_metanet_config("resnet56")
   params = metanet.init_metanet(config, jax.random.PRNGKey(1))
