@@ -606,22 +606,18 @@ def _stack_rows(parts, dim):
   return out
 
 
-def _transposed(rows: jax.Array, o: int, i: int) -> jax.Array:
-  """``rows [o * i]`` as ``[o, i]``, transposed, shaped ``[1, 1, i, o]``.
-
-  Written as a transpose of the last two axes of ``[1, 1, o, i]``, XLA:CPU emits a 2-D
-  transpose; the same permutation written as ``(2, 3, 1, 0)`` of ``[o, i, 1, 1]``, or as a 2-D
-  transpose reshaped to 4-D afterwards, runs as a generic loop 2.5x slower (ResNet-50's 36 1x1
-  kernels: 8 ms against 21 ms; bit-identical). Padding the rows against cache-set conflicts
-  (power-of-two widths) was measured too: no gain over the whole conversion.
-  """
-  return jnp.transpose(rows.reshape(1, 1, o, i), (0, 1, 3, 2))
-
-
 def _conv_kernel(rows: jax.Array, kh: int, kw: int, i: int, o: int) -> jax.Array:
-  """Edge rows ``[o * i, kh * kw]`` -> HWIO kernel ``[kh, kw, i, o]``."""
+  """Edge rows ``[o * i, kh * kw]`` -> HWIO kernel ``[kh, kw, i, o]``.
+
+  A 1x1 kernel is written as a transpose of the last two axes of ``[1, 1, o, i]``: XLA:CPU
+  emits that as a 2-D transpose, but the same permutation written as ``(2, 3, 1, 0)`` of
+  ``[o, i, 1, 1]``, or as a 2-D transpose reshaped to 4-D afterwards, as a generic loop 2.5x
+  slower (ResNet-50's 36 1x1 kernels: 8 ms against 21 ms; bit-identical). Padding the rows
+  against cache-set conflicts (power-of-two widths) was measured too: no gain over the whole
+  conversion.
+  """
   if kh * kw == 1:
-    return _transposed(rows, o, i)
+    return jnp.transpose(rows.reshape(1, 1, o, i), (0, 1, 3, 2))
   return jnp.transpose(rows.reshape(o, i, kh, kw), (2, 3, 1, 0))
 
 
