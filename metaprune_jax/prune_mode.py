@@ -324,8 +324,9 @@ def prune(config, workdir: str) -> dict:
       torch.save({k: torch.from_numpy(np.asarray(a)) for k, a in sd.items()},
                  os.path.join(out, "final_state_dict.pth"))
       report["saved"]["state_dict_pth"] = os.path.join(out, "final_state_dict.pth")
-    except ImportError:
-      pass
+    except ImportError:  # torch is an optional extra; the .npz holds the same state dict
+      logging.info("torch is not installed: no final_state_dict.pth (final_state_dict.npz has "
+                   "the same arrays; `pip install torch==2.13.0` for the .pth)")
     table = _table(report)
     for d_ in (out, workdir):
       pipeline.write_json(os.path.join(d_, "report.json"), report)
