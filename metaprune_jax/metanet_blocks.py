@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metaprune_jax import graph as graph_lib
 from metaprune_jax import xla_hints
 
 _LN_EPS = 1e-5
@@ -242,40 +243,62 @@ def _grid_bwd(masked, res, cot):
   return (*grads, zv(res[7]), zv(res[8]))
 
 
+def _count_base(n: int) -> float:
+  """A power of two above ``n``: ``count_max + base * count_min`` packs two tie counts of at
+  most ``n`` each into one float32 sum, exactly (all partial sums are integers below 2**24)."""
+  base = 2.0 ** int(np.ceil(np.log2(n + 1)))
+  if (n + 1) * base >= 2 ** 24:
+    raise ValueError(f"blocks with {n} edges per node are too large to pack tie counts")
+  return base
+
+
 def _grid_bwd_math(masked, E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, mx1, mn1, mx2, mn2,
                    gs1, gq1, gmx1, gmn1, gs2, gq2, gmx2, gmn2, gE):
-  """Cotangents of E and the six node factors (one chunk of blocks; see :func:`_grid_bwd`)."""
-  # XLA:CPU reduces materialised operands quickly (YNNPACK) but a reduction with a fused
-  # broadcast-multiply slowly: the 4-D operands of every reduction are materialised
-  # (optimization barriers), and buffers are reused across the scanned layers.
+  """Cotangents of E and the six node factors (one chunk of blocks; see :func:`_grid_bwd`).
+
+  Written for XLA:CPU's fusion (measured on ResNet-56's 64x64 blocks, one 25-block group:
+  ~77 -> ~61 ms of CPU time, forward+backward of the metanetwork ~10% faster):
+  * the messages are recomputed inside each consumer, never stored (XLA:CPU drops
+    ``optimization_barrier`` before fusion, so barriers here forced nothing);
+  * the max and min tie counts of a pass are one reduction of one packed operand
+    (``1 * is_max + base * is_min``, split exactly afterwards); written with selects only, so
+    that the operand is computed once in a loop fusion rather than inside the reduction.
+  """
   f = E.dtype
-  bar = jax.lax.optimization_barrier
+  s_size, r_size = E.shape[1], E.shape[2]
   a1s_, a3s_, a4s_ = a1s[:, :, None, :], a3s[:, :, None, :], a4s[:, :, None, :]
   a1r_, a3r_, a4r_ = a1r[:, None, :, :], a3r[:, None, :, :], a4r[:, None, :, :]
-  p1, p2 = bar((a1s_ * E, a1r_ * E))
+  p1, p2 = a1s_ * E, a1r_ * E
   is_mx1, is_mn1 = p1 == mx1[:, None], p1 == mn1[:, None]
   is_mx2, is_mn2 = p2 == mx2[:, :, None], p2 == mn2[:, :, None]
   if masked:
     v1, v2 = vs[:, :, None, :], vr[:, None, :, :]
     is_mx1, is_mn1 = is_mx1 & v1, is_mn1 & v1
     is_mx2, is_mn2 = is_mx2 & v2, is_mn2 & v2
-  i_mx1, i_mn1, i_mx2, i_mn2 = bar(tuple(x.astype(f) for x in (is_mx1, is_mn1, is_mx2, is_mn2)))
+
+  def tie_counts(is_mx, is_mn, axis, n):
+    base = _count_base(n)
+    packed = jnp.where(is_mx, jnp.where(is_mn, 1.0 + base, 1.0), jnp.where(is_mn, base, 0.0))
+    total = jnp.sum(packed.astype(f), axis)
+    n_mn = jnp.floor(total / base)
+    return total - base * n_mn, n_mn
+
+  n_mx1, n_mn1 = tie_counts(is_mx1, is_mn1, 1, s_size)
+  n_mx2, n_mn2 = tie_counts(is_mx2, is_mn2, 2, r_size)
   # Even split among ties (counts >= 1 wherever the statistic has a valid message).
-  wmx1 = gmx1 / jnp.maximum(jnp.sum(i_mx1, 1), 1.0)
-  wmn1 = gmn1 / jnp.maximum(jnp.sum(i_mn1, 1), 1.0)
-  wmx2 = gmx2 / jnp.maximum(jnp.sum(i_mx2, 2), 1.0)
-  wmn2 = gmn2 / jnp.maximum(jnp.sum(i_mn2, 2), 1.0)
-  dp1 = (gs1[:, None] + 2.0 * p1 * gq1[:, None] + i_mx1 * wmx1[:, None] + i_mn1 * wmn1[:, None])
-  dp2 = (gs2[:, :, None] + 2.0 * p2 * gq2[:, :, None] + i_mx2 * wmx2[:, :, None]
-         + i_mn2 * wmn2[:, :, None])
-  dp1, dp2 = bar((dp1, dp2))
+  wmx1 = gmx1 / jnp.maximum(n_mx1, 1.0)
+  wmn1 = gmn1 / jnp.maximum(n_mn1, 1.0)
+  wmx2 = gmx2 / jnp.maximum(n_mx2, 1.0)
+  wmn2 = gmn2 / jnp.maximum(n_mn2, 1.0)
+  dp1 = (gs1[:, None] + 2.0 * p1 * gq1[:, None] + is_mx1.astype(f) * wmx1[:, None]
+         + is_mn1.astype(f) * wmn1[:, None])
+  dp2 = (gs2[:, :, None] + 2.0 * p2 * gq2[:, :, None] + is_mx2.astype(f) * wmx2[:, :, None]
+         + is_mn2.astype(f) * wmn2[:, :, None])
   fac = 1.0 + a3s_ * a4r_ + a3r_ * a4s_
   dE = gE * fac + a1s_ * dp1 + a1r_ * dp2
   t = gE * E
-  x1, x2, x3 = bar((E * dp1, t * a4r_, t * a3r_))
-  y1, y2, y3 = bar((E * dp2, t * a4s_, t * a3s_))
-  da1s, da3s, da4s = jnp.sum(x1, 2), jnp.sum(x2, 2), jnp.sum(x3, 2)
-  da1r, da3r, da4r = jnp.sum(y1, 1), jnp.sum(y2, 1), jnp.sum(y3, 1)
+  da1s, da3s, da4s = jnp.sum(E * dp1, 2), jnp.sum(t * a4r_, 2), jnp.sum(t * a3r_, 2)
+  da1r, da3r, da4r = jnp.sum(E * dp2, 1), jnp.sum(t * a4s_, 1), jnp.sum(t * a3s_, 1)
   return dE, da1s, da1r, da3s, da3r, da4s, da4r
 
 
@@ -389,16 +412,15 @@ def forward(spec, params, nodes, edges, plan: BlockPlan, node_valid: Optional[ja
     node_valid = node_valid.astype(jnp.float32)
   inv = jnp.asarray([1.0] * (h // 2) + [-1.0] * ((h + 1) // 2), jnp.float32)
   node_h = _lin(params["node_enc"], nodes)
+  # every block of every group, cut out of its kind's edge array by one split per kind
+  pieces = [(g.kind, st, g.s_size if g.diag else g.s_size * g.r_size)
+            for g in plan.groups for st in g.starts]
+  flat = iter(graph_lib.split_rows(edges, pieces))
   es = []
   for g in plan.groups:
-    e = edges[g.kind]
-    d = e.shape[1]
-    if g.diag:
-      parts = [jax.lax.slice_in_dim(e, st, st + g.s_size) for st in g.starts]
-    else:
-      n = g.s_size * g.r_size
-      parts = [jax.lax.slice_in_dim(e, st, st + n).reshape(g.s_size, g.r_size, d)
-               for st in g.starts]
+    d = edges[g.kind].shape[1]
+    shape = (g.s_size, d) if g.diag else (g.s_size, g.r_size, d)
+    parts = [next(flat).reshape(shape) for _ in g.starts]
     es.append(_lin(params[f"edge_enc_{g.kind}"], jnp.stack(parts)))
   count1, count2 = _counts(plan, idx, node_valid)
   if masked:
