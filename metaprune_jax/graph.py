@@ -661,7 +661,18 @@ def split_rows(arrays, pieces):
   return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@functools.lru_cache(maxsize=8)
+def _graph_reader(arch: Arch):
+  """``from_graph``'s jitted body for ``arch``, its index arrays held as program constants.
+
+  One jitted function per architecture and widths: a call hashes nothing large and sends no
+  index arrays (passed as arguments, ResNet-50's 213 of them cost ~5 ms per call).
+  """
+  dl = _device_layout(arch)
+  return jax.jit(functools.partial(_read_graph, arch, dl.vector_leaves, dl.kernel_rows,
+                                   vector_index=dl.vector_index))
+
+
 def _read_graph(arch, vector_leaves, kernel_rows, nodes, edges, vector_index):
   out = {"params": {}, "batch_stats": {}}
   flat_nodes = jnp.ravel(nodes).astype(jnp.float32)
@@ -727,9 +738,7 @@ def from_graph(arch: Arch, graph: jraph.GraphsTuple) -> dict:
     ValueError: the graph is of another architecture or other widths.
   """
   check_graph(arch, graph)
-  dl = _device_layout(arch)
-  return _read_graph(arch, dl.vector_leaves, dl.kernel_rows, graph.nodes, tuple(graph.edges),
-                     dl.vector_index)
+  return _graph_reader(arch)(graph.nodes, tuple(graph.edges))
 
 
 def graph_to_reference_arrays(arch: Arch, graph: jraph.GraphsTuple) -> dict:

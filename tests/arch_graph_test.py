@@ -268,6 +268,7 @@ def test_graph_conversion_first_called_under_jit():
   arch = zoo.get_arch("resnet20", 10, width_mult=0.125)
   variables = _random_variables(arch, 3)
   graph_lib._device_layout.cache_clear()  # pylint: disable=protected-access
+  graph_lib._graph_reader.cache_clear()  # pylint: disable=protected-access
   jitted = jax.jit(lambda v: graph_lib.from_graph(arch, graph_lib.to_graph(arch, v)))
   _assert_trees_equal(jitted(variables), variables)
   eager = graph_lib.to_graph(arch, variables)
@@ -276,6 +277,47 @@ def test_graph_conversion_first_called_under_jit():
   for a, b in zip(eager.edges, again.edges):
     np.testing.assert_array_equal(a, b)
   _assert_trees_equal(graph_lib.from_graph(arch, eager), variables)
+
+
+def test_split_rows_values_and_gradient_equal_slices():
+  """``split_rows`` cuts the same rows as slices (in the order asked, gaps and tails left out),
+  and its gradient is the slices' gradient; overlapping pieces are refused."""
+  rng = np.random.default_rng(0)
+  arrays = [jnp.asarray(rng.standard_normal((40, 3), np.float32)),
+            jnp.asarray(rng.standard_normal((7, 2), np.float32))]
+  pieces = [(0, 30, 5), (1, 0, 7), (0, 2, 10), (0, 12, 3)]
+  weights = [jnp.asarray(rng.standard_normal((c, a.shape[1]), np.float32))
+             for (k, _, c), a in zip(pieces, [arrays[k] for k, _, _ in pieces])]
+
+  def by_slices(arrs):
+    return [jax.lax.slice_in_dim(arrs[k], s, s + c) for k, s, c in pieces]
+
+  def loss(fn, arrs):
+    return sum(jnp.sum(w * p) for w, p in zip(weights, fn(arrs)))
+
+  for got, want in zip(graph_lib.split_rows(arrays, pieces), by_slices(arrays)):
+    np.testing.assert_array_equal(got, want)
+  g_split = jax.grad(functools.partial(loss, lambda a: graph_lib.split_rows(a, pieces)))(arrays)
+  g_slice = jax.grad(functools.partial(loss, by_slices))(arrays)
+  for a, b in zip(g_split, g_slice):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="overlapping"):
+    graph_lib.split_rows(arrays, [(0, 0, 5), (0, 4, 2)])
+
+
+def test_arch_hash_is_cached_and_not_pickled():
+  """``Arch`` caches its hash (a jit static argument and cache key on every call); a pickled
+  copy equals the original and hashes like a fresh object, never with a stale cached value."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  arch = zoo.get_arch("resnet20", 10, width_mult=0.25)
+  h = hash(arch)
+  assert arch.__dict__["_hash"] == h and hash(arch) == h
+  state = arch.__getstate__()
+  assert "_hash" not in state
+  copy = pickle.loads(pickle.dumps(arch))
+  assert copy == arch and "_hash" not in copy.__dict__ and hash(copy) == h
+  assert {arch: 1}[copy] == 1
+  assert hash(arch.with_widths(dict(arch.widths))) == h
 
 
 def test_round_trip_preserves_every_bit_pattern():
