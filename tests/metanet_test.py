@@ -232,6 +232,19 @@ class PropertiesTest(parameterized.TestCase):
                            variables["batch_stats"])
 
 
+def _assert_block_grad_equals_scatter(config, params, graph, plan):
+  """Gradient w.r.t. the metanetwork params: dense-block path (``plan``) == scatter path."""
+  spec = metanet._spec(config)
+
+  def loss(p, plan):
+    out = metanet._forward(spec, p, graph, plan)
+    return sum(jnp.sum(jnp.sin(3.0 * x)) for x in (out.nodes, *out.edges))
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  for a, b in zip(jax.tree_util.tree_leaves(grad(params, plan)),
+                  jax.tree_util.tree_leaves(grad(params, None))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+
+
 class BlockPathTest(parameterized.TestCase):
   """The dense-block fast path (metanet_blocks) against the generic scatter path."""
 
@@ -254,15 +267,7 @@ class BlockPathTest(parameterized.TestCase):
     _allclose(got.nodes, want.nodes)
     for a, b in zip(got.edges, want.edges):
       _allclose(a, b)
-    spec = metanet._spec(config)
-
-    def loss(p, plan):
-      out = metanet._forward(spec, p, graph, plan)
-      return sum(jnp.sum(jnp.sin(3.0 * x)) for x in (out.nodes, *out.edges))
-    grad = jax.jit(jax.grad(loss), static_argnums=1)
-    for a, b in zip(jax.tree_util.tree_leaves(grad(params, plan)),
-                    jax.tree_util.tree_leaves(grad(params, None))):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+    _assert_block_grad_equals_scatter(config, params, graph, plan)
 
   def test_block_path_gradient_with_tied_messages(self):
     # Constant kernels and fresh BatchNorms make many messages of a node exactly equal, so the
@@ -271,7 +276,6 @@ class BlockPathTest(parameterized.TestCase):
     # same way); with tie counts forced to 1 this test fails.
     arch = zoo.get_arch("resnet_tiny", 10)
     config = metanet.make_metanet_config(2, 16, 8, (9,), 0.1, 0.1)
-    spec = metanet._spec(config)
     variables = cnn.init_variables(arch, jax.random.PRNGKey(0))
     params_v = dict(variables["params"])
     for name in list(params_v)[:4]:
@@ -284,15 +288,7 @@ class BlockPathTest(parameterized.TestCase):
     edges = np.asarray(graph.edges[0])
     self.assertGreater(edges.shape[0] - np.unique(edges, axis=0).shape[0], 100)  # many ties
     params = metanet.init_metanet(config, jax.random.PRNGKey(1))
-    plan = metanet.block_plan(arch)
-
-    def loss(p, plan):
-      out = metanet._forward(spec, p, graph, plan)
-      return sum(jnp.sum(jnp.sin(3.0 * x)) for x in (out.nodes, *out.edges))
-    grad = jax.jit(jax.grad(loss), static_argnums=1)
-    for a, b in zip(jax.tree_util.tree_leaves(grad(params, plan)),
-                    jax.tree_util.tree_leaves(grad(params, None))):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+    _assert_block_grad_equals_scatter(config, params, graph, metanet.block_plan(arch))
 
   def test_chunked_block_loop_equals_whole_groups(self):
     # metanet_blocks._map_blocks runs a group's blocks a chunk at a time (cache-sized steps);
