@@ -10,8 +10,8 @@ from metaprune_jax import _compat  # noqa: F401  (jraph shim, before anything im
 from metaprune_jax import zoo
 from metaprune_jax.arch import Arch, Layer, Op
 from metaprune_jax.cnn import apply_model, init_variables
-from metaprune_jax.graph import (from_graph, graph_layout, graph_to_reference_arrays,
-                                 to_graph)
+from metaprune_jax.graph import (from_graph, graph_from_reference_arrays, graph_layout,
+                                 graph_to_reference_arrays, reference_edge_order, to_graph)
 from metaprune_jax.groups import Group, Member, group_importance, pruning_groups
 from metaprune_jax.macs import count_macs
 from metaprune_jax.masks import embed, full_masks, mask_variables, materialize

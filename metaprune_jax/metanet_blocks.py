@@ -2,9 +2,9 @@
 
 A network's graph is a concatenation of edge *blocks* (DESIGN.md 3): every conv/dense layer
 and every single-kind identity shortcut is a full bipartite grid of (output channel ->
-input channel) edges in out-major order, so its ``[O * I, h]`` edge tensor is ``[O, I, h]`` and
-the PNA aggregation at the input channels (pass 1) is a reduction over axis 0, at the output
-channels (pass 2) over axis 1. Multi-kind identity shortcuts are diagonal (one edge per
+input channel) edges in input-major order (``graph``'s module docstring), so its ``[I * O, h]``
+edge tensor is ``[I, O, h]`` = [receivers, senders, h] and the PNA aggregation at the input
+channels (pass 1) is a reduction over axis 1, at the output channels (pass 2) over axis 0. Multi-kind identity shortcuts are diagonal (one edge per
 channel, reversed): each of their edges is the only message of its block at either end.
 
 :class:`BlockPlan` (static, per architecture) groups blocks of equal shape and kind into
@@ -47,7 +47,7 @@ class BlockGroup(NamedTuple):
   """Blocks of one edge kind and shape, stacked. Static.
 
   ``diag``: one edge per channel (multi-kind identity), edge j = (senders[j] -> receivers[j]);
-  else a full grid, edge (s, r) at offset ``s * r_size + r`` of the block.
+  else a full grid, receiver-major: edge (s, r) at offset ``r * s_size + s`` of the block.
   """
   kind: int
   diag: bool
@@ -84,8 +84,8 @@ def block_plan_from_layout(layout) -> BlockPlan:
     o, i = node_count[dst], node_count[src]
     g0 = int(kind_off[ki]) + start
     s, r = snd[g0:g0 + count], rcv[g0:g0 + count]
-    if count == o * i and np.array_equal(s, np.repeat(node_start[dst] + np.arange(o), i)) and \
-       np.array_equal(r, np.tile(node_start[src] + np.arange(i), o)):
+    if count == o * i and np.array_equal(s, np.tile(node_start[dst] + np.arange(o), i)) and \
+       np.array_equal(r, np.repeat(node_start[src] + np.arange(i), o)):
       key = (ki, False, o, i)
       blk = (start, node_start[dst], node_start[src])
     elif o == i and count == o and np.array_equal(s, node_start[src] + np.arange(o)) and \
@@ -158,7 +158,10 @@ def _grid_fwd_math(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr):
   """Full-grid group: statistics of both passes and the updated edges.
 
   E [B, S, R, h]; a*s [B, S, h]; a*r [B, R, h] (a1 already zeroed at invalid nodes);
-  vs [B, S, 1] / vr [B, R, 1] bool validity or None.
+  vs [B, S, 1] / vr [B, R, 1] bool validity or None. Here S and R name E's two node axes
+  (messages S -> R reduced over axis 1, R -> S over axis 2); ``forward`` passes the graph's
+  receiver-major blocks with the receivers as S.
+
   """
   # messages s -> r (reduced over S, axis 1) and r -> s (over R, axis 2)
   p1, p2 = a1s[:, :, None, :] * E, a1r[:, None, :, :] * E
@@ -419,7 +422,7 @@ def forward(spec, params, nodes, edges, plan: BlockPlan, node_valid: Optional[ja
   es = []
   for g in plan.groups:
     d = edges[g.kind].shape[1]
-    shape = (g.s_size, d) if g.diag else (g.s_size, g.r_size, d)
+    shape = (g.s_size, d) if g.diag else (g.r_size, g.s_size, d)
     parts = [next(flat).reshape(shape) for _ in g.starts]
     es.append(_lin(params[f"edge_enc_{g.kind}"], jnp.stack(parts)))
   count1, count2 = _counts(plan, idx, node_valid)
@@ -439,11 +442,12 @@ def forward(spec, params, nodes, edges, plan: BlockPlan, node_valid: Optional[ja
       # The small per-block node factors (gathers). No optimization_barrier: XLA:CPU drops
       # barriers before fusion; without them the compiled forward was the same up to bitcasts,
       # and the backward had six fewer small [5, 5, 64, 64] copies (ResNet-56).
-      args = (E, a1m[s], a1m[r], a3[s], a3[r], a4[s], a4[r])
       if g.diag:
-        st1, st2, En = _diag(*args, vs, vr)
+        st1, st2, En = _diag(E, a1m[s], a1m[r], a3[s], a3[r], a4[s], a4[r], vs, vr)
       else:
-        st1, st2, En = _grid(*args, vs, vr, masked)
+        # E is [B, R, S, h] (receiver-major): the grid maths' first node axis is the
+        # receivers', so its first pass (over axis 1) is our pass 2 and vice versa.
+        st2, st1, En = _grid(E, a1m[r], a1m[s], a3[r], a3[s], a4[r], a4[s], vr, vs, masked)
       parts1.append(st1)
       parts2.append(st2)
       new_es.append(En)

@@ -187,6 +187,9 @@ def test_fixture_graph(FIXTURES, case):
   layout = graph_lib.graph_layout(arch)
   bounds = [0] + [start + count for _, _, start, count in layout.node_sets]
   np.testing.assert_array_equal(bounds, ref["node_index"])
+  # the reference's own graph, read back, is the imported network bit for bit
+  _assert_trees_equal(graph_lib.from_graph(arch, graph_lib.graph_from_reference_arrays(arch, ref)),
+                      variables)
 
 
 @pytest.mark.parametrize("case", list(_CASES))
@@ -259,6 +262,70 @@ def test_round_trip_bit_exact(name):
     _assert_trees_equal(graph_lib.from_graph(arch, graph), variables)
 
   check()
+
+
+def _reference_block_edges(arch, variables, layer, dim):
+  """The reference's (out-major) edge features of one conv/dense layer, by numpy alone."""
+  k = np.asarray(variables["params"][layer]["kernel"])
+  if k.ndim == 4:  # HWIO -> OIHW rows
+    rows = np.transpose(k, (3, 2, 0, 1)).reshape(k.shape[3] * k.shape[2], -1)
+  else:  # [in, out] -> [out, in]
+    rows = k.T.reshape(-1, 1)
+  if rows.shape[1] != dim:
+    rows = np.pad(rows, ((0, 0), (dim // 2, dim // 2)))
+  return rows
+
+
+@pytest.mark.parametrize("name", list(_ARCHS))
+def test_reference_arrays_follow_the_reference_edge_order(name):
+  """``graph_to_reference_arrays`` puts every layer's edges out-major, in-minor (DESIGN.md 3),
+  with the kernel slices W[o, i] computed here by numpy, whatever order the graph holds; and
+  ``graph_from_reference_arrays`` is its exact inverse."""
+  arch = _ARCHS[name].with_widths(
+      {s: max(1, _ARCHS[name].width(s) - 1 - j % 3)
+       for j, s in enumerate(_ARCHS[name].prunable_spaces)})
+  variables = _random_variables(arch, 11)
+  graph = graph_lib.to_graph(arch, variables)
+  ref = graph_lib.graph_to_reference_arrays(arch, graph)
+  layout = graph_lib.graph_layout(arch)
+  kind_start = np.concatenate([[0], np.cumsum(layout.num_edges)])
+  sets = layout.node_sets
+  checked = 0
+  for lname, ki, start, count, dst, src in layout.edge_blocks:
+    if lname.startswith("identity:"):
+      continue
+    dim = layout.edge_kinds[ki]
+    key = "edge_features" if arch.edge_style == "single" else f"edge_features_{dim}"
+    o_nodes = sets[dst][2] + np.arange(sets[dst][3])
+    i_nodes = sets[src][2] + np.arange(sets[src][3])
+    g0 = kind_start[ki] + start
+    np.testing.assert_array_equal(ref["edge_index"][0, g0:g0 + count],
+                                  np.repeat(o_nodes, len(i_nodes)), err_msg=lname)
+    np.testing.assert_array_equal(ref["edge_index"][1, g0:g0 + count],
+                                  np.tile(i_nodes, len(o_nodes)), err_msg=lname)
+    np.testing.assert_array_equal(ref[key][start:start + count],
+                                  _reference_block_edges(arch, variables, lname, dim),
+                                  err_msg=lname)
+    checked += 1
+  assert checked == sum(1 for l in arch.layers if l.kind in ("conv", "dense"))
+  back = graph_lib.graph_from_reference_arrays(arch, ref)
+  _assert_trees_equal(back._replace(n_node=None, n_edge=None),
+                      graph._replace(n_node=None, n_edge=None))
+  _assert_trees_equal(graph_lib.from_graph(arch, back), variables)
+
+
+def test_graph_from_reference_arrays_rejects_other_graphs():
+  arch = _ARCHS["resnet_tiny"]
+  ref = graph_lib.graph_to_reference_arrays(arch, graph_lib.to_graph(arch, _random_variables(arch, 0)))
+  narrower = arch.with_widths({"layer1.0.conv1": arch.width("layer1.0.conv1") - 1})
+  with pytest.raises(ValueError, match="edge_index"):
+    graph_lib.graph_from_reference_arrays(narrower, ref)
+  with pytest.raises(ValueError, match="lack"):
+    graph_lib.graph_from_reference_arrays(arch, {k: v for k, v in ref.items()
+                                                 if k != "edge_features"})
+  bad = dict(ref, edge_features=ref["edge_features"][:, :4])
+  with pytest.raises(ValueError, match="edge_features"):
+    graph_lib.graph_from_reference_arrays(arch, bad)
 
 
 def test_graph_conversion_first_called_under_jit():
