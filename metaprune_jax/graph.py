@@ -743,10 +743,37 @@ def from_graph(arch: Arch, graph: jraph.GraphsTuple) -> dict:
   """Graph -> network variables (exact inverse of :func:`to_graph`).
 
   Raises:
-    ValueError: the graph is of another architecture or other widths.
+    ValueError: the graph is of another architecture or other widths, or its ``senders`` /
+      ``receivers`` are not ``arch``'s (e.g. a graph in the reference's edge order: read those
+      with :func:`graph_from_reference_arrays`).
   """
   check_graph(arch, graph)
+  _check_topology(arch, graph)
   return _graph_reader(arch)(graph.nodes, tuple(graph.edges))
+
+
+def _check_topology(arch: Arch, graph: jraph.GraphsTuple):
+  """ValueError unless ``graph``'s senders and receivers are ``arch``'s graph's.
+
+  Free for graphs that carry ``to_graph``'s own index arrays (the same objects); traced ones
+  (inside jit) cannot be read and are taken as they are.
+  """
+  dl = _device_layout(arch)
+  for field, want in (("senders", dl.senders), ("receivers", dl.receivers)):
+    got = getattr(graph, field)
+    if got is want or got is None:
+      continue
+    try:
+      got = np.asarray(got)
+    except jax.errors.TracerArrayConversionError:
+      return
+    if not np.array_equal(got, np.asarray(want)):
+      ref = _reference_edge_index(arch)
+      hint = (" it is in the reference's edge order: convert it with "
+              "graph_from_reference_arrays" if got.shape == ref[0].shape and np.array_equal(
+                  got, ref[0 if field == "senders" else 1]) else "")
+      raise ValueError(f"{arch.name}: graph {field} are not this architecture's at widths "
+                       f"{dict(arch.widths)};{hint or ' another network or edge order'}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -767,6 +794,15 @@ def reference_edge_order(arch: Arch) -> tuple:
     else:  # diagonal identity
       order[ki].append(start + np.arange(count))
   return tuple(np.concatenate(p) if p else np.zeros((0,), np.int64) for p in order)
+
+
+@functools.lru_cache(maxsize=16)
+def _reference_edge_index(arch: Arch) -> np.ndarray:
+  """``[2, E]`` senders/receivers of ``arch``'s graph in the reference's edge order."""
+  layout = graph_layout(arch)
+  starts = np.concatenate([[0], np.cumsum(layout.num_edges)])
+  idx = np.concatenate([s + p for s, p in zip(starts, reference_edge_order(arch))])
+  return np.stack([layout.senders[idx], layout.receivers[idx]]).astype(np.int64)
 
 
 def graph_to_reference_arrays(arch: Arch, graph: jraph.GraphsTuple) -> dict:
@@ -809,14 +845,11 @@ def graph_from_reference_arrays(arch: Arch, arrays: Mapping) -> jraph.GraphsTupl
   missing = [k for k in ["node_features", "edge_index"] + keys if k not in arrays]
   if missing:
     raise ValueError(f"{arch.name}: reference graph arrays lack {missing}")
-  want = graph_to_reference_arrays(arch, jraph.GraphsTuple(
-      nodes=layout.node_gather, edges=tuple(np.zeros((n, 1)) for n in layout.num_edges),
-      senders=layout.senders, receivers=layout.receivers, n_node=None, n_edge=None,
-      globals=None))
+  want = _reference_edge_index(arch)
   ei = np.asarray(arrays["edge_index"])
-  if ei.shape != want["edge_index"].shape or not np.array_equal(ei, want["edge_index"]):
+  if ei.shape != want.shape or not np.array_equal(ei, want):
     raise ValueError(f"{arch.name}: reference edge_index {ei.shape} is not this architecture's "
-                     f"{want['edge_index'].shape} at widths {dict(arch.widths)}")
+                     f"{want.shape} at widths {dict(arch.widths)}")
   nodes = np.asarray(arrays["node_features"], np.float32)
   if nodes.shape != layout.node_gather.shape:
     raise ValueError(f"{arch.name}: node_features {nodes.shape}, expected "

@@ -328,6 +328,23 @@ def test_graph_from_reference_arrays_rejects_other_graphs():
     graph_lib.graph_from_reference_arrays(arch, bad)
 
 
+def test_from_graph_rejects_a_graph_in_the_reference_edge_order():
+  """A GraphsTuple built straight from reference arrays has our shapes but not our edge order:
+  from_graph refuses it (naming the fix) instead of returning scrambled kernels."""
+  arch = _ARCHS["resnet50"]
+  variables = _random_variables(arch, 3)
+  graph = graph_lib.to_graph(arch, variables)
+  ref = graph_lib.graph_to_reference_arrays(arch, graph)
+  raw = graph._replace(edges=tuple(ref[f"edge_features_{k}"] for k in (49, 9, 1)),
+                       senders=ref["edge_index"][0].astype(np.int32),
+                       receivers=ref["edge_index"][1].astype(np.int32))
+  with pytest.raises(ValueError, match="graph_from_reference_arrays"):
+    graph_lib.from_graph(arch, raw)
+  # the same topology as fresh (non-identical) arrays is accepted, bit for bit
+  copied = graph._replace(senders=np.array(graph.senders), receivers=np.array(graph.receivers))
+  _assert_trees_equal(graph_lib.from_graph(arch, copied), variables)
+
+
 def test_graph_conversion_first_called_under_jit():
   """The per-architecture device layout is cached; building it inside a trace (to_graph under
   jit, as a user's jitted loss does) must not leave tracers in that cache: later eager and
