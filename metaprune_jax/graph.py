@@ -30,7 +30,7 @@ arrays and order (:func:`reference_edge_order` is the permutation) and
 ``kh * kw`` contiguous ``[I, O]`` planes, so input-major rows are the kernel itself for 1x1
 convs and the classifier, and one 2-D transpose for the others; the out-major order needed a full
 axis permutation of every kernel, both ways, which dominated the conversion (ResNet-50
-``from_graph`` 38.5 -> 12.5 ms, measured interleaved). The metanetwork's aggregations are
+``from_graph`` 41-43 -> 14-15 ms in ``benchmarks/graph_conversion.py``, interleaved). The metanetwork's aggregations are
 order-free; its dense-block path (``metanet_blocks``) reads each block as ``[I, O, h]``.
 
 Padding (one compilation per architecture): :func:`graph_layout` with ``keep`` (the kept
@@ -683,7 +683,7 @@ def _read_graph(arch, vector_leaves, kernel_rows, nodes, edges, vector_index):
   # Each kind's edge array is transposed once, [E_k, d] -> [d, E_k] (one 2-D transpose, ~3 ms
   # for ResNet-50's 45 MB of 3x3 rows), and every kernel is then a contiguous column range of
   # it, [kh * kw, i * o] = HWIO up to a reshape. Transposing each kernel's rows on its own took
-  # ResNet-50's 3x3 kernels 8.6 ms against ~5 ms this way (interleaved). Width-1 kinds are
+  # ResNet-50's 3x3 kernels 8.6 ms against 7.6 ms this way (same process). Width-1 kinds are
   # their own transpose (a reshape).
   cols = [jnp.reshape(e.astype(jnp.float32), (1, -1)) if e.shape[1] == 1 else
           e.astype(jnp.float32).T for e in edges]
