@@ -177,8 +177,12 @@ def _grid_fwd_math(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr):
     mn2 = jnp.min(jnp.where(v2, p2, inf), 2)
   st1 = (jnp.sum(p1, 1), jnp.sum(p1 * p1, 1), mx1, mn1)
   st2 = (jnp.sum(p2, 2), jnp.sum(p2 * p2, 2), mx2, mn2)
+  return st1, st2
+
+
+def _grid_update(E, a3s, a3r, a4s, a4r):
   fac = 1.0 + a3s[:, :, None, :] * a4r[:, None, :, :] + a3r[:, None, :, :] * a4s[:, :, None, :]
-  return st1, st2, E * fac
+  return E * fac
 
 
 # Blocks per step of the block loop (:func:`_map_blocks`): about this many bytes of one
@@ -225,7 +229,8 @@ def _map_blocks(fn, args):
 def _grid(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, masked):
   if not masked:
     vs = vr = None
-  return _map_blocks(_grid_fwd_math, (E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr))
+  st1, st2 = _map_blocks(_grid_fwd_math, (E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr))
+  return st1, st2, _grid_update(E, a3s, a3r, a4s, a4r)
 
 
 def _grid_fwd(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, masked):
