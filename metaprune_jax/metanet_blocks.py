@@ -156,7 +156,7 @@ def _index(plan: BlockPlan) -> _Index:
 
 
 def _grid_fwd_math(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr):
-  """Full-grid group: statistics of both passes and the updated edges.
+  """Full-grid group: statistics of both passes (the edge update is :func:`_grid_update`).
 
   E [B, S, R, h]; a*s [B, S, h]; a*r [B, R, h] (a1 already zeroed at invalid nodes);
   vs [B, S, 1] / vr [B, R, 1] bool validity or None. Here S and R name E's two node axes
@@ -271,7 +271,7 @@ def _count_base(n: int) -> float:
 
 def _grid_bwd_math(masked, E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, mx1, mn1, mx2, mn2,
                    gs1, gq1, gmx1, gmn1, gs2, gq2, gmx2, gmn2, gE):
-  """Cotangents of E and the six node factors (one chunk of blocks; see :func:`_grid_bwd`).
+  """Cotangents of E and the six node factors (a whole group; see :func:`_grid_bwd`).
 
   Written for XLA:CPU's fusion (measured on ResNet-56's 64x64 blocks, one 25-block group:
   ~77 -> ~61 ms of CPU time, forward+backward of the metanetwork ~10% faster):
