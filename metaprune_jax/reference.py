@@ -10,6 +10,7 @@ optional extra); a pickled whole module must first be turned into ``module.state
 from __future__ import annotations
 
 import collections
+import pickle
 from typing import Mapping
 
 import numpy as np
@@ -46,8 +47,19 @@ def _expected_keys(arch: Arch, with_nbt: bool):
   return keys
 
 
-def load_state_dict_file(path: str) -> "collections.OrderedDict[str, np.ndarray]":
-  """Reads a ``.pth``/``.pt`` state dict (needs torch) or an ``.npz`` into numpy arrays."""
+def load_state_dict_file(path: str, trusted: bool = False
+                         ) -> "collections.OrderedDict[str, np.ndarray]":
+  """Reads a ``.pth``/``.pt`` state dict (needs torch) or an ``.npz`` into numpy arrays.
+
+  ``.pth`` files are read with ``torch.load(weights_only=True)``, which loads tensors and
+  containers but runs no code from the file. A whole pickled module (what the reference saves)
+  is refused unless ``trusted=True``: unpickling it runs code from the file and needs the
+  reference's classes importable; its ``state_dict()`` is then taken.
+
+  Raises:
+    ImportError: a ``.pth`` file without torch installed.
+    ValueError: a file that holds no state dict, or a pickled module without ``trusted``.
+  """
   if str(path).endswith(".npz"):
     with np.load(path) as z:
       return collections.OrderedDict((k, z[k]) for k in z.files)
@@ -55,11 +67,17 @@ def load_state_dict_file(path: str) -> "collections.OrderedDict[str, np.ndarray]
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError("reading a .pth file needs torch: pip install torch==2.13.0") from e
-  sd = torch.load(path, map_location="cpu", weights_only=False)
+  try:
+    sd = torch.load(path, map_location="cpu", weights_only=not trusted)
+  except pickle.UnpicklingError as e:
+    raise ValueError(
+        f"{path}: not a plain state dict (a pickled module or other objects; torch said: "
+        f"{str(e).splitlines()[0]}). Save module.state_dict() instead, or, for a file you "
+        "trust, pass trusted=True (runs the file's pickled code)") from e
   if hasattr(sd, "state_dict"):
     sd = sd.state_dict()
-  if not isinstance(sd, Mapping):
-    raise ValueError(f"{path}: not a state dict (got {type(sd).__name__})")
+  if not isinstance(sd, Mapping) or not all(hasattr(v, "detach") for v in sd.values()):
+    raise ValueError(f"{path}: not a state dict of tensors (got {type(sd).__name__})")
   return collections.OrderedDict((k, v.detach().cpu().numpy()) for k, v in sd.items())
 
 
