@@ -10,11 +10,16 @@ import pytest
 
 from metaprune_jax import host_memory
 
+import _xla_env
+
 # Transparent huge pages for every process this run starts (the xdist workers, which the
 # controller starts after loading this file, and their CLI runs and workers): the same setting
 # `python -m metaprune_jax` restarts itself with (metaprune_jax/host_memory.py). The process that
 # loads this file first keeps its own allocator; it only collects and reports.
 host_memory.set_for_subprocesses()
+
+# XLA:CPU's faster-compiling loop emitters for every process of the run (see _xla_env).
+_xla_env.set_for_this_run()
 
 # Tests compile many small programs once each; XLA's optimisation passes cost far more than
 # they save here. Numerics stay within the tolerances the tests compare at (<= 1e-4 relative).

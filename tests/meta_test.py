@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import _tb_events
+from _xla_env import xla_flags
 import metaprune_jax as mp
 from metaprune_jax import datamodels
 from metaprune_jax import meta_modes
@@ -203,7 +204,7 @@ def test_eight_devices_equal_one_device(tmp_path):
   script.write_text(WORKER.format(root=ROOT))
   outs = []
   for n in (1, 8):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={n}"),
                JAX_PLATFORMS="cpu")
     out = tmp_path / f"phi{n}.npz"
     r = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True,
@@ -235,7 +236,7 @@ def _cli_two_processes(workdir, *overrides, wait=True):
   procs = [_cli(workdir, *overrides, wait=False, env={
       "METAPRUNE_MULTIHOST": "1", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
       "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}) for i in range(2)]
+      "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=1")}) for i in range(2)]
   if wait:
     assert [p.wait(timeout=900) for p in procs] == [0, 0]
   return procs
@@ -299,7 +300,7 @@ def test_meta_train_on_two_processes_resumes_after_sigkill(tmp_path):
           "--config.meta_train.batches_per_model=2", "--config.meta_train.val_fraction=0.34",
           "--config.meta_train.models_per_step=2", "--config.meta_train.eval_batch_size=120",
           "--config.meta_train.val_batches=2"]
-  _cli(ref, *args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  _cli(ref, *args, env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2")})
   procs = _cli_two_processes(run, *args, wait=False)
   t0 = time.time()
   while time.time() - t0 < 300 and not meta_modes.metanet_epochs(str(run)):

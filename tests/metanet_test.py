@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import _xla_env
+
 from metaprune_jax import cnn
 from metaprune_jax import graph as graph_lib
 from metaprune_jax import masks as mp_masks
@@ -313,7 +315,9 @@ class BlockPathTest(parameterized.TestCase):
         # 9 blocks of 16x16 (hidden 8: 8 KiB each): chunks of 3 under a 24 KiB budget
         self.assertEqual(metanet_blocks._block_chunk((9, 16, 16, 8)),
                          3 if chunk_bytes < 2**20 else 9)
-        return jax.jit(jax.grad(loss, has_aux=True))(params)
+        # XLA's default emitters, as the library runs: bit for bit there (see _xla_env)
+        return jax.jit(jax.grad(loss, has_aux=True),
+                       compiler_options=_xla_env.LIBRARY_EMITTERS)(params)
 
     for node_valid in (None, valid):
       whole, chunked = run(2**30, node_valid), run(24 * 2**10, node_valid)

@@ -12,6 +12,7 @@ import portpicker
 from absl.testing import absltest
 
 from metaprune_jax import sharding
+from _xla_env import xla_flags
 
 _WORKER = os.path.join(os.path.dirname(__file__), "_dp_worker.py")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +20,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _env(num_devices):
   env = dict(os.environ, PYTHONPATH=_ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
+             XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={num_devices}"))
   return env
 
 
