@@ -10,6 +10,9 @@ Prints one JSON object per case:
   By default on the dense-block path (``--path blocks``: ``plan=metanet.block_plan(arch)``;
   ``--path scatter``: the generic scatter path, the reference point).
 * ``vgg19_c100_small``: the shared fixture graph (generic scatter path: a reference graph) with the fixture's metanetwork (hidden 32).
+* ``vgg19_c100_small_to_graph``: the same network (imported from the fixture's ``model.npz``) and
+  metanetwork as ``transform`` runs them: ``to_graph``, the dense-block path, and the backward
+  through ``from_graph``.
 
 Forward = ``apply_metanet`` (jitted); forward+backward = gradient w.r.t. the metanetwork params
 of a scalar of ``from_graph``'s output (single jit). Times are the median of ``--repeats``
@@ -47,6 +50,7 @@ import numpy as np
 
 from metaprune_jax import graph as graph_lib
 from metaprune_jax import metanet
+from metaprune_jax import reference
 from metaprune_jax import xla_hints
 from metaprune_jax import zoo
 
@@ -187,6 +191,18 @@ def main():
       n_node=np.array([g["node_features"].shape[0]], np.int32),
       n_edge=np.array([ei.shape[1]], np.int32))
   res = bench_case("vgg19_c100_small", config, params, vgg_graph, None, args.repeats)
+  res["peak_rss_mb"] = _memory.process_peak_rss_mb()
+  res.update(host)
+  print(json.dumps(res), flush=True)
+
+  # The same network and metanetwork as `transform` runs them: `to_graph` of the imported model
+  # (the same nodes and edge count; edges in our order, classifier unscrambled) on the block path,
+  # backward through `from_graph`.
+  vgg_arch, vgg_vars = reference.import_reference_model(
+      dict(np.load(os.path.join(case, "model.npz"))), "VGG19", 100)
+  ours = jax.tree_util.tree_map(np.asarray, graph_lib.to_graph(vgg_arch, vgg_vars))
+  res = bench_case("vgg19_c100_small_to_graph", config, params, ours, vgg_arch, args.repeats,
+                   metanet.block_plan(vgg_arch))
   res["peak_rss_mb"] = _memory.process_peak_rss_mb()
   res.update(host)
   print(json.dumps(res), flush=True)

@@ -155,6 +155,20 @@ def _index(plan: BlockPlan) -> _Index:
 # --------------------------------------------------------------------------------------------
 
 
+def _sum(x, axis: int):
+  """``jnp.sum(x, axis)`` of a ``[B, ...]`` group tensor (``axis`` > 0).
+
+  A single-block group (B == 1) is summed without its unit axis: XLA:CPU's sums over
+  ``[1, S, R, h]`` ran 20-50x slower than the same sums over ``[S, R, h]`` (2-core Intel VM,
+  2026-12-03: 23.5 against 0.5 ms for ``[1, 157, 160, 32]``, 5.8 against 0.13 ms for
+  ``[1, 64, 64, 64]``; max and min, and B >= 2, were unaffected). The same sum, bit for bit
+  up to XLA's choice of summation order.
+  """
+  if x.shape[0] == 1:
+    return jnp.sum(x[0], axis - 1)[None]
+  return jnp.sum(x, axis)
+
+
 def _grid_fwd_math(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr):
   """Full-grid group: statistics of both passes (the edge update is :func:`_grid_update`).
 
@@ -179,8 +193,8 @@ def _grid_fwd_math(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr):
     b2 = jnp.where(vr, 0.0, -inf)[:, None, :, :]
     mx1, mn1 = jnp.max(p1 + b1, 1), jnp.min(p1 - b1, 1)
     mx2, mn2 = jnp.max(p2 + b2, 2), jnp.min(p2 - b2, 2)
-  st1 = (jnp.sum(p1, 1), jnp.sum(p1 * p1, 1), mx1, mn1)
-  st2 = (jnp.sum(p2, 2), jnp.sum(p2 * p2, 2), mx2, mn2)
+  st1 = (_sum(p1, 1), _sum(p1 * p1, 1), mx1, mn1)
+  st2 = (_sum(p2, 2), _sum(p2 * p2, 2), mx2, mn2)
   return st1, st2
 
 
@@ -296,7 +310,7 @@ def _grid_bwd_math(masked, E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, mx1, mn1, mx
   def tie_counts(is_mx, is_mn, axis, n):
     base = _count_base(n)
     packed = jnp.where(is_mx, jnp.where(is_mn, 1.0 + base, 1.0), jnp.where(is_mn, base, 0.0))
-    total = jnp.sum(packed.astype(f), axis)
+    total = _sum(packed.astype(f), axis)
     n_mn = jnp.floor(total / base)
     return total - base * n_mn, n_mn
 
@@ -314,8 +328,8 @@ def _grid_bwd_math(masked, E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, mx1, mn1, mx
   fac = 1.0 + a3s_ * a4r_ + a3r_ * a4s_
   dE = gE * fac + a1s_ * dp1 + a1r_ * dp2
   t = gE * E
-  da1s, da3s, da4s = jnp.sum(E * dp1, 2), jnp.sum(t * a4r_, 2), jnp.sum(t * a3r_, 2)
-  da1r, da3r, da4r = jnp.sum(E * dp2, 1), jnp.sum(t * a4s_, 1), jnp.sum(t * a3s_, 1)
+  da1s, da3s, da4s = _sum(E * dp1, 2), _sum(t * a4r_, 2), _sum(t * a3r_, 2)
+  da1r, da3r, da4r = _sum(E * dp2, 1), _sum(t * a4s_, 1), _sum(t * a3s_, 1)
   return dE, da1s, da1r, da3s, da3r, da4s, da4r
 
 
