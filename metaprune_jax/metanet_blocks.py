@@ -161,8 +161,8 @@ def _sum(x, axis: int):
   A single-block group (B == 1) is summed without its unit axis: XLA:CPU's sums over
   ``[1, S, R, h]`` ran 20-50x slower than the same sums over ``[S, R, h]`` (2-core Intel VM,
   2026-12-03: 23.5 against 0.5 ms for ``[1, 157, 160, 32]``, 5.8 against 0.13 ms for
-  ``[1, 64, 64, 64]``; max and min, and B >= 2, were unaffected). The same sum, bit for bit
-  up to XLA's choice of summation order.
+  ``[1, 64, 64, 64]``; max and min, and B >= 2, were unaffected). The same sum; XLA may order
+  its additions differently.
   """
   if x.shape[0] == 1:
     return jnp.sum(x[0], axis - 1)[None]

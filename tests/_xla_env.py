@@ -27,5 +27,4 @@ def xla_flags(*extra: str) -> str:
 def set_for_this_run() -> None:
   """Adds the run's flags to this process's ``XLA_FLAGS`` (before jax starts its backend), so
   that the processes it starts inherit them."""
-  have = os.environ.get("XLA_FLAGS", "").split()
-  os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys((*have, *FAST_COMPILE_FLAGS)))
+  os.environ["XLA_FLAGS"] = xla_flags(*os.environ.get("XLA_FLAGS", "").split())
