@@ -309,7 +309,7 @@ class BlockPathTest(parameterized.TestCase):
     def run(chunk_bytes, node_valid):
       def loss(p):
         out = metanet_blocks.forward(spec, p, graph.nodes, graph.edges, plan, node_valid,
-                                     graph.senders, graph.receivers)
+                                     graph.senders, graph.receivers, grid_impl="xla")
         return sum(jnp.sum(jnp.sin(3.0 * x)) for x in (out[0], *out[1])), out
       with mock.patch.object(metanet_blocks, "_CHUNK_BYTES", chunk_bytes):
         # 9 blocks of 16x16 (hidden 8: 8 KiB each): chunks of 3 under a 24 KiB budget

@@ -1,0 +1,395 @@
+// Single-pass CPU kernels for the metanetwork's dense edge blocks (metaprune_jax.metanet_blocks),
+// built and registered with XLA by metaprune_jax.cpu_kernels.
+//
+// A group of B blocks holds an edge tensor E [B, S, R, H] (two node axes and the hidden width)
+// and per-node factors a*s [B, S, H], a*r [B, R, H]; the XLA path computes the same maths
+// (metanet_blocks._grid_fwd_math, _grid_update, _grid_bwd_math) as a chain of fusions that
+// stream E and its temporaries through memory many times per layer. Here one pass over E does
+// the whole forward of a layer (both passes' statistics, their max/min tie counts and the
+// updated edges) and one pass over E and its cotangent the whole backward.
+//
+// Work is split into items (block b, chunk of C = kChunk rows of S) run on the caller and
+// XLA's intra-op thread pool. A chunk's statistics over S are accumulated in S order into a
+// slot of its own and the slots are combined in chunk order afterwards, so the results depend
+// only on each block's data and shape, never on the batch size or the number of threads.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kChunk = 64;
+
+// fn(i) for every i in [0, n), on the calling thread and up to num_threads pool threads. A pool
+// task that starts after every item was taken touches only the shared counters (held by a
+// shared_ptr), so the caller returns as soon as the items it saw started have finished.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  const F* f = &fn;
+  auto work = [state, f, n]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      (*f)(i);
+      state->done.fetch_add(1);
+    }
+  };
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
+  work();
+  while (state->done.load() < n) std::this_thread::yield();
+}
+
+struct Dims {
+  int64_t B, S, R, H;
+};
+
+// Dims of E [..., S, R, H] (rank >= 3, checked by the caller), leading axes flattened into B.
+Dims GridDims(const ffi::AnyBuffer& e) {
+  auto d = e.dimensions();
+  Dims out{1, d[d.size() - 3], d[d.size() - 2], d[d.size() - 1]};
+  for (size_t i = 0; i + 3 < d.size(); ++i) out.B *= d[i];
+  return out;
+}
+
+// Running max/min with tie counts (strict IEEE comparisons; E holds no NaN).
+inline void MaxCount(float p, float& m, float& c) {
+  bool gt = p > m, eq = p == m;
+  c = gt ? 1.0f : (eq ? c + 1.0f : c);
+  m = gt ? p : m;
+}
+inline void MinCount(float p, float& m, float& c) {
+  bool lt = p < m, eq = p == m;
+  c = lt ? 1.0f : (eq ? c + 1.0f : c);
+  m = lt ? p : m;
+}
+
+// Statistic slots: sum, sum of squares, max, min, max ties, min ties; each [n, H].
+constexpr int kStats = 6;
+
+void InitStats(float* st, int64_t n, int64_t H) {
+  const float inf = std::numeric_limits<float>::infinity();
+  std::fill(st, st + n * H, 0.0f);
+  std::fill(st + 1 * n * H, st + 2 * n * H, 0.0f);
+  std::fill(st + 2 * n * H, st + 3 * n * H, -inf);
+  std::fill(st + 3 * n * H, st + 4 * n * H, inf);
+  std::fill(st + 4 * n * H, st + 6 * n * H, 0.0f);
+}
+
+// dst (n rows of H) <- combination of dst and src, dst first.
+void CombineStats(float* dst, const float* src, int64_t n, int64_t H) {
+  int64_t m = n * H;
+  for (int64_t j = 0; j < m; ++j) {
+    dst[j] += src[j];
+    dst[m + j] += src[m + j];
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    float a = dst[2 * m + j], b = src[2 * m + j];
+    float ca = dst[4 * m + j], cb = src[4 * m + j];
+    dst[2 * m + j] = a > b ? a : b;
+    dst[4 * m + j] = a > b ? ca : (a == b ? ca + cb : cb);
+    a = dst[3 * m + j], b = src[3 * m + j];
+    ca = dst[5 * m + j], cb = src[5 * m + j];
+    dst[3 * m + j] = a < b ? a : b;
+    dst[5 * m + j] = a < b ? ca : (a == b ? ca + cb : cb);
+  }
+}
+
+// One (s, r) row of the forward. st1: this r's pass-1 slots (stride m1 between slots);
+// acc2: this s's pass-2 accumulators (stride H).
+template <bool kValidS, bool kValidR>
+inline void FwdRow(int64_t H, const float* __restrict e, const float* __restrict a1s,
+                   const float* __restrict a3s, const float* __restrict a4s,
+                   const float* __restrict a1r, const float* __restrict a3r,
+                   const float* __restrict a4r, float* __restrict st1, int64_t m1,
+                   float* __restrict acc2, float* __restrict out) {
+  float* __restrict s1 = st1;
+  float* __restrict q1 = st1 + m1;
+  float* __restrict x1 = st1 + 2 * m1;
+  float* __restrict n1 = st1 + 3 * m1;
+  float* __restrict cx1 = st1 + 4 * m1;
+  float* __restrict cn1 = st1 + 5 * m1;
+  float* __restrict s2 = acc2;
+  float* __restrict q2 = acc2 + H;
+  float* __restrict x2 = acc2 + 2 * H;
+  float* __restrict n2 = acc2 + 3 * H;
+  float* __restrict cx2 = acc2 + 4 * H;
+  float* __restrict cn2 = acc2 + 5 * H;
+#pragma GCC ivdep
+  for (int64_t h = 0; h < H; ++h) {
+    float x = e[h];
+    float p1 = a1s[h] * x;
+    s1[h] += p1;
+    q1[h] += p1 * p1;
+    if (kValidS) {
+      MaxCount(p1, x1[h], cx1[h]);
+      MinCount(p1, n1[h], cn1[h]);
+    }
+    float p2 = a1r[h] * x;
+    s2[h] += p2;
+    q2[h] += p2 * p2;
+    if (kValidR) {
+      MaxCount(p2, x2[h], cx2[h]);
+      MinCount(p2, n2[h], cn2[h]);
+    }
+    out[h] = x * (1.0f + a3s[h] * a4r[h] + a3r[h] * a4s[h]);
+  }
+}
+
+// Forward of a group. Inputs: E [..., S, R, H]; a1s, a3s, a4s [..., S, H]; a1r, a3r, a4r
+// [..., R, H]; vs [..., S], vr [..., R] (> 0: valid). Outputs: st1 [..., 6, R, H] (statistics
+// over S of p1 = a1s * E), st2 [..., 6, S, H] (over R of p2 = a1r * E), En [..., S, R, H] =
+// E * (1 + a3s a4r + a3r a4s). Max/min and their ties count valid messages only.
+ffi::Error GridFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer E, ffi::AnyBuffer A1s,
+                       ffi::AnyBuffer A1r, ffi::AnyBuffer A3s, ffi::AnyBuffer A3r,
+                       ffi::AnyBuffer A4s, ffi::AnyBuffer A4r, ffi::AnyBuffer Vs,
+                       ffi::AnyBuffer Vr, ffi::Result<ffi::AnyBuffer> St1,
+                       ffi::Result<ffi::AnyBuffer> St2, ffi::Result<ffi::AnyBuffer> En) {
+  if (E.dimensions().size() < 3) return ffi::Error::InvalidArgument("E must have rank >= 3");
+  const auto [B, S, R, H] = GridDims(E);
+  const float* e = E.typed_data<float>();
+  const float *a1s = A1s.typed_data<float>(), *a3s = A3s.typed_data<float>(),
+              *a4s = A4s.typed_data<float>();
+  const float *a1r = A1r.typed_data<float>(), *a3r = A3r.typed_data<float>(),
+              *a4r = A4r.typed_data<float>();
+  const float *vs = Vs.typed_data<float>(), *vr = Vr.typed_data<float>();
+  float *st1 = St1->typed_data<float>(), *st2 = St2->typed_data<float>(),
+        *en = En->typed_data<float>();
+  const int64_t nch = (S + kChunk - 1) / kChunk;
+  const int64_t m1 = R * H;
+  // chunk 0 accumulates into st1 itself, chunk c > 0 into slot c - 1 of `extra`
+  std::unique_ptr<float[]> extra(nch > 1 ? new float[B * (nch - 1) * kStats * m1] : nullptr);
+  auto item = [&](int64_t it) {
+    const int64_t b = it / nch, c = it % nch;
+    float* acc1 = c == 0 ? st1 + b * kStats * m1 : extra.get() + (b * (nch - 1) + c - 1) * kStats * m1;
+    InitStats(acc1, R, H);
+    const int64_t s0 = c * kChunk, s1 = std::min(S, s0 + kChunk);
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t bs = b * S + s;
+      float* acc2 = st2 + b * kStats * S * H + s * H;  // slot k at acc2 + k * S * H
+      float tmp[kStats * 256];
+      std::vector<float> big;
+      float* a2 = tmp;
+      if (H > 256) {
+        big.resize(kStats * H);
+        a2 = big.data();
+      }
+      InitStats(a2, 1, H);
+      const bool vs_ok = vs[bs] > 0;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t br = b * R + r;
+        const bool vr_ok = vr[br] > 0;
+        const float* er = e + (bs * R + r) * H;
+        float* out = en + (bs * R + r) * H;
+        const float *p1s = a1s + bs * H, *p3s = a3s + bs * H, *p4s = a4s + bs * H;
+        const float *p1r = a1r + br * H, *p3r = a3r + br * H, *p4r = a4r + br * H;
+        float* row1 = acc1 + r * H;
+        if (vs_ok && vr_ok)
+          FwdRow<true, true>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
+        else if (vs_ok)
+          FwdRow<true, false>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
+        else if (vr_ok)
+          FwdRow<false, true>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
+        else
+          FwdRow<false, false>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
+      }
+      for (int k = 0; k < kStats; ++k)
+        std::memcpy(acc2 + k * S * H, a2 + k * H, H * sizeof(float));
+    }
+  };
+  ParallelFor(pool, B * nch, item);
+  if (nch > 1) {
+    ParallelFor(pool, B, [&](int64_t b) {
+      for (int64_t c = 1; c < nch; ++c)
+        CombineStats(st1 + b * kStats * m1, extra.get() + (b * (nch - 1) + c - 1) * kStats * m1,
+                     R, H);
+    });
+  }
+  return ffi::Error::Success();
+}
+
+// One (s, r) row of the backward. n1: this r's pass-1 node terms (gs, gq, max, min, max
+// weight, min weight; stride m1), n2: this s's pass-2 terms (stride m2); d1: this r's
+// accumulators (da1r, da3r, da4r; stride m1), d2: this s's (da1s, da3s, da4s; stride H).
+template <bool kValidS, bool kValidR>
+inline void BwdRow(int64_t H, const float* __restrict e, const float* __restrict ge,
+                   const float* __restrict a1s, const float* __restrict a3s,
+                   const float* __restrict a4s, const float* __restrict a1r,
+                   const float* __restrict a3r, const float* __restrict a4r,
+                   const float* __restrict n1, int64_t m1, const float* __restrict n2,
+                   int64_t m2, float* __restrict d1, float* __restrict d2,
+                   float* __restrict de) {
+  const float *gs1 = n1, *gq1 = n1 + m1, *mx1 = n1 + 2 * m1, *mn1 = n1 + 3 * m1,
+              *wx1 = n1 + 4 * m1, *wn1 = n1 + 5 * m1;
+  const float *gs2 = n2, *gq2 = n2 + m2, *mx2 = n2 + 2 * m2, *mn2 = n2 + 3 * m2,
+              *wx2 = n2 + 4 * m2, *wn2 = n2 + 5 * m2;
+  float* __restrict d1a = d1;
+  float* __restrict d1b = d1 + m1;
+  float* __restrict d1c = d1 + 2 * m1;
+  float* __restrict d2a = d2;
+  float* __restrict d2b = d2 + H;
+  float* __restrict d2c = d2 + 2 * H;
+#pragma GCC ivdep
+  for (int64_t h = 0; h < H; ++h) {
+    float x = e[h], g = ge[h];
+    float p1 = a1s[h] * x;
+    float dp1 = gs1[h] + 2.0f * p1 * gq1[h];
+    if (kValidS) {
+      dp1 += (p1 == mx1[h] ? wx1[h] : 0.0f);
+      dp1 += (p1 == mn1[h] ? wn1[h] : 0.0f);
+    }
+    float p2 = a1r[h] * x;
+    float dp2 = gs2[h] + 2.0f * p2 * gq2[h];
+    if (kValidR) {
+      dp2 += (p2 == mx2[h] ? wx2[h] : 0.0f);
+      dp2 += (p2 == mn2[h] ? wn2[h] : 0.0f);
+    }
+    float fac = 1.0f + a3s[h] * a4r[h] + a3r[h] * a4s[h];
+    de[h] = g * fac + a1s[h] * dp1 + a1r[h] * dp2;
+    float t = g * x;
+    d2a[h] += x * dp1;
+    d2b[h] += t * a4r[h];
+    d2c[h] += t * a3r[h];
+    d1a[h] += x * dp2;
+    d1b[h] += t * a4s[h];
+    d1c[h] += t * a3s[h];
+  }
+}
+
+constexpr int kGrads = 3;
+
+// Backward of a group. Inputs: E, the six factors, vs, vr (as the forward); n1 [..., 6, R, H]
+// (cotangents of the pass-1 sum and sum of squares, the max and min, the max/min cotangents
+// divided by their tie counts), n2 [..., 6, S, H] (the same for pass 2); gE [..., S, R, H].
+// Outputs: dE [..., S, R, H], ds [..., 3, S, H] (da1s, da3s, da4s), dr [..., 3, R, H] (da1r,
+// da3r, da4r).
+ffi::Error GridBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer E, ffi::AnyBuffer A1s,
+                       ffi::AnyBuffer A1r, ffi::AnyBuffer A3s, ffi::AnyBuffer A3r,
+                       ffi::AnyBuffer A4s, ffi::AnyBuffer A4r, ffi::AnyBuffer Vs,
+                       ffi::AnyBuffer Vr, ffi::AnyBuffer N1, ffi::AnyBuffer N2,
+                       ffi::AnyBuffer GE, ffi::Result<ffi::AnyBuffer> DE,
+                       ffi::Result<ffi::AnyBuffer> Ds, ffi::Result<ffi::AnyBuffer> Dr) {
+  if (E.dimensions().size() < 3) return ffi::Error::InvalidArgument("E must have rank >= 3");
+  const auto [B, S, R, H] = GridDims(E);
+  const float* e = E.typed_data<float>();
+  const float* ge = GE.typed_data<float>();
+  const float *a1s = A1s.typed_data<float>(), *a3s = A3s.typed_data<float>(),
+              *a4s = A4s.typed_data<float>();
+  const float *a1r = A1r.typed_data<float>(), *a3r = A3r.typed_data<float>(),
+              *a4r = A4r.typed_data<float>();
+  const float *vs = Vs.typed_data<float>(), *vr = Vr.typed_data<float>();
+  const float *n1 = N1.typed_data<float>(), *n2 = N2.typed_data<float>();
+  float *de = DE->typed_data<float>(), *ds = Ds->typed_data<float>(),
+        *dr = Dr->typed_data<float>();
+  const int64_t nch = (S + kChunk - 1) / kChunk;
+  const int64_t m1 = R * H, m2 = S * H;
+  std::unique_ptr<float[]> extra(nch > 1 ? new float[B * (nch - 1) * kGrads * m1] : nullptr);
+  auto item = [&](int64_t it) {
+    const int64_t b = it / nch, c = it % nch;
+    float* acc1 = c == 0 ? dr + b * kGrads * m1 : extra.get() + (b * (nch - 1) + c - 1) * kGrads * m1;
+    std::fill(acc1, acc1 + kGrads * m1, 0.0f);
+    const int64_t s0 = c * kChunk, s1 = std::min(S, s0 + kChunk);
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t bs = b * S + s;
+      float* acc2 = ds + b * kGrads * m2 + s * H;
+      float tmp[kGrads * 256];
+      std::vector<float> big;
+      float* a2 = tmp;
+      if (H > 256) {
+        big.resize(kGrads * H);
+        a2 = big.data();
+      }
+      std::fill(a2, a2 + kGrads * H, 0.0f);
+      const bool vs_ok = vs[bs] > 0;
+      const float* n2s = n2 + b * kStats * m2 + s * H;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t br = b * R + r;
+        const bool vr_ok = vr[br] > 0;
+        const int64_t off = (bs * R + r) * H;
+        const float *p1s = a1s + bs * H, *p3s = a3s + bs * H, *p4s = a4s + bs * H;
+        const float *p1r = a1r + br * H, *p3r = a3r + br * H, *p4r = a4r + br * H;
+        const float* n1r = n1 + b * kStats * m1 + r * H;
+        float* row1 = acc1 + r * H;
+        if (vs_ok && vr_ok)
+          BwdRow<true, true>(H, e + off, ge + off, p1s, p3s, p4s, p1r, p3r, p4r, n1r, m1, n2s,
+                             m2, row1, a2, de + off);
+        else if (vs_ok)
+          BwdRow<true, false>(H, e + off, ge + off, p1s, p3s, p4s, p1r, p3r, p4r, n1r, m1, n2s,
+                              m2, row1, a2, de + off);
+        else if (vr_ok)
+          BwdRow<false, true>(H, e + off, ge + off, p1s, p3s, p4s, p1r, p3r, p4r, n1r, m1, n2s,
+                              m2, row1, a2, de + off);
+        else
+          BwdRow<false, false>(H, e + off, ge + off, p1s, p3s, p4s, p1r, p3r, p4r, n1r, m1,
+                               n2s, m2, row1, a2, de + off);
+      }
+      for (int k = 0; k < kGrads; ++k)
+        std::memcpy(acc2 + k * m2, a2 + k * H, H * sizeof(float));
+    }
+  };
+  ParallelFor(pool, B * nch, item);
+  if (nch > 1) {
+    ParallelFor(pool, B, [&](int64_t b) {
+      float* dst = dr + b * kGrads * m1;
+      for (int64_t c = 1; c < nch; ++c) {
+        const float* src = extra.get() + (b * (nch - 1) + c - 1) * kGrads * m1;
+        for (int64_t j = 0; j < kGrads * m1; ++j) dst[j] += src[j];
+      }
+    });
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MetapruneGridFwd, GridFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MetapruneGridBwd, GridBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
