@@ -35,6 +35,11 @@ The script restarts itself with transparent huge pages, as the CLI runs
 without them. (An earlier ``--tune_malloc`` flag, glibc's ``mallopt`` with no mmap, no trimming
 and one arena, is gone: it removed the page faults too, but raised the peak RSS by ~1 GB and made
 the meta-training step slower, 5.8 s against 4.5 s.)
+
+On the CPU the dense-block path runs its grid groups in ``metaprune_jax.cpu_kernels``
+(``"grid_impl": "cpu_kernel"``; ``cpu_kernels_load_s`` is their build on a machine's first run,
+or their loading from the cache); ``METAPRUNE_JAX_CPU_KERNELS=0 python benchmarks/metanet.py``
+measures XLA's fusions instead (``"grid_impl": "xla"``, as on GPUs and TPUs).
 """
 
 import argparse
@@ -48,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metaprune_jax import cpu_kernels
 from metaprune_jax import graph as graph_lib
 from metaprune_jax import metanet
 from metaprune_jax import reference
@@ -129,7 +135,10 @@ def bench_case(name, config, params, graph, arch, repeats, plan=None):
   bwd_med, bwd_min, bwd_cpu = _median_time(lambda: grad_fn(params, g), repeats)
   runs_peak = _memory.vm_mb("VmHWM") if resettable else None
   return {
-      "case": name, "path": "blocks" if plan is not None else "scatter", "device": str(jax.devices()[0]), "num_nodes": int(graph.nodes.shape[0]),
+      "case": name, "path": "blocks" if plan is not None else "scatter",
+      "grid_impl": None if plan is None else (
+          "cpu_kernel" if cpu_kernels.use_for(jnp.zeros((1,), jnp.float32)) else "xla"),
+      "device": str(jax.devices()[0]), "num_nodes": int(graph.nodes.shape[0]),
       "num_edges": int(graph.senders.shape[0]), "hidden": spec.hidden,
       "num_layers": spec.num_layers, "forward_s": fwd_med, "forward_min_s": fwd_min,
       "forward_cpu_s": fwd_cpu, "forward_backward_s": bwd_med,
@@ -150,6 +159,9 @@ def main():
                       help="ResNet-56: the dense-block fast path or the generic scatter path")
   args = parser.parse_args()
   host = _memory.huge_pages_first()
+  t = time.perf_counter()
+  host["cpu_kernels"] = cpu_kernels.available()  # built (or found in the cache) before timing
+  host["cpu_kernels_load_s"] = round(time.perf_counter() - t, 2)
 
   # ResNet-56, full width.
   arch = zoo.get_arch("resnet56", 10)

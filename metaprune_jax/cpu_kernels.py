@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import jaxlib
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "grid_cpu.cc")
-_FWD, _BWD = "metaprune_grid_fwd", "metaprune_grid_bwd"
+_FWD, _FWD_NO_COUNTS, _BWD = ("metaprune_grid_fwd", "metaprune_grid_fwd_no_counts",
+                              "metaprune_grid_bwd")
 _ENV_SWITCH = "METAPRUNE_JAX_CPU_KERNELS"
 
 
@@ -118,7 +119,9 @@ def available() -> bool:
   except (RuntimeError, OSError) as e:
     logging.warning("metaprune_jax: CPU edge kernels unavailable, using XLA's fusions: %s", e)
     return False
-  for name, symbol in ((_FWD, lib.MetapruneGridFwd), (_BWD, lib.MetapruneGridBwd)):
+  for name, symbol in ((_FWD, lib.MetapruneGridFwd),
+                       (_FWD_NO_COUNTS, lib.MetapruneGridFwdNoCounts),
+                       (_BWD, lib.MetapruneGridBwd)):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     jax.ffi.register_ffi_target_as_batch_partitionable(name)
   return True
@@ -132,13 +135,15 @@ def use_for(*arrays) -> bool:
           and available())
 
 
-def grid_forward(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr):
+def grid_forward(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, counts: bool = True):
   """One layer's forward edge work of a grid group, in one pass over ``E``.
 
   Args:
     E: [..., S, R, h] float32 edge features (two node axes S and R).
     a1s, a3s, a4s: [..., S, h] node factors of the S nodes; a1r, a3r, a4r: [..., R, h].
     vs, vr: [..., S] / [..., R] float32 validity (> 0: valid).
+    counts: whether to count the max/min ties (the backward's even split needs them; without,
+      their slots are zeros and the pass is ~30% faster: single-thread timing, one group).
 
   Returns:
     ``st1`` [..., 6, R, h]: over S, of ``p1 = a1s * E``: sum, sum of squares, max and min over
@@ -151,8 +156,8 @@ def grid_forward(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr):
   out = (jax.ShapeDtypeStruct(lead + (6, r, h), jnp.float32),
          jax.ShapeDtypeStruct(lead + (6, s, h), jnp.float32),
          jax.ShapeDtypeStruct(E.shape, jnp.float32))
-  return jax.ffi.ffi_call(_FWD, out, vmap_method="broadcast_all")(
-      E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr)
+  return jax.ffi.ffi_call(_FWD if counts else _FWD_NO_COUNTS, out,
+                          vmap_method="broadcast_all")(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr)
 
 
 def grid_backward(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, n1, n2, gE):

@@ -350,11 +350,12 @@ _grid.defvjp(_grid_fwd, _grid_bwd)
 
 @jax.custom_vjp
 def _grid_ffi(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr):
-  return _grid_ffi_fwd(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr)[0]
+  # not differentiated (inference): no tie counts
+  return _grid_ffi_fwd(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, counts=False)[0]
 
 
-def _grid_ffi_fwd(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr):
-  st1, st2, En = cpu_kernels.grid_forward(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr)
+def _grid_ffi_fwd(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, counts=True):
+  st1, st2, En = cpu_kernels.grid_forward(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, counts)
   out = (tuple(st1[:, k] for k in range(4)), tuple(st2[:, k] for k in range(4)), En)
   return out, (E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, st1[:, 2:], st2[:, 2:])
 

@@ -80,6 +80,24 @@ class GridKernelTest(parameterized.TestCase):
     for a, b in zip(got_g, want_g):
       _close(a, b, rtol=5e-6)
 
+  def test_tie_counts_and_the_forward_without_them(self):
+    e, f, vs, vr = _group(2, 70, 6, 4, seed=5)
+    vsf, vrf = jnp.asarray(vs, jnp.float32), jnp.asarray(vr, jnp.float32)
+    st1, st2, en = jax.jit(cpu_kernels.grid_forward)(e, *f, vsf, vrf)
+    p1 = np.asarray(f[0])[:, :, None, :] * np.asarray(e)  # [B, S, R, h] messages over S
+    p2 = np.asarray(f[1])[:, None, :, :] * np.asarray(e)  # over R
+    for p, st, axis, v in ((p1, st1, 1, vs[:, :, None, None]), (p2, st2, 2, vr[:, None, :, None])):
+      mx = np.where(v, p, -np.inf).max(axis, keepdims=True)
+      mn = np.where(v, p, np.inf).min(axis, keepdims=True)
+      np.testing.assert_array_equal(st[:, 2], np.squeeze(mx, axis))
+      np.testing.assert_array_equal(st[:, 4], ((p == mx) & v).sum(axis))
+      np.testing.assert_array_equal(st[:, 5], ((p == mn) & v).sum(axis))
+    self.assertGreater(float(np.asarray(st1[:, 4]).max()), 1.0)  # the group has ties
+    no = jax.jit(lambda *a: cpu_kernels.grid_forward(*a, counts=False))(e, *f, vsf, vrf)
+    np.testing.assert_array_equal(no[0][:, :4], st1[:, :4])
+    np.testing.assert_array_equal(no[1][:, :4], st2[:, :4])
+    np.testing.assert_array_equal(no[2], en)
+
   def test_ties_split_the_max_and_min_gradients_evenly(self):
     # Every message of a node equal: the max's (and min's) cotangent is shared by all of them.
     e = jnp.ones((1, 5, 3, 2), jnp.float32)

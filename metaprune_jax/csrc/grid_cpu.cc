@@ -114,7 +114,7 @@ void CombineStats(float* dst, const float* src, int64_t n, int64_t H) {
 
 // One (s, r) row of the forward. st1: this r's pass-1 slots (stride m1 between slots);
 // acc2: this s's pass-2 accumulators (stride H).
-template <bool kValidS, bool kValidR>
+template <bool kCounts, bool kValidS, bool kValidR>
 inline void FwdRow(int64_t H, const float* __restrict e, const float* __restrict a1s,
                    const float* __restrict a3s, const float* __restrict a4s,
                    const float* __restrict a1r, const float* __restrict a3r,
@@ -138,16 +138,22 @@ inline void FwdRow(int64_t H, const float* __restrict e, const float* __restrict
     float p1 = a1s[h] * x;
     s1[h] += p1;
     q1[h] += p1 * p1;
-    if (kValidS) {
+    if (kValidS && kCounts) {
       MaxCount(p1, x1[h], cx1[h]);
       MinCount(p1, n1[h], cn1[h]);
+    } else if (kValidS) {
+      x1[h] = p1 > x1[h] ? p1 : x1[h];
+      n1[h] = p1 < n1[h] ? p1 : n1[h];
     }
     float p2 = a1r[h] * x;
     s2[h] += p2;
     q2[h] += p2 * p2;
-    if (kValidR) {
+    if (kValidR && kCounts) {
       MaxCount(p2, x2[h], cx2[h]);
       MinCount(p2, n2[h], cn2[h]);
+    } else if (kValidR) {
+      x2[h] = p2 > x2[h] ? p2 : x2[h];
+      n2[h] = p2 < n2[h] ? p2 : n2[h];
     }
     out[h] = x * (1.0f + a3s[h] * a4r[h] + a3r[h] * a4s[h]);
   }
@@ -156,7 +162,10 @@ inline void FwdRow(int64_t H, const float* __restrict e, const float* __restrict
 // Forward of a group. Inputs: E [..., S, R, H]; a1s, a3s, a4s [..., S, H]; a1r, a3r, a4r
 // [..., R, H]; vs [..., S], vr [..., R] (> 0: valid). Outputs: st1 [..., 6, R, H] (statistics
 // over S of p1 = a1s * E), st2 [..., 6, S, H] (over R of p2 = a1r * E), En [..., S, R, H] =
-// E * (1 + a3s a4r + a3r a4s). Max/min and their ties count valid messages only.
+// E * (1 + a3s a4r + a3r a4s). Max/min and their ties count valid messages only. Without
+// kCounts (the forward of inference, which needs no tie counts) slots 4 and 5 are left as
+// zeros.
+template <bool kCounts>
 ffi::Error GridFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer E, ffi::AnyBuffer A1s,
                        ffi::AnyBuffer A1r, ffi::AnyBuffer A3s, ffi::AnyBuffer A3r,
                        ffi::AnyBuffer A4s, ffi::AnyBuffer A4r, ffi::AnyBuffer Vs,
@@ -202,13 +211,13 @@ ffi::Error GridFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer E, ffi::AnyBuffer A1
         const float *p1r = a1r + br * H, *p3r = a3r + br * H, *p4r = a4r + br * H;
         float* row1 = acc1 + r * H;
         if (vs_ok && vr_ok)
-          FwdRow<true, true>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
+          FwdRow<kCounts, true, true>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
         else if (vs_ok)
-          FwdRow<true, false>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
+          FwdRow<kCounts, true, false>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
         else if (vr_ok)
-          FwdRow<false, true>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
+          FwdRow<kCounts, false, true>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
         else
-          FwdRow<false, false>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
+          FwdRow<kCounts, false, false>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
       }
       for (int k = 0; k < kStats; ++k)
         std::memcpy(acc2 + k * S * H, a2 + k * H, H * sizeof(float));
@@ -359,7 +368,23 @@ ffi::Error GridBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer E, ffi::AnyBuffer A1
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MetapruneGridFwd, GridFwdImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MetapruneGridFwd, GridFwdImpl<true>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MetapruneGridFwdNoCounts, GridFwdImpl<false>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
