@@ -135,6 +135,12 @@ def use_for(*arrays) -> bool:
           and available())
 
 
+def _check_f32(name, arrays):
+  bad = [a.dtype for a in arrays if a.dtype != jnp.float32]
+  if bad:
+    raise TypeError(f"cpu_kernels.{name} takes float32 operands only, got {sorted(set(map(str, bad)))}")
+
+
 def grid_forward(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, counts: bool = True):
   """One layer's forward edge work of a grid group, in one pass over ``E``.
 
@@ -151,6 +157,7 @@ def grid_forward(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, counts: bool = True):
     ``st2`` [..., 6, S, h]: the same over R of ``p2 = a1r * E`` (valid R nodes);
     ``En`` [..., S, R, h] = ``E * (1 + a3s a4r + a3r a4s)``.
   """
+  _check_f32("grid_forward", (E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr))
   *lead, s, r, h = E.shape
   lead = tuple(lead)
   out = (jax.ShapeDtypeStruct(lead + (6, r, h), jnp.float32),
@@ -174,6 +181,7 @@ def grid_backward(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, n1, n2, gE):
     ``dE`` [..., S, R, h]; ``ds`` [..., 3, S, h] (cotangents of a1s, a3s, a4s); ``dr``
     [..., 3, R, h] (of a1r, a3r, a4r).
   """
+  _check_f32("grid_backward", (E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, n1, n2, gE))
   *lead, s, r, h = E.shape
   lead = tuple(lead)
   out = (jax.ShapeDtypeStruct(E.shape, jnp.float32),

@@ -377,12 +377,12 @@ def _grid_ffi_bwd(res, cot):
 _grid_ffi.defvjp(_grid_ffi_fwd, _grid_ffi_bwd)
 
 
-def _use_kernels(grid_impl: Optional[str], x) -> bool:
+def _use_kernels(grid_impl: Optional[str], *arrays) -> bool:
   if grid_impl not in (None, "auto", "xla", "cpu_kernel"):
     raise ValueError(f"grid_impl must be 'auto', 'xla' or 'cpu_kernel', not {grid_impl!r}")
   if grid_impl == "xla":
     return False
-  ok = cpu_kernels.use_for(x)
+  ok = cpu_kernels.use_for(*arrays)
   if grid_impl == "cpu_kernel" and not ok:
     raise RuntimeError("grid_impl='cpu_kernel' needs the CPU backend, float32 edges and the "
                        "built kernels (see metaprune_jax.cpu_kernels)")
@@ -517,7 +517,8 @@ def forward(spec, params, nodes, edges, plan: BlockPlan, node_valid: Optional[ja
     parts = [next(flat).reshape(shape) for _ in g.starts]
     es.append(_lin(params[f"edge_enc_{g.kind}"], jnp.stack(parts)))
   count1, count2 = _counts(plan, idx, node_valid)
-  kernels = _use_kernels(grid_impl, nodes)
+  # the edge states' dtype follows the edges' and the params' (all float32 for the kernels)
+  kernels = _use_kernels(grid_impl, nodes, *edges, *jax.tree_util.tree_leaves(params))
 
   def validity(g, i):
     if kernels and not g.diag:  # the kernels': [B, n] float, ones when unmasked

@@ -164,7 +164,11 @@ class SelectionTest(absltest.TestCase):
       self.assertFalse(metanet_blocks._use_kernels(None, jnp.zeros((1,), jnp.float32)))
 
   def test_float64_edges_take_the_xla_path(self):
-    self.assertFalse(cpu_kernels.use_for(np.zeros((1,), np.float64)))
+    self.assertFalse(cpu_kernels.use_for(np.zeros((1,), np.float32), np.zeros((1,), np.float64)))
+    with self.assertRaisesRegex(TypeError, "float32 operands only.*float64"):
+      z = np.zeros((1, 2, 2, 2), np.float32)
+      f = np.zeros((1, 2, 2), np.float32)
+      cpu_kernels.grid_forward(z.astype(np.float64), f, f, f, f, f, f, f[..., 0], f[..., 0])
 
   def test_missing_compiler_is_named(self):
     with self.assertRaisesRegex(RuntimeError, "no C\\+\\+ compiler 'no-such-c\\+\\+'"):
