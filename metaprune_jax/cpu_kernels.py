@@ -56,14 +56,13 @@ def _cache_dir() -> str:
 
 
 def _cpu_flags() -> str:
+  """The CPU's feature flags (Linux); elsewhere, or without /proc, the processor's name."""
   try:
     with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith(("flags", "Features")):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
+      lines = [l for l in f if l.startswith(("flags", "Features"))]
+  except OSError:  # no /proc: the name is the best key there is
+    lines = []
+  return lines[0].split(":", 1)[1].strip() if lines else platform.processor()
 
 
 def _compile_command(compiler: str, out: str) -> list:
