@@ -40,10 +40,13 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "grid_cpu.cc")
 _FWD, _FWD_NO_COUNTS, _BWD = ("metaprune_grid_fwd", "metaprune_grid_fwd_no_counts",
                               "metaprune_grid_bwd")
+_LFWD, _LFWD_NO_COUNTS, _LBWD = ("metaprune_layer_fwd", "metaprune_layer_fwd_no_counts",
+                                 "metaprune_layer_bwd")
 _ENV_SWITCH = "METAPRUNE_JAX_CPU_KERNELS"
 
 
@@ -120,7 +123,10 @@ def available() -> bool:
     return False
   for name, symbol in ((_FWD, lib.MetapruneGridFwd),
                        (_FWD_NO_COUNTS, lib.MetapruneGridFwdNoCounts),
-                       (_BWD, lib.MetapruneGridBwd)):
+                       (_BWD, lib.MetapruneGridBwd),
+                       (_LFWD, lib.MetapruneLayerFwd),
+                       (_LFWD_NO_COUNTS, lib.MetapruneLayerFwdNoCounts),
+                       (_LBWD, lib.MetapruneLayerBwd)):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     jax.ffi.register_ffi_target_as_batch_partitionable(name)
   return True
@@ -188,3 +194,70 @@ def grid_backward(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, n1, n2, gE):
          jax.ShapeDtypeStruct(lead + (3, r, h), jnp.float32))
   return jax.ffi.ffi_call(_BWD, out, vmap_method="broadcast_all")(
       E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, n1, n2, gE)
+
+
+def _offsets(s_starts, r_starts, es):
+  """The kernels' ``offs`` attribute: per group, its blocks' S offsets then their R offsets."""
+  if not (len(s_starts) == len(r_starts) == len(es)):
+    raise ValueError("one S and one R offset list per edge tensor")
+  parts = []
+  for so, ro, e in zip(s_starts, r_starts, es):
+    if len(so) != e.shape[-4] or len(ro) != e.shape[-4]:
+      raise ValueError(f"{e.shape[-4]} blocks need as many S and R offsets, got {len(so)}, "
+                       f"{len(ro)}")
+    parts += [np.asarray(so, np.int64), np.asarray(ro, np.int64)]
+  return np.concatenate(parts) if parts else np.zeros((0,), np.int64)
+
+
+def layer_forward(a1, a3, a4, v, es, s_starts, r_starts, counts: bool = True):
+  """One metanetwork layer's edge work over every grid group, statistics combined per node.
+
+  Args:
+    a1, a3, a4: [..., N, h] float32 node factors (``a1`` zero at invalid nodes).
+    v: [..., N] float32 validity (> 0: valid; ones when nothing is masked).
+    es: per group g, ``E_g`` [..., B_g, S_g, R_g, h] (block b's S rows are nodes
+      ``s_starts[g][b] + s``, its R rows ``r_starts[g][b] + r``).
+    s_starts, r_starts: static per-group sequences of B_g ints.
+    counts: whether to count the max/min ties (the backward needs them).
+
+  Returns:
+    ``t1`` [..., 6, N, h]: at each node, over every message ``p1 = a1[S node] * E`` that reaches
+    it as an R row (from valid S nodes): sum, sum of squares, max, min, and the number of
+    messages attaining the max and the min (zeros without ``counts``); a node no block reaches
+    as an R row gets (0, 0, -inf, +inf, 0, 0). ``t2`` [..., 6, N, h]: the same over the messages
+    ``p2 = a1[R node] * E`` that reach each node as an S row. ``ens``: per group,
+    ``E * (1 + a3_s a4_r + a3_r a4_s)``. Each node's statistics are combined across blocks in
+    a fixed order: the same bits whatever the thread count.
+  """
+  es = tuple(es)
+  _check_f32("layer_forward", (a1, a3, a4, v) + es)
+  *lead, n, h = a1.shape
+  t = jax.ShapeDtypeStruct(tuple(lead) + (6, n, h), jnp.float32)
+  out = (t, t) + tuple(jax.ShapeDtypeStruct(e.shape, jnp.float32) for e in es)
+  res = jax.ffi.ffi_call(_LFWD if counts else _LFWD_NO_COUNTS, out,
+                         vmap_method="broadcast_all")(
+      a1, a3, a4, v, *es, offs=_offsets(s_starts, r_starts, es))
+  return res[0], res[1], tuple(res[2:])
+
+
+def layer_backward(a1, a3, a4, v, n1, n2, es, ges, s_starts, r_starts):
+  """Backward of :func:`layer_forward`.
+
+  Args:
+    a1, a3, a4, v, es, s_starts, r_starts: as :func:`layer_forward`.
+    n1: [..., 6, N, h]: cotangents of ``t1``'s sum and sum of squares, ``t1``'s max and min,
+      and their cotangents divided by the tie counts (max/min gradients are split evenly among
+      a node's tied messages); n2: the same for ``t2``.
+    ges: per group, the cotangent of ``ens[g]``.
+
+  Returns:
+    ``da`` [..., 3, N, h] (cotangents of a1, a3, a4) and the per-group ``dE`` tuple.
+  """
+  es, ges = tuple(es), tuple(ges)
+  _check_f32("layer_backward", (a1, a3, a4, v, n1, n2) + es + ges)
+  *lead, n, h = a1.shape
+  out = (jax.ShapeDtypeStruct(tuple(lead) + (3, n, h), jnp.float32),) + tuple(
+      jax.ShapeDtypeStruct(e.shape, jnp.float32) for e in es)
+  res = jax.ffi.ffi_call(_LBWD, out, vmap_method="broadcast_all")(
+      a1, a3, a4, v, n1, n2, *es, *ges, offs=_offsets(s_starts, r_starts, es))
+  return res[0], tuple(res[1:])

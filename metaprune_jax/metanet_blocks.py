@@ -157,6 +157,17 @@ def _index(plan: BlockPlan) -> _Index:
                 _gather_rows(n, cat(rows2)))
 
 
+@functools.lru_cache(maxsize=32)
+def _diag_gathers(plan: BlockPlan):
+  """``_Index.gather1``/``gather2`` over the diagonal groups' partial rows only (the kernel
+  path combines the grid groups in its kernel)."""
+  idx = _index(plan)
+  rows1 = [r.ravel() for g, r in zip(plan.groups, idx.r_idx) if g.diag]
+  rows2 = [s.ravel() for g, s in zip(plan.groups, idx.s_idx) if g.diag]
+  cat = lambda x: np.concatenate(x) if x else np.zeros((0,), np.int32)
+  return (_gather_rows(plan.num_nodes, cat(rows1)), _gather_rows(plan.num_nodes, cat(rows2)))
+
+
 # --------------------------------------------------------------------------------------------
 # Per-group edge work of one layer (custom VJP).
 # --------------------------------------------------------------------------------------------
@@ -343,38 +354,46 @@ def _grid_bwd_math(masked, E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, mx1, mn1, mx
 _grid.defvjp(_grid_fwd, _grid_bwd)
 
 
-# The same group maths as :func:`_grid` in XLA:CPU custom kernels (``cpu_kernels``): one pass
-# over E per layer forward, one over E and its cotangent backward. The forward also counts the
-# max/min ties (the backward's even split), so the backward needs no pass of its own for them.
+# The same maths as :func:`_grid` and :func:`_combine` in XLA:CPU custom kernels
+# (``cpu_kernels``), for every grid group of a layer in one call: one pass over each E per layer
+# forward, one over E and its cotangent backward, each node's statistics combined across its
+# blocks inside the kernel (no per-block gathers, slices, concatenations or reductions in XLA).
+# The forward also counts the max/min ties at each node, for the backward's even split.
 
 
-@jax.custom_vjp
-def _grid_ffi(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr):
+def _stat_slots(t):
+  """The sum, sum of squares, max and min slots of a kernel's [..., 6, N, h] statistics."""
+  return tuple(t[..., k, :, :] for k in range(4))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _layer_ffi(geom, a1, a3, a4, v, es):
   # not differentiated (inference): no tie counts
-  return _grid_ffi_fwd(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, counts=False)[0]
+  t1, t2, ens = cpu_kernels.layer_forward(a1, a3, a4, v, es, *geom, counts=False)
+  return _stat_slots(t1), _stat_slots(t2), ens
 
 
-def _grid_ffi_fwd(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, counts=True):
-  st1, st2, En = cpu_kernels.grid_forward(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, counts)
-  out = (tuple(st1[:, k] for k in range(4)), tuple(st2[:, k] for k in range(4)), En)
-  return out, (E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, st1[:, 2:], st2[:, 2:])
+def _layer_ffi_fwd(geom, a1, a3, a4, v, es):
+  t1, t2, ens = cpu_kernels.layer_forward(a1, a3, a4, v, es, *geom, counts=True)
+  res = (a1, a3, a4, v, es, t1[..., 2:, :, :], t2[..., 2:, :, :])
+  return (_stat_slots(t1), _stat_slots(t2), ens), res
 
 
-def _grid_ffi_bwd(res, cot):
-  E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, t1, t2 = res
-  (gs1, gq1, gmx1, gmn1), (gs2, gq2, gmx2, gmn2), gE = cot
+def _layer_ffi_bwd(geom, res, cot):
+  a1, a3, a4, v, es, m1, m2 = res
+  g1, g2, gens = cot
 
-  def node_terms(gs, gq, gmx, gmn, t):  # t: [B, 4, n, h] = max, min, max ties, min ties
-    return jnp.stack([gs, gq, t[:, 0], t[:, 1], gmx / jnp.maximum(t[:, 2], 1.0),
-                      gmn / jnp.maximum(t[:, 3], 1.0)], axis=1)
-  dE, ds, dr = cpu_kernels.grid_backward(
-      E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, node_terms(gs1, gq1, gmx1, gmn1, t1),
-      node_terms(gs2, gq2, gmx2, gmn2, t2), gE)
-  return (dE, ds[:, 0], dr[:, 0], ds[:, 1], dr[:, 1], ds[:, 2], dr[:, 2], jnp.zeros_like(vs),
-          jnp.zeros_like(vr))
+  def node_terms(g, m):  # m: [..., 4, N, h] = max, min, max ties, min ties
+    gs, gq, gmx, gmn = g
+    return jnp.stack([gs, gq, m[..., 0, :, :], m[..., 1, :, :],
+                      gmx / jnp.maximum(m[..., 2, :, :], 1.0),
+                      gmn / jnp.maximum(m[..., 3, :, :], 1.0)], axis=-3)
+  da, des = cpu_kernels.layer_backward(a1, a3, a4, v, node_terms(g1, m1), node_terms(g2, m2),
+                                       es, gens, *geom)
+  return (da[..., 0, :, :], da[..., 1, :, :], da[..., 2, :, :], jnp.zeros_like(v), des)
 
 
-_grid_ffi.defvjp(_grid_ffi_fwd, _grid_ffi_bwd)
+_layer_ffi.defvjp(_layer_ffi_fwd, _layer_ffi_bwd)
 
 
 def _use_kernels(grid_impl: Optional[str], *arrays) -> bool:
@@ -520,36 +539,67 @@ def forward(spec, params, nodes, edges, plan: BlockPlan, node_valid: Optional[ja
   # the edge states' dtype follows the edges' and the params' (all float32 for the kernels)
   kernels = _use_kernels(grid_impl, nodes, *edges, *jax.tree_util.tree_leaves(params))
 
-  def validity(g, i):
-    if kernels and not g.diag:  # the kernels': [B, n] float, ones when unmasked
-      return node_valid[i] if masked else jnp.ones(i.shape, jnp.float32)
-    return (node_valid[i] > 0)[..., None] if masked else None  # XLA's: [B, n, 1] bool
-  vs_all = [validity(g, s) for g, s in zip(plan.groups, idx.s_idx)]
-  vr_all = [validity(g, r) for g, r in zip(plan.groups, idx.r_idx)]
+  def validity(i):  # XLA's: [B, n, 1] bool, or None unmasked
+    return (node_valid[i] > 0)[..., None] if masked else None
+  vs_all = [validity(s) for s in idx.s_idx]
+  vr_all = [validity(r) for r in idx.r_idx]
+  grid_ids = [j for j, g in enumerate(plan.groups) if not g.diag]
+  diag_ids = [j for j, g in enumerate(plan.groups) if g.diag]
+  if kernels:
+    # A grid group's E is [B, R, S, h] (receiver-major): the kernels' S rows are its receivers.
+    geom = (tuple(plan.groups[j].r_start for j in grid_ids),
+            tuple(plan.groups[j].s_start for j in grid_ids))
+    v_all = node_valid if masked else jnp.ones((plan.num_nodes,), jnp.float32)
+    diag_gather1, diag_gather2 = _diag_gathers(plan)
+
+  def diag_parts(ids, a1m, a3, a4, es):
+    parts1, parts2, new_es = [], [], {}
+    for j in ids:
+      s, r = idx.s_idx[j], idx.r_idx[j]
+      st1, st2, new_es[j] = _diag(es[j], a1m[s], a1m[r], a3[s], a3[r], a4[s], a4[r],
+                                  vs_all[j], vr_all[j])
+      parts1.append(st1)
+      parts2.append(st2)
+    return parts1, parts2, new_es
 
   def layer(carry, lp):
     node_h, es = carry
     x = _layer_norm(node_h)
     a1, a2, a3, a4 = (jax.nn.silu(_lin(lp[f"lin{j}"], x)) for j in range(1, 5))
     a1m = a1 * node_valid[:, None] if masked else a1
-    parts1, parts2, new_es = [], [], []
-    for g, E, s, r, vs, vr in zip(plan.groups, es, idx.s_idx, idx.r_idx, vs_all, vr_all):
-      # The small per-block node factors (gathers). No optimization_barrier: XLA:CPU drops
-      # barriers before fusion; without them the compiled forward was the same up to bitcasts,
-      # and the backward had six fewer small [5, 5, 64, 64] copies (ResNet-56).
-      # A grid group's E is [B, R, S, h] (receiver-major): the grid maths' first node axis is
-      # the receivers', so its first pass (over axis 1) is our pass 2 and vice versa.
-      if g.diag:
-        st1, st2, En = _diag(E, a1m[s], a1m[r], a3[s], a3[r], a4[s], a4[r], vs, vr)
-      elif kernels:
-        st2, st1, En = _grid_ffi(E, a1m[r], a1m[s], a3[r], a3[s], a4[r], a4[s], vr, vs)
-      else:
-        st2, st1, En = _grid(E, a1m[r], a1m[s], a3[r], a3[s], a4[r], a4[s], vr, vs, masked)
-      parts1.append(st1)
-      parts2.append(st2)
-      new_es.append(En)
-    s1, q1, mx1, mn1 = _combine(parts1, idx.gather1, h)
-    s2, q2, mx2, mn2 = _combine(parts2, idx.gather2, h)
+    if kernels:
+      t_send, t_recv, grid_new = _layer_ffi(geom, a1m, a3, a4, v_all,
+                                            tuple(es[j] for j in grid_ids))
+      new_es = dict(zip(grid_ids, grid_new))
+      st1, st2 = t_recv, t_send  # pass 1 at the receivers, pass 2 at the senders
+      if diag_ids:
+        parts1, parts2, diag_new = diag_parts(diag_ids, a1m, a3, a4, es)
+        new_es.update(diag_new)
+        merge = lambda t, d: (t[0] + d[0], t[1] + d[1], jnp.maximum(t[2], d[2]),
+                              jnp.minimum(t[3], d[3]))
+        st1 = merge(st1, _combine(parts1, diag_gather1, h))
+        st2 = merge(st2, _combine(parts2, diag_gather2, h))
+      s1, q1, mx1, mn1 = st1
+      s2, q2, mx2, mn2 = st2
+      new_es = tuple(new_es[j] for j in range(len(plan.groups)))
+    else:
+      parts1, parts2, new_es = [], [], []
+      for j, (g, E, s, r, vs, vr) in enumerate(zip(plan.groups, es, idx.s_idx, idx.r_idx,
+                                                    vs_all, vr_all)):
+        # The small per-block node factors (gathers). No optimization_barrier: XLA:CPU drops
+        # barriers before fusion; without them the compiled forward was the same up to
+        # bitcasts, and the backward had six fewer small [5, 5, 64, 64] copies (ResNet-56).
+        # A grid group's E is [B, R, S, h] (receiver-major): the grid maths' first node axis
+        # is the receivers', so its first pass (over axis 1) is our pass 2 and vice versa.
+        if g.diag:
+          st1, st2, En = _diag(E, a1m[s], a1m[r], a3[s], a3[r], a4[s], a4[r], vs, vr)
+        else:
+          st2, st1, En = _grid(E, a1m[r], a1m[s], a3[r], a3[s], a4[r], a4[s], vr, vs, masked)
+        parts1.append(st1)
+        parts2.append(st2)
+        new_es.append(En)
+      s1, q1, mx1, mn1 = _combine(parts1, idx.gather1, h)
+      s2, q2, mx2, mn2 = _combine(parts2, idx.gather2, h)
     agg1 = _finish(s1, q1, mx1, mn1, a2, count1)
     agg2 = _finish(s2, q2, mx2, mn2, a2 * inv, count2)
     node_h = node_h + _lin(lp["downlin"], agg1) + _lin(lp["downlin"], agg2)

@@ -236,22 +236,22 @@ ffi::Error GridFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer E, ffi::AnyBuffer A1
 
 // One (s, r) row of the backward. n1: this r's pass-1 node terms (gs, gq, max, min, max
 // weight, min weight; stride m1), n2: this s's pass-2 terms (stride m2); d1: this r's
-// accumulators (da1r, da3r, da4r; stride m1), d2: this s's (da1s, da3s, da4s; stride H).
+// accumulators (da1r, da3r, da4r; stride md1), d2: this s's (da1s, da3s, da4s; stride H).
 template <bool kValidS, bool kValidR>
 inline void BwdRow(int64_t H, const float* __restrict e, const float* __restrict ge,
                    const float* __restrict a1s, const float* __restrict a3s,
                    const float* __restrict a4s, const float* __restrict a1r,
                    const float* __restrict a3r, const float* __restrict a4r,
                    const float* __restrict n1, int64_t m1, const float* __restrict n2,
-                   int64_t m2, float* __restrict d1, float* __restrict d2,
+                   int64_t m2, float* __restrict d1, int64_t md1, float* __restrict d2,
                    float* __restrict de) {
   const float *gs1 = n1, *gq1 = n1 + m1, *mx1 = n1 + 2 * m1, *mn1 = n1 + 3 * m1,
               *wx1 = n1 + 4 * m1, *wn1 = n1 + 5 * m1;
   const float *gs2 = n2, *gq2 = n2 + m2, *mx2 = n2 + 2 * m2, *mn2 = n2 + 3 * m2,
               *wx2 = n2 + 4 * m2, *wn2 = n2 + 5 * m2;
   float* __restrict d1a = d1;
-  float* __restrict d1b = d1 + m1;
-  float* __restrict d1c = d1 + 2 * m1;
+  float* __restrict d1b = d1 + md1;
+  float* __restrict d1c = d1 + 2 * md1;
   float* __restrict d2a = d2;
   float* __restrict d2b = d2 + H;
   float* __restrict d2c = d2 + 2 * H;
@@ -338,16 +338,16 @@ ffi::Error GridBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer E, ffi::AnyBuffer A1
         float* row1 = acc1 + r * H;
         if (vs_ok && vr_ok)
           BwdRow<true, true>(H, e + off, ge + off, p1s, p3s, p4s, p1r, p3r, p4r, n1r, m1, n2s,
-                             m2, row1, a2, de + off);
+                             m2, row1, m1, a2, de + off);
         else if (vs_ok)
           BwdRow<true, false>(H, e + off, ge + off, p1s, p3s, p4s, p1r, p3r, p4r, n1r, m1, n2s,
-                              m2, row1, a2, de + off);
+                              m2, row1, m1, a2, de + off);
         else if (vr_ok)
           BwdRow<false, true>(H, e + off, ge + off, p1s, p3s, p4s, p1r, p3r, p4r, n1r, m1, n2s,
-                              m2, row1, a2, de + off);
+                              m2, row1, m1, a2, de + off);
         else
           BwdRow<false, false>(H, e + off, ge + off, p1s, p3s, p4s, p1r, p3r, p4r, n1r, m1,
-                               n2s, m2, row1, a2, de + off);
+                               n2s, m2, row1, m1, a2, de + off);
       }
       for (int k = 0; k < kGrads; ++k)
         std::memcpy(acc2 + k * m2, a2 + k * H, H * sizeof(float));
@@ -363,6 +363,408 @@ ffi::Error GridBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer E, ffi::AnyBuffer A1
       }
     });
   }
+  return ffi::Error::Success();
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Whole-layer kernels: every grid group of one metanetwork layer in one call, with each node's
+// statistics combined across its blocks (the XLA path's per-node gathers and reductions).
+//
+// The node factors come from [N, H] tables (A1 already zero at invalid nodes, A3, A4), the
+// validity from V [N] (> 0: valid). Group g has E_g [B_g, S_g, R_g, H]; its block b has its S
+// rows at nodes s0 + s and its R rows at nodes r0 + r, with, per group, B_g S offsets and then
+// B_g R offsets in the `offs` attribute. A block's partial statistics go to scratch slabs (per
+// 64-row S chunk for the statistics over S); each node's partials are then combined in (group,
+// block, chunk) order, so a node's result depends only on the graph, never on the threads.
+// Leading axes shared by every operand and result (vmapped lanes) are looped over.
+// ---------------------------------------------------------------------------------------------
+
+// Scratch of at least n floats, kept by the calling thread from call to call: a fresh
+// allocation of the layer kernels' few MB was page-faulted in on every call.
+float* Scratch(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+struct BlockRef {
+  int64_t g, b;
+};
+
+struct LayerGeom {
+  int64_t lanes = 1, N = 0, H = 0;
+  std::vector<Dims> dims;  // per group (B, S, R, H)
+  std::vector<const int64_t*> s0, r0;
+  std::vector<int64_t> nch;
+  std::vector<int64_t> item0;  // first item of each group (items: block x S chunk)
+  int64_t items = 0;
+  // Per node: the blocks holding it among their R rows (1) and among their S rows (2).
+  std::vector<int64_t> ptr1, ptr2;
+  std::vector<BlockRef> ent1, ent2;
+};
+
+// Geometry of A1 [..., N, H] and the G edge tensors Es[first + g] [..., B, S, R, H].
+ffi::Error MakeGeom(const ffi::AnyBuffer& a1, const ffi::RemainingArgs& es, size_t first,
+                    size_t G, ffi::Span<const int64_t> offs, LayerGeom& geo) {
+  auto ad = a1.dimensions();
+  if (ad.size() < 2) return ffi::Error::InvalidArgument("node tables must have rank >= 2");
+  const size_t lead = ad.size() - 2;
+  for (size_t i = 0; i < lead; ++i) geo.lanes *= ad[i];
+  geo.N = ad[lead];
+  geo.H = ad[lead + 1];
+  size_t used = 0;
+  for (size_t g = 0; g < G; ++g) {
+    auto e = es.get<ffi::AnyBuffer>(first + g);
+    if (e.has_error()) return e.error();
+    auto d = e->dimensions();
+    if (d.size() != lead + 4 || d[lead + 3] != geo.H)
+      return ffi::Error::InvalidArgument("edge tensors must be [..., B, S, R, H] with the "
+                                         "node tables' leading axes and H");
+    for (size_t i = 0; i < lead; ++i)
+      if (d[i] != ad[i]) return ffi::Error::InvalidArgument("leading axes differ");
+    Dims dm{d[lead], d[lead + 1], d[lead + 2], geo.H};
+    if (used + 2 * dm.B > offs.size())
+      return ffi::Error::InvalidArgument("offs is shorter than the groups' blocks");
+    const int64_t* so = offs.begin() + used;
+    const int64_t* ro = so + dm.B;
+    for (int64_t b = 0; b < dm.B; ++b)
+      if (so[b] < 0 || so[b] + dm.S > geo.N || ro[b] < 0 || ro[b] + dm.R > geo.N)
+        return ffi::Error::InvalidArgument("a block's node range is outside the node tables");
+    used += 2 * dm.B;
+    geo.dims.push_back(dm);
+    geo.s0.push_back(so);
+    geo.r0.push_back(ro);
+    geo.nch.push_back((dm.S + kChunk - 1) / kChunk);
+    geo.item0.push_back(geo.items);
+    geo.items += dm.B * geo.nch.back();
+  }
+  if (used != offs.size()) return ffi::Error::InvalidArgument("offs is longer than the blocks");
+  auto lists = [&](bool role1, std::vector<int64_t>& ptr, std::vector<BlockRef>& ent) {
+    ptr.assign(geo.N + 1, 0);
+    for (size_t g = 0; g < G; ++g)
+      for (int64_t b = 0; b < geo.dims[g].B; ++b) {
+        const int64_t lo = role1 ? geo.r0[g][b] : geo.s0[g][b];
+        const int64_t n = role1 ? geo.dims[g].R : geo.dims[g].S;
+        for (int64_t i = lo; i < lo + n; ++i) ++ptr[i + 1];
+      }
+    for (int64_t i = 0; i < geo.N; ++i) ptr[i + 1] += ptr[i];
+    ent.resize(ptr[geo.N]);
+    std::vector<int64_t> fill(ptr.begin(), ptr.end() - 1);
+    for (size_t g = 0; g < G; ++g)
+      for (int64_t b = 0; b < geo.dims[g].B; ++b) {
+        const int64_t lo = role1 ? geo.r0[g][b] : geo.s0[g][b];
+        const int64_t n = role1 ? geo.dims[g].R : geo.dims[g].S;
+        for (int64_t i = lo; i < lo + n; ++i) ent[fill[i]++] = {int64_t(g), b};
+      }
+  };
+  lists(true, geo.ptr1, geo.ent1);
+  lists(false, geo.ptr2, geo.ent2);
+  return ffi::Error::Success();
+}
+
+// dst (one row; slots dst_stride apart) <- combination of dst and src (slots src_stride apart).
+template <bool kCounts>
+inline void CombineRow(float* __restrict dst, int64_t ds, const float* __restrict src,
+                       int64_t ss, int64_t H) {
+  for (int64_t h = 0; h < H; ++h) {
+    dst[h] += src[h];
+    dst[ds + h] += src[ss + h];
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    float a = dst[2 * ds + h], b = src[2 * ss + h];
+    if (kCounts) {
+      float ca = dst[4 * ds + h], cb = src[4 * ss + h];
+      dst[4 * ds + h] = a > b ? ca : (a == b ? ca + cb : cb);
+    }
+    dst[2 * ds + h] = a > b ? a : b;
+    a = dst[3 * ds + h], b = src[3 * ss + h];
+    if (kCounts) {
+      float ca = dst[5 * ds + h], cb = src[5 * ss + h];
+      dst[5 * ds + h] = a < b ? ca : (a == b ? ca + cb : cb);
+    }
+    dst[3 * ds + h] = a < b ? a : b;
+  }
+}
+
+// Neutral statistics (0, 0, -inf, +inf, 0, 0) in one row whose slots are `stride` apart.
+inline void InitRow(float* st, int64_t stride, int64_t H) {
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t h = 0; h < H; ++h) {
+    st[h] = 0.0f;
+    st[stride + h] = 0.0f;
+    st[2 * stride + h] = -inf;
+    st[3 * stride + h] = inf;
+    st[4 * stride + h] = 0.0f;
+    st[5 * stride + h] = 0.0f;
+  }
+}
+
+constexpr int64_t kNodeChunk = 32;  // nodes per item of the combining loops
+
+// Forward of a layer. Operands: A1, A3, A4 [..., N, H], V [..., N], then E_g [..., B, S, R, H]
+// per group. Results: T1 [..., 6, N, H]: at each node, the statistics (as GridFwdImpl's st1) of
+// every message p1 = A1[s node] * E over the S rows of every block holding the node among its
+// R rows (messages from valid S nodes); T2 [..., 6, N, H]: the same of p2 = A1[r node] * E over
+// the R rows of every block holding the node among its S rows; then En_g per group. A node no
+// block reaches gets (0, 0, -inf, +inf, 0, 0).
+template <bool kCounts>
+ffi::Error LayerFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer A3,
+                        ffi::AnyBuffer A4, ffi::AnyBuffer V, ffi::RemainingArgs Es,
+                        ffi::Result<ffi::AnyBuffer> T1, ffi::Result<ffi::AnyBuffer> T2,
+                        ffi::RemainingRets Ens, ffi::Span<const int64_t> offs) {
+  const size_t G = Es.size();
+  if (Ens.size() != G) return ffi::Error::InvalidArgument("one En per edge tensor");
+  LayerGeom geo;
+  if (auto err = MakeGeom(A1, Es, 0, G, offs, geo); err.failure()) return err;
+  const int64_t N = geo.N, H = geo.H, NH = N * H;
+  std::vector<const float*> e(G);
+  std::vector<float*> en(G);
+  for (size_t g = 0; g < G; ++g) {
+    e[g] = Es.get<ffi::AnyBuffer>(g)->typed_data<float>();
+    auto r = Ens.get<ffi::AnyBuffer>(g);
+    if (r.has_error()) return r.error();
+    en[g] = (*r)->typed_data<float>();
+  }
+  // scratch per lane: slab1 (per block and chunk, [6, R, H]) then slab2 (per block, [6, S, H])
+  std::vector<int64_t> slab1(G), slab2(G);
+  int64_t per_lane = 0;
+  for (size_t g = 0; g < G; ++g) {
+    const Dims& d = geo.dims[g];
+    slab1[g] = per_lane;
+    per_lane += d.B * geo.nch[g] * kStats * d.R * H;
+    slab2[g] = per_lane;
+    per_lane += d.B * kStats * d.S * H;
+  }
+  float* scratch = Scratch(std::max<int64_t>(1, geo.lanes * per_lane));
+  const float* a1 = A1.typed_data<float>();
+  const float* a3 = A3.typed_data<float>();
+  const float* a4 = A4.typed_data<float>();
+  const float* v = V.typed_data<float>();
+  float* t1 = T1->typed_data<float>();
+  float* t2 = T2->typed_data<float>();
+
+  ParallelFor(pool, geo.lanes * geo.items, [&](int64_t it) {
+    const int64_t lane = it / geo.items;
+    int64_t rest = it % geo.items;
+    size_t g = 0;
+    while (g + 1 < G && geo.item0[g + 1] <= rest) ++g;
+    rest -= geo.item0[g];
+    const Dims& d = geo.dims[g];
+    const int64_t b = rest / geo.nch[g], c = rest % geo.nch[g];
+    const int64_t S = d.S, R = d.R, m1 = R * H;
+    const int64_t so = geo.s0[g][b], ro = geo.r0[g][b];
+    const float *la1 = a1 + lane * NH, *la3 = a3 + lane * NH, *la4 = a4 + lane * NH;
+    const float* lv = v + lane * N;
+    float* base = scratch + lane * per_lane;
+    float* acc1 = base + slab1[g] + (b * geo.nch[g] + c) * kStats * m1;
+    InitStats(acc1, R, H);
+    const float* eb = e[g] + ((lane * d.B + b) * S) * R * H;
+    float* enb = en[g] + ((lane * d.B + b) * S) * R * H;
+    const int64_t s_lo = c * kChunk, s_hi = std::min(S, s_lo + kChunk);
+    for (int64_t s = s_lo; s < s_hi; ++s) {
+      float* acc2 = base + slab2[g] + b * kStats * S * H + s * H;  // slot k at + k * S * H
+      float tmp[kStats * 256];
+      std::vector<float> big;
+      float* a2 = tmp;
+      if (H > 256) {
+        big.resize(kStats * H);
+        a2 = big.data();
+      }
+      InitStats(a2, 1, H);
+      const int64_t ns = so + s;
+      const bool vs_ok = lv[ns] > 0;
+      const float *p1s = la1 + ns * H, *p3s = la3 + ns * H, *p4s = la4 + ns * H;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t nr = ro + r;
+        const bool vr_ok = lv[nr] > 0;
+        const float* er = eb + (s * R + r) * H;
+        float* out = enb + (s * R + r) * H;
+        const float *p1r = la1 + nr * H, *p3r = la3 + nr * H, *p4r = la4 + nr * H;
+        float* row1 = acc1 + r * H;
+        if (vs_ok && vr_ok)
+          FwdRow<kCounts, true, true>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
+        else if (vs_ok)
+          FwdRow<kCounts, true, false>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
+        else if (vr_ok)
+          FwdRow<kCounts, false, true>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
+        else
+          FwdRow<kCounts, false, false>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
+      }
+      for (int k = 0; k < kStats; ++k)
+        std::memcpy(acc2 + k * S * H, a2 + k * H, H * sizeof(float));
+    }
+  });
+
+  const int64_t node_items = (N + kNodeChunk - 1) / kNodeChunk;
+  ParallelFor(pool, geo.lanes * node_items, [&](int64_t it) {
+    const int64_t lane = it / node_items;
+    const int64_t n_lo = (it % node_items) * kNodeChunk, n_hi = std::min(N, n_lo + kNodeChunk);
+    const float* base = scratch + lane * per_lane;
+    float* lt1 = t1 + lane * kStats * NH;
+    float* lt2 = t2 + lane * kStats * NH;
+    for (int64_t n = n_lo; n < n_hi; ++n) {
+      float* dst1 = lt1 + n * H;
+      InitRow(dst1, NH, H);
+      for (int64_t k = geo.ptr1[n]; k < geo.ptr1[n + 1]; ++k) {
+        const auto [g, b] = geo.ent1[k];
+        const Dims& d = geo.dims[g];
+        const int64_t r = n - geo.r0[g][b];
+        for (int64_t c = 0; c < geo.nch[g]; ++c)
+          CombineRow<kCounts>(dst1, NH,
+                              base + slab1[g] + (b * geo.nch[g] + c) * kStats * d.R * H + r * H,
+                              d.R * H, H);
+      }
+      float* dst2 = lt2 + n * H;
+      InitRow(dst2, NH, H);
+      for (int64_t k = geo.ptr2[n]; k < geo.ptr2[n + 1]; ++k) {
+        const auto [g, b] = geo.ent2[k];
+        const Dims& d = geo.dims[g];
+        const int64_t s = n - geo.s0[g][b];
+        CombineRow<kCounts>(dst2, NH, base + slab2[g] + b * kStats * d.S * H + s * H, d.S * H,
+                            H);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// Backward of a layer. Operands: A1, A3, A4, V (as the forward); N1 [..., 6, N, H]: per node,
+// the cotangents of T1's sum and sum of squares, T1's max and min, and their cotangents divided
+// by the tie counts; N2 the same for T2; then E_g per group and gEn_g per group. Results: dA
+// [..., 3, N, H] (cotangents of A1, A3, A4, each node's block terms summed in a fixed order),
+// then dE_g per group.
+ffi::Error LayerBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer A3,
+                        ffi::AnyBuffer A4, ffi::AnyBuffer V, ffi::AnyBuffer N1,
+                        ffi::AnyBuffer N2, ffi::RemainingArgs Rest,
+                        ffi::Result<ffi::AnyBuffer> DA, ffi::RemainingRets DEs,
+                        ffi::Span<const int64_t> offs) {
+  if (Rest.size() % 2) return ffi::Error::InvalidArgument("need E and gEn per group");
+  const size_t G = Rest.size() / 2;
+  if (DEs.size() != G) return ffi::Error::InvalidArgument("one dE per edge tensor");
+  LayerGeom geo;
+  if (auto err = MakeGeom(A1, Rest, 0, G, offs, geo); err.failure()) return err;
+  const int64_t N = geo.N, H = geo.H, NH = N * H;
+  std::vector<const float*> e(G), ge(G);
+  std::vector<float*> de(G);
+  for (size_t g = 0; g < G; ++g) {
+    e[g] = Rest.get<ffi::AnyBuffer>(g)->typed_data<float>();
+    auto gb = Rest.get<ffi::AnyBuffer>(G + g);
+    if (gb.has_error()) return gb.error();
+    if (gb->dimensions().size() != Rest.get<ffi::AnyBuffer>(g)->dimensions().size())
+      return ffi::Error::InvalidArgument("gEn must have E's shape");
+    ge[g] = gb->typed_data<float>();
+    auto r = DEs.get<ffi::AnyBuffer>(g);
+    if (r.has_error()) return r.error();
+    de[g] = (*r)->typed_data<float>();
+  }
+  std::vector<int64_t> slab1(G), slab2(G);
+  int64_t per_lane = 0;
+  for (size_t g = 0; g < G; ++g) {
+    const Dims& d = geo.dims[g];
+    slab1[g] = per_lane;
+    per_lane += d.B * geo.nch[g] * kGrads * d.R * H;
+    slab2[g] = per_lane;
+    per_lane += d.B * kGrads * d.S * H;
+  }
+  float* scratch = Scratch(std::max<int64_t>(1, geo.lanes * per_lane));
+  const float* a1 = A1.typed_data<float>();
+  const float* a3 = A3.typed_data<float>();
+  const float* a4 = A4.typed_data<float>();
+  const float* v = V.typed_data<float>();
+  const float* n1 = N1.typed_data<float>();
+  const float* n2 = N2.typed_data<float>();
+  float* da = DA->typed_data<float>();
+
+  ParallelFor(pool, geo.lanes * geo.items, [&](int64_t it) {
+    const int64_t lane = it / geo.items;
+    int64_t rest = it % geo.items;
+    size_t g = 0;
+    while (g + 1 < G && geo.item0[g + 1] <= rest) ++g;
+    rest -= geo.item0[g];
+    const Dims& d = geo.dims[g];
+    const int64_t b = rest / geo.nch[g], c = rest % geo.nch[g];
+    const int64_t S = d.S, R = d.R, m1 = R * H;
+    const int64_t so = geo.s0[g][b], ro = geo.r0[g][b];
+    const float *la1 = a1 + lane * NH, *la3 = a3 + lane * NH, *la4 = a4 + lane * NH;
+    const float* lv = v + lane * N;
+    const float *ln1 = n1 + lane * kStats * NH, *ln2 = n2 + lane * kStats * NH;
+    float* base = scratch + lane * per_lane;
+    float* acc1 = base + slab1[g] + (b * geo.nch[g] + c) * kGrads * m1;
+    std::fill(acc1, acc1 + kGrads * m1, 0.0f);
+    const int64_t off_b = ((lane * d.B + b) * S) * R * H;
+    const int64_t s_lo = c * kChunk, s_hi = std::min(S, s_lo + kChunk);
+    for (int64_t s = s_lo; s < s_hi; ++s) {
+      float* acc2 = base + slab2[g] + b * kGrads * S * H + s * H;  // slot k at + k * S * H
+      float tmp[kGrads * 256];
+      std::vector<float> big;
+      float* a2 = tmp;
+      if (H > 256) {
+        big.resize(kGrads * H);
+        a2 = big.data();
+      }
+      std::fill(a2, a2 + kGrads * H, 0.0f);
+      const int64_t ns = so + s;
+      const bool vs_ok = lv[ns] > 0;
+      const float *p1s = la1 + ns * H, *p3s = la3 + ns * H, *p4s = la4 + ns * H;
+      const float* n2s = ln2 + ns * H;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t nr = ro + r;
+        const bool vr_ok = lv[nr] > 0;
+        const int64_t off = off_b + (s * R + r) * H;
+        const float *p1r = la1 + nr * H, *p3r = la3 + nr * H, *p4r = la4 + nr * H;
+        const float* n1r = ln1 + nr * H;
+        float* row1 = acc1 + r * H;
+        const float *ee = e[g] + off, *gg = ge[g] + off;
+        float* dd = de[g] + off;
+        if (vs_ok && vr_ok)
+          BwdRow<true, true>(H, ee, gg, p1s, p3s, p4s, p1r, p3r, p4r, n1r, NH, n2s, NH, row1,
+                             m1, a2, dd);
+        else if (vs_ok)
+          BwdRow<true, false>(H, ee, gg, p1s, p3s, p4s, p1r, p3r, p4r, n1r, NH, n2s, NH, row1,
+                              m1, a2, dd);
+        else if (vr_ok)
+          BwdRow<false, true>(H, ee, gg, p1s, p3s, p4s, p1r, p3r, p4r, n1r, NH, n2s, NH, row1,
+                              m1, a2, dd);
+        else
+          BwdRow<false, false>(H, ee, gg, p1s, p3s, p4s, p1r, p3r, p4r, n1r, NH, n2s, NH, row1,
+                               m1, a2, dd);
+      }
+      for (int k = 0; k < kGrads; ++k)
+        std::memcpy(acc2 + k * S * H, a2 + k * H, H * sizeof(float));
+    }
+  });
+
+  // Each node: its R-row terms (blocks in order, chunks in order), then its S-row terms.
+  const int64_t node_items = (N + kNodeChunk - 1) / kNodeChunk;
+  ParallelFor(pool, geo.lanes * node_items, [&](int64_t it) {
+    const int64_t lane = it / node_items;
+    const int64_t n_lo = (it % node_items) * kNodeChunk, n_hi = std::min(N, n_lo + kNodeChunk);
+    const float* base = scratch + lane * per_lane;
+    float* lda = da + lane * kGrads * NH;
+    for (int64_t n = n_lo; n < n_hi; ++n) {
+      float* dst = lda + n * H;
+      for (int k = 0; k < kGrads; ++k) std::fill(dst + k * NH, dst + k * NH + H, 0.0f);
+      for (int64_t k = geo.ptr1[n]; k < geo.ptr1[n + 1]; ++k) {
+        const auto [g, b] = geo.ent1[k];
+        const Dims& d = geo.dims[g];
+        const int64_t r = n - geo.r0[g][b];
+        for (int64_t c = 0; c < geo.nch[g]; ++c) {
+          const float* src = base + slab1[g] + (b * geo.nch[g] + c) * kGrads * d.R * H + r * H;
+          for (int q = 0; q < kGrads; ++q)
+            for (int64_t h = 0; h < H; ++h) dst[q * NH + h] += src[q * d.R * H + h];
+        }
+      }
+      for (int64_t k = geo.ptr2[n]; k < geo.ptr2[n + 1]; ++k) {
+        const auto [g, b] = geo.ent2[k];
+        const Dims& d = geo.dims[g];
+        const int64_t s = n - geo.s0[g][b];
+        const float* src = base + slab2[g] + b * kGrads * d.S * H + s * H;
+        for (int q = 0; q < kGrads; ++q)
+          for (int64_t h = 0; h < H; ++h) dst[q * NH + h] += src[q * d.S * H + h];
+      }
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -407,3 +809,35 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MetapruneGridBwd, GridBwdImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
+
+// The whole-layer kernels' bindings.
+static auto LayerFwdBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .RemainingArgs()
+      .Ret<ffi::AnyBuffer>()
+      .Ret<ffi::AnyBuffer>()
+      .RemainingRets()
+      .Attr<ffi::Span<const int64_t>>("offs");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MetapruneLayerFwd, LayerFwdImpl<true>, LayerFwdBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MetapruneLayerFwdNoCounts, LayerFwdImpl<false>, LayerFwdBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MetapruneLayerBwd, LayerBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("offs"));
