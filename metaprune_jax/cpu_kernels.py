@@ -43,8 +43,6 @@ import jaxlib
 import numpy as np
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "grid_cpu.cc")
-_FWD, _FWD_NO_COUNTS, _BWD = ("metaprune_grid_fwd", "metaprune_grid_fwd_no_counts",
-                              "metaprune_grid_bwd")
 _LFWD, _LFWD_NO_COUNTS, _LBWD = ("metaprune_layer_fwd", "metaprune_layer_fwd_no_counts",
                                  "metaprune_layer_bwd")
 _ENV_SWITCH = "METAPRUNE_JAX_CPU_KERNELS"
@@ -121,10 +119,7 @@ def available() -> bool:
   except (RuntimeError, OSError) as e:
     logging.warning("metaprune_jax: CPU edge kernels unavailable, using XLA's fusions: %s", e)
     return False
-  for name, symbol in ((_FWD, lib.MetapruneGridFwd),
-                       (_FWD_NO_COUNTS, lib.MetapruneGridFwdNoCounts),
-                       (_BWD, lib.MetapruneGridBwd),
-                       (_LFWD, lib.MetapruneLayerFwd),
+  for name, symbol in ((_LFWD, lib.MetapruneLayerFwd),
                        (_LFWD_NO_COUNTS, lib.MetapruneLayerFwdNoCounts),
                        (_LBWD, lib.MetapruneLayerBwd)):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
@@ -144,56 +139,6 @@ def _check_f32(name, arrays):
   bad = [a.dtype for a in arrays if a.dtype != jnp.float32]
   if bad:
     raise TypeError(f"cpu_kernels.{name} takes float32 operands only, got {sorted(set(map(str, bad)))}")
-
-
-def grid_forward(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, counts: bool = True):
-  """One layer's forward edge work of a grid group, in one pass over ``E``.
-
-  Args:
-    E: [..., S, R, h] float32 edge features (two node axes S and R).
-    a1s, a3s, a4s: [..., S, h] node factors of the S nodes; a1r, a3r, a4r: [..., R, h].
-    vs, vr: [..., S] / [..., R] float32 validity (> 0: valid).
-    counts: whether to count the max/min ties (the backward's even split needs them; without,
-      their slots are zeros and the pass is ~30% faster: single-thread timing, one group).
-
-  Returns:
-    ``st1`` [..., 6, R, h]: over S, of ``p1 = a1s * E``: sum, sum of squares, max and min over
-    valid S nodes, and the number of valid S nodes attaining the max and the min (float32);
-    ``st2`` [..., 6, S, h]: the same over R of ``p2 = a1r * E`` (valid R nodes);
-    ``En`` [..., S, R, h] = ``E * (1 + a3s a4r + a3r a4s)``.
-  """
-  _check_f32("grid_forward", (E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr))
-  *lead, s, r, h = E.shape
-  lead = tuple(lead)
-  out = (jax.ShapeDtypeStruct(lead + (6, r, h), jnp.float32),
-         jax.ShapeDtypeStruct(lead + (6, s, h), jnp.float32),
-         jax.ShapeDtypeStruct(E.shape, jnp.float32))
-  return jax.ffi.ffi_call(_FWD if counts else _FWD_NO_COUNTS, out,
-                          vmap_method="broadcast_all")(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr)
-
-
-def grid_backward(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, n1, n2, gE):
-  """Backward of :func:`grid_forward`'s statistics and update, in one pass over ``E``, ``gE``.
-
-  Args:
-    E, a1s .. a4r, vs, vr: as :func:`grid_forward`.
-    n1: [..., 6, R, h]: cotangents of st1's sum and sum of squares, st1's max and min, and
-      their cotangents divided by the tie counts (max and min gradients are split evenly among
-      tied messages); n2: [..., 6, S, h], the same for st2.
-    gE: [..., S, R, h] cotangent of ``En``.
-
-  Returns:
-    ``dE`` [..., S, R, h]; ``ds`` [..., 3, S, h] (cotangents of a1s, a3s, a4s); ``dr``
-    [..., 3, R, h] (of a1r, a3r, a4r).
-  """
-  _check_f32("grid_backward", (E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, n1, n2, gE))
-  *lead, s, r, h = E.shape
-  lead = tuple(lead)
-  out = (jax.ShapeDtypeStruct(E.shape, jnp.float32),
-         jax.ShapeDtypeStruct(lead + (3, s, h), jnp.float32),
-         jax.ShapeDtypeStruct(lead + (3, r, h), jnp.float32))
-  return jax.ffi.ffi_call(_BWD, out, vmap_method="broadcast_all")(
-      E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr, n1, n2, gE)
 
 
 def _offsets(s_starts, r_starts, es):

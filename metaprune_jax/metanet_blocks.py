@@ -26,11 +26,15 @@ The forward computes a large group's statistics a cache-sized chunk of blocks at
 (:func:`_map_blocks`), which changes no bit of the results; the edge update and the backward
 run on the whole group (a block loop's stacked full-size output cost more than it saved).
 
-On the CPU the grid groups' edge work runs in custom kernels instead (:func:`_grid_ffi`,
-``cpu_kernels``: one pass over the edges per layer forward and one backward, the same maths;
-``forward``'s ``grid_impl`` chooses), and the layers are unrolled rather than scanned.
-ResNet-56 (hidden 64), A/B on the 2-core Intel VM, 2026-12-03: forward 0.28-0.33 -> 0.19-0.21
-s, forward+backward 1.04-1.21 -> 0.63-0.72 s. GPUs and TPUs run the XLA maths.
+On the CPU a layer's grid-group edge work runs in custom kernels instead (:func:`_layer_ffi`,
+``cpu_kernels``: one call per layer, one pass over the edges forward and one backward, each
+node's statistics combined across its blocks inside the kernel; ``forward``'s ``grid_impl``
+chooses), and the layers are unrolled rather than scanned. The same maths, with one difference
+at exact ties: the kernels split a max/min gradient evenly among all of a node's tied messages
+(as torch's ``scatter_reduce`` and the scatter path do), the XLA path among a block's tied
+messages and then evenly among tied blocks. ResNet-56 (hidden 64), 2-core Intel VM, 2026-12-03:
+forward 0.28-0.33 s on XLA's fusions, 0.19-0.21 s with one kernel per group, 0.144 s with one
+per layer; forward+backward 1.04-1.21, 0.63-0.72 and 0.55 s. GPUs and TPUs run the XLA maths.
 """
 
 from __future__ import annotations

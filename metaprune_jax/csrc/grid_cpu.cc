@@ -1,17 +1,18 @@
 // Single-pass CPU kernels for the metanetwork's dense edge blocks (metaprune_jax.metanet_blocks),
 // built and registered with XLA by metaprune_jax.cpu_kernels.
 //
-// A group of B blocks holds an edge tensor E [B, S, R, H] (two node axes and the hidden width)
-// and per-node factors a*s [B, S, H], a*r [B, R, H]; the XLA path computes the same maths
-// (metanet_blocks._grid_fwd_math, _grid_update, _grid_bwd_math) as a chain of fusions that
-// stream E and its temporaries through memory many times per layer. Here one pass over E does
-// the whole forward of a layer (both passes' statistics, their max/min tie counts and the
-// updated edges) and one pass over E and its cotangent the whole backward.
+// A layer's grid groups each hold an edge tensor E [B, S, R, H] (B blocks, two node axes and the
+// hidden width); the nodes' factors are [N, H] tables. The XLA path computes the same maths
+// (metanet_blocks._grid_fwd_math, _grid_update, _grid_bwd_math, _combine) as a chain of fusions
+// that stream E and its temporaries through memory many times per layer, plus per-block gathers
+// and per-node reductions. Here one call does a whole layer: one pass over every E for the
+// forward (both passes' statistics, their max/min tie counts and the updated edges, each node's
+// statistics combined across its blocks) and one pass over E and its cotangent for the backward.
 //
-// Work is split into items (block b, chunk of C = kChunk rows of S) run on the caller and
-// XLA's intra-op thread pool. A chunk's statistics over S are accumulated in S order into a
-// slot of its own and the slots are combined in chunk order afterwards, so the results depend
-// only on each block's data and shape, never on the batch size or the number of threads.
+// Work is split into items (block b, chunk of kChunk rows of S) run on the caller and XLA's
+// intra-op thread pool. A chunk's statistics over S are accumulated in S order into a slab of
+// its own, and each node's slabs are combined in (group, block, chunk) order afterwards, so
+// the results depend only on the data and the graph, never on the number of threads or lanes.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -61,14 +62,6 @@ struct Dims {
   int64_t B, S, R, H;
 };
 
-// Dims of E [..., S, R, H] (rank >= 3, checked by the caller), leading axes flattened into B.
-Dims GridDims(const ffi::AnyBuffer& e) {
-  auto d = e.dimensions();
-  Dims out{1, d[d.size() - 3], d[d.size() - 2], d[d.size() - 1]};
-  for (size_t i = 0; i + 3 < d.size(); ++i) out.B *= d[i];
-  return out;
-}
-
 // Running max/min with tie counts (strict IEEE comparisons; E holds no NaN).
 inline void MaxCount(float p, float& m, float& c) {
   bool gt = p > m, eq = p == m;
@@ -91,25 +84,6 @@ void InitStats(float* st, int64_t n, int64_t H) {
   std::fill(st + 2 * n * H, st + 3 * n * H, -inf);
   std::fill(st + 3 * n * H, st + 4 * n * H, inf);
   std::fill(st + 4 * n * H, st + 6 * n * H, 0.0f);
-}
-
-// dst (n rows of H) <- combination of dst and src, dst first.
-void CombineStats(float* dst, const float* src, int64_t n, int64_t H) {
-  int64_t m = n * H;
-  for (int64_t j = 0; j < m; ++j) {
-    dst[j] += src[j];
-    dst[m + j] += src[m + j];
-  }
-  for (int64_t j = 0; j < m; ++j) {
-    float a = dst[2 * m + j], b = src[2 * m + j];
-    float ca = dst[4 * m + j], cb = src[4 * m + j];
-    dst[2 * m + j] = a > b ? a : b;
-    dst[4 * m + j] = a > b ? ca : (a == b ? ca + cb : cb);
-    a = dst[3 * m + j], b = src[3 * m + j];
-    ca = dst[5 * m + j], cb = src[5 * m + j];
-    dst[3 * m + j] = a < b ? a : b;
-    dst[5 * m + j] = a < b ? ca : (a == b ? ca + cb : cb);
-  }
 }
 
 // One (s, r) row of the forward. st1: this r's pass-1 slots (stride m1 between slots);
@@ -159,79 +133,81 @@ inline void FwdRow(int64_t H, const float* __restrict e, const float* __restrict
   }
 }
 
-// Forward of a group. Inputs: E [..., S, R, H]; a1s, a3s, a4s [..., S, H]; a1r, a3r, a4r
-// [..., R, H]; vs [..., S], vr [..., R] (> 0: valid). Outputs: st1 [..., 6, R, H] (statistics
-// over S of p1 = a1s * E), st2 [..., 6, S, H] (over R of p2 = a1r * E), En [..., S, R, H] =
-// E * (1 + a3s a4r + a3r a4s). Max/min and their ties count valid messages only. Without
-// kCounts (the forward of inference, which needs no tie counts) slots 4 and 5 are left as
-// zeros.
+// GCC vector extensions (lowered to the target's widest vectors: one AVX-512 register, two AVX2
+// ones, ...): 16 floats, unaligned and aliasing float memory.
+typedef float V16 __attribute__((vector_size(64), aligned(4), may_alias));
+typedef int32_t I16 __attribute__((vector_size(64), aligned(4), may_alias));
+constexpr int64_t kLanes = 16;
+constexpr int64_t kTile = 8;  // S rows sharing one load of the statistics over S
+
+inline V16 Ld(const float* p) { return *reinterpret_cast<const V16*>(p); }
+inline void St(float* p, V16 x) { *reinterpret_cast<V16*>(p) = x; }
+
+// The forward of rows [s_lo, s_hi) x [0, R) of one block, for H a multiple of kLanes: the same
+// operations in the same order as FwdRow row by row (the same bits), but S rows taken kTile at a
+// time for each R row, so that the statistics over S (acc1, one row per R row, slots m1 apart)
+// are loaded and stored once per tile rather than once per (s, r) row. acc2(s) points at S row
+// s's statistics over R (slots `st2` apart); e(s, r) / out(s, r) at the rows of E and En.
 template <bool kCounts>
-ffi::Error GridFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer E, ffi::AnyBuffer A1s,
-                       ffi::AnyBuffer A1r, ffi::AnyBuffer A3s, ffi::AnyBuffer A3r,
-                       ffi::AnyBuffer A4s, ffi::AnyBuffer A4r, ffi::AnyBuffer Vs,
-                       ffi::AnyBuffer Vr, ffi::Result<ffi::AnyBuffer> St1,
-                       ffi::Result<ffi::AnyBuffer> St2, ffi::Result<ffi::AnyBuffer> En) {
-  if (E.dimensions().size() < 3) return ffi::Error::InvalidArgument("E must have rank >= 3");
-  const auto [B, S, R, H] = GridDims(E);
-  const float* e = E.typed_data<float>();
-  const float *a1s = A1s.typed_data<float>(), *a3s = A3s.typed_data<float>(),
-              *a4s = A4s.typed_data<float>();
-  const float *a1r = A1r.typed_data<float>(), *a3r = A3r.typed_data<float>(),
-              *a4r = A4r.typed_data<float>();
-  const float *vs = Vs.typed_data<float>(), *vr = Vr.typed_data<float>();
-  float *st1 = St1->typed_data<float>(), *st2 = St2->typed_data<float>(),
-        *en = En->typed_data<float>();
-  const int64_t nch = (S + kChunk - 1) / kChunk;
-  const int64_t m1 = R * H;
-  // chunk 0 accumulates into st1 itself, chunk c > 0 into slot c - 1 of `extra`
-  std::unique_ptr<float[]> extra(nch > 1 ? new float[B * (nch - 1) * kStats * m1] : nullptr);
-  auto item = [&](int64_t it) {
-    const int64_t b = it / nch, c = it % nch;
-    float* acc1 = c == 0 ? st1 + b * kStats * m1 : extra.get() + (b * (nch - 1) + c - 1) * kStats * m1;
-    InitStats(acc1, R, H);
-    const int64_t s0 = c * kChunk, s1 = std::min(S, s0 + kChunk);
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t bs = b * S + s;
-      float* acc2 = st2 + b * kStats * S * H + s * H;  // slot k at acc2 + k * S * H
-      float tmp[kStats * 256];
-      std::vector<float> big;
-      float* a2 = tmp;
-      if (H > 256) {
-        big.resize(kStats * H);
-        a2 = big.data();
+void FwdTiles(int64_t H, int64_t s_lo, int64_t s_hi, int64_t R, const float* __restrict e,
+              float* __restrict out, const float* const* a1s, const float* const* a3s,
+              const float* const* a4s, const bool* vs, const float* const* a1r,
+              const float* const* a3r, const float* const* a4r, const bool* vr,
+              float* __restrict acc1, int64_t m1, float* const* acc2, int64_t st2) {
+  const V16 one = {1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
+                   1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f};
+  for (int64_t t0 = s_lo; t0 < s_hi; t0 += kTile) {
+    const int64_t t1 = std::min(s_hi, t0 + kTile);
+    for (int64_t r = 0; r < R; ++r) {
+      float* row1 = acc1 + r * H;
+      for (int64_t h = 0; h < H; h += kLanes) {
+        V16 s1 = Ld(row1 + h), q1 = Ld(row1 + m1 + h), x1 = Ld(row1 + 2 * m1 + h),
+            n1 = Ld(row1 + 3 * m1 + h);
+        V16 cx1 = {}, cn1 = {};
+        if (kCounts) cx1 = Ld(row1 + 4 * m1 + h), cn1 = Ld(row1 + 5 * m1 + h);
+        const V16 b1 = Ld(a1r[r] + h), b3 = Ld(a3r[r] + h), b4 = Ld(a4r[r] + h);
+        for (int64_t s = t0; s < t1; ++s) {
+          const int64_t off = (s * R + r) * H + h;
+          const V16 x = Ld(e + off);
+          const V16 p1 = Ld(a1s[s] + h) * x;
+          s1 += p1;
+          q1 += p1 * p1;
+          if (vs[s]) {
+            if (kCounts) {
+              I16 gt = p1 > x1, eq = p1 == x1;
+              cx1 = gt ? one : (eq ? cx1 + one : cx1);
+              I16 lt = p1 < n1, eq2 = p1 == n1;
+              cn1 = lt ? one : (eq2 ? cn1 + one : cn1);
+            }
+            x1 = p1 > x1 ? p1 : x1;
+            n1 = p1 < n1 ? p1 : n1;
+          }
+          const V16 p2 = b1 * x;
+          float* a2 = acc2[s] + h;
+          St(a2, Ld(a2) + p2);
+          St(a2 + st2, Ld(a2 + st2) + p2 * p2);
+          if (vr[r]) {
+            V16 x2 = Ld(a2 + 2 * st2), n2 = Ld(a2 + 3 * st2);
+            if (kCounts) {
+              V16 cx2 = Ld(a2 + 4 * st2), cn2 = Ld(a2 + 5 * st2);
+              I16 gt = p2 > x2, eq = p2 == x2;
+              St(a2 + 4 * st2, gt ? one : (eq ? cx2 + one : cx2));
+              I16 lt = p2 < n2, eq2 = p2 == n2;
+              St(a2 + 5 * st2, lt ? one : (eq2 ? cn2 + one : cn2));
+            }
+            St(a2 + 2 * st2, p2 > x2 ? p2 : x2);
+            St(a2 + 3 * st2, p2 < n2 ? p2 : n2);
+          }
+          St(out + off, x * (one + Ld(a3s[s] + h) * b4 + b3 * Ld(a4s[s] + h)));
+        }
+        St(row1 + h, s1);
+        St(row1 + m1 + h, q1);
+        St(row1 + 2 * m1 + h, x1);
+        St(row1 + 3 * m1 + h, n1);
+        if (kCounts) St(row1 + 4 * m1 + h, cx1), St(row1 + 5 * m1 + h, cn1);
       }
-      InitStats(a2, 1, H);
-      const bool vs_ok = vs[bs] > 0;
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t br = b * R + r;
-        const bool vr_ok = vr[br] > 0;
-        const float* er = e + (bs * R + r) * H;
-        float* out = en + (bs * R + r) * H;
-        const float *p1s = a1s + bs * H, *p3s = a3s + bs * H, *p4s = a4s + bs * H;
-        const float *p1r = a1r + br * H, *p3r = a3r + br * H, *p4r = a4r + br * H;
-        float* row1 = acc1 + r * H;
-        if (vs_ok && vr_ok)
-          FwdRow<kCounts, true, true>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
-        else if (vs_ok)
-          FwdRow<kCounts, true, false>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
-        else if (vr_ok)
-          FwdRow<kCounts, false, true>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
-        else
-          FwdRow<kCounts, false, false>(H, er, p1s, p3s, p4s, p1r, p3r, p4r, row1, m1, a2, out);
-      }
-      for (int k = 0; k < kStats; ++k)
-        std::memcpy(acc2 + k * S * H, a2 + k * H, H * sizeof(float));
     }
-  };
-  ParallelFor(pool, B * nch, item);
-  if (nch > 1) {
-    ParallelFor(pool, B, [&](int64_t b) {
-      for (int64_t c = 1; c < nch; ++c)
-        CombineStats(st1 + b * kStats * m1, extra.get() + (b * (nch - 1) + c - 1) * kStats * m1,
-                     R, H);
-    });
   }
-  return ffi::Error::Success();
 }
 
 // One (s, r) row of the backward. n1: this r's pass-1 node terms (gs, gq, max, min, max
@@ -283,89 +259,6 @@ inline void BwdRow(int64_t H, const float* __restrict e, const float* __restrict
 }
 
 constexpr int kGrads = 3;
-
-// Backward of a group. Inputs: E, the six factors, vs, vr (as the forward); n1 [..., 6, R, H]
-// (cotangents of the pass-1 sum and sum of squares, the max and min, the max/min cotangents
-// divided by their tie counts), n2 [..., 6, S, H] (the same for pass 2); gE [..., S, R, H].
-// Outputs: dE [..., S, R, H], ds [..., 3, S, H] (da1s, da3s, da4s), dr [..., 3, R, H] (da1r,
-// da3r, da4r).
-ffi::Error GridBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer E, ffi::AnyBuffer A1s,
-                       ffi::AnyBuffer A1r, ffi::AnyBuffer A3s, ffi::AnyBuffer A3r,
-                       ffi::AnyBuffer A4s, ffi::AnyBuffer A4r, ffi::AnyBuffer Vs,
-                       ffi::AnyBuffer Vr, ffi::AnyBuffer N1, ffi::AnyBuffer N2,
-                       ffi::AnyBuffer GE, ffi::Result<ffi::AnyBuffer> DE,
-                       ffi::Result<ffi::AnyBuffer> Ds, ffi::Result<ffi::AnyBuffer> Dr) {
-  if (E.dimensions().size() < 3) return ffi::Error::InvalidArgument("E must have rank >= 3");
-  const auto [B, S, R, H] = GridDims(E);
-  const float* e = E.typed_data<float>();
-  const float* ge = GE.typed_data<float>();
-  const float *a1s = A1s.typed_data<float>(), *a3s = A3s.typed_data<float>(),
-              *a4s = A4s.typed_data<float>();
-  const float *a1r = A1r.typed_data<float>(), *a3r = A3r.typed_data<float>(),
-              *a4r = A4r.typed_data<float>();
-  const float *vs = Vs.typed_data<float>(), *vr = Vr.typed_data<float>();
-  const float *n1 = N1.typed_data<float>(), *n2 = N2.typed_data<float>();
-  float *de = DE->typed_data<float>(), *ds = Ds->typed_data<float>(),
-        *dr = Dr->typed_data<float>();
-  const int64_t nch = (S + kChunk - 1) / kChunk;
-  const int64_t m1 = R * H, m2 = S * H;
-  std::unique_ptr<float[]> extra(nch > 1 ? new float[B * (nch - 1) * kGrads * m1] : nullptr);
-  auto item = [&](int64_t it) {
-    const int64_t b = it / nch, c = it % nch;
-    float* acc1 = c == 0 ? dr + b * kGrads * m1 : extra.get() + (b * (nch - 1) + c - 1) * kGrads * m1;
-    std::fill(acc1, acc1 + kGrads * m1, 0.0f);
-    const int64_t s0 = c * kChunk, s1 = std::min(S, s0 + kChunk);
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t bs = b * S + s;
-      float* acc2 = ds + b * kGrads * m2 + s * H;
-      float tmp[kGrads * 256];
-      std::vector<float> big;
-      float* a2 = tmp;
-      if (H > 256) {
-        big.resize(kGrads * H);
-        a2 = big.data();
-      }
-      std::fill(a2, a2 + kGrads * H, 0.0f);
-      const bool vs_ok = vs[bs] > 0;
-      const float* n2s = n2 + b * kStats * m2 + s * H;
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t br = b * R + r;
-        const bool vr_ok = vr[br] > 0;
-        const int64_t off = (bs * R + r) * H;
-        const float *p1s = a1s + bs * H, *p3s = a3s + bs * H, *p4s = a4s + bs * H;
-        const float *p1r = a1r + br * H, *p3r = a3r + br * H, *p4r = a4r + br * H;
-        const float* n1r = n1 + b * kStats * m1 + r * H;
-        float* row1 = acc1 + r * H;
-        if (vs_ok && vr_ok)
-          BwdRow<true, true>(H, e + off, ge + off, p1s, p3s, p4s, p1r, p3r, p4r, n1r, m1, n2s,
-                             m2, row1, m1, a2, de + off);
-        else if (vs_ok)
-          BwdRow<true, false>(H, e + off, ge + off, p1s, p3s, p4s, p1r, p3r, p4r, n1r, m1, n2s,
-                              m2, row1, m1, a2, de + off);
-        else if (vr_ok)
-          BwdRow<false, true>(H, e + off, ge + off, p1s, p3s, p4s, p1r, p3r, p4r, n1r, m1, n2s,
-                              m2, row1, m1, a2, de + off);
-        else
-          BwdRow<false, false>(H, e + off, ge + off, p1s, p3s, p4s, p1r, p3r, p4r, n1r, m1,
-                               n2s, m2, row1, m1, a2, de + off);
-      }
-      for (int k = 0; k < kGrads; ++k)
-        std::memcpy(acc2 + k * m2, a2 + k * H, H * sizeof(float));
-    }
-  };
-  ParallelFor(pool, B * nch, item);
-  if (nch > 1) {
-    ParallelFor(pool, B, [&](int64_t b) {
-      float* dst = dr + b * kGrads * m1;
-      for (int64_t c = 1; c < nch; ++c) {
-        const float* src = extra.get() + (b * (nch - 1) + c - 1) * kGrads * m1;
-        for (int64_t j = 0; j < kGrads * m1; ++j) dst[j] += src[j];
-      }
-    });
-  }
-  return ffi::Error::Success();
-}
-
 
 // ---------------------------------------------------------------------------------------------
 // Whole-layer kernels: every grid group of one metanetwork layer in one call, with each node's
@@ -562,6 +455,28 @@ ffi::Error LayerFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer 
     const float* eb = e[g] + ((lane * d.B + b) * S) * R * H;
     float* enb = en[g] + ((lane * d.B + b) * S) * R * H;
     const int64_t s_lo = c * kChunk, s_hi = std::min(S, s_lo + kChunk);
+    if (H % kLanes == 0) {
+      // per-row pointers for the tiled loop
+      std::vector<const float*> ps(3 * S), pr(3 * R);
+      std::vector<float*> pa2(S);
+      std::unique_ptr<bool[]> okS(new bool[S]), okR(new bool[R]);
+      for (int64_t s = s_lo; s < s_hi; ++s) {
+        const int64_t ns = so + s;
+        ps[s] = la1 + ns * H, ps[S + s] = la3 + ns * H, ps[2 * S + s] = la4 + ns * H;
+        okS[s] = lv[ns] > 0;
+        pa2[s] = base + slab2[g] + b * kStats * S * H + s * H;
+        InitRow(pa2[s], S * H, H);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t nr = ro + r;
+        pr[r] = la1 + nr * H, pr[R + r] = la3 + nr * H, pr[2 * R + r] = la4 + nr * H;
+        okR[r] = lv[nr] > 0;
+      }
+      FwdTiles<kCounts>(H, s_lo, s_hi, R, eb, enb, ps.data(), ps.data() + S, ps.data() + 2 * S,
+                        okS.get(), pr.data(), pr.data() + R, pr.data() + 2 * R, okR.get(), acc1,
+                        m1, pa2.data(), S * H);
+      return;
+    }
     for (int64_t s = s_lo; s < s_hi; ++s) {
       float* acc2 = base + slab2[g] + b * kStats * S * H + s * H;  // slot k at + k * S * H
       float tmp[kStats * 256];
@@ -769,46 +684,6 @@ ffi::Error LayerBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer 
 }
 
 }  // namespace
-
-// The forward's binding: the thread pool, 9 operands, 3 results.
-static auto FwdBinding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>()
-      .Ret<ffi::AnyBuffer>();
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MetapruneGridFwd, GridFwdImpl<true>, FwdBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MetapruneGridFwdNoCounts, GridFwdImpl<false>, FwdBinding());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MetapruneGridBwd, GridBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
 
 // The whole-layer kernels' bindings.
 static auto LayerFwdBinding() {
