@@ -260,6 +260,66 @@ inline void BwdRow(int64_t H, const float* __restrict e, const float* __restrict
 
 constexpr int kGrads = 3;
 
+// The backward of rows [s_lo, s_hi) x [0, R) of one block, for H a multiple of kLanes: BwdRow's
+// operations in BwdRow's order (the same bits), S rows taken kTile at a time for each R row so
+// that R row r's node terms n1 (slots m1 apart) and accumulators d1 (slots md1 apart) are loaded
+// once per tile. n2(s) / d2(s) point at S row s's node terms (slots m2 apart) and accumulators
+// (slots `sd2` apart).
+void BwdTiles(int64_t H, int64_t s_lo, int64_t s_hi, int64_t R, const float* __restrict e,
+              const float* __restrict ge, float* __restrict de, const float* const* a1s,
+              const float* const* a3s, const float* const* a4s, const bool* vs,
+              const float* const* a1r, const float* const* a3r, const float* const* a4r,
+              const bool* vr, const float* const* n1, int64_t m1, const float* const* n2,
+              int64_t m2, float* __restrict d1, int64_t md1, float* const* d2, int64_t sd2) {
+  const V16 one = {1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
+                   1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f};
+  const V16 zero = {};
+  for (int64_t t0 = s_lo; t0 < s_hi; t0 += kTile) {
+    const int64_t t1 = std::min(s_hi, t0 + kTile);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* nr = n1[r];
+      float* row1 = d1 + r * H;
+      for (int64_t h = 0; h < H; h += kLanes) {
+        const V16 gs1 = Ld(nr + h), gq1 = Ld(nr + m1 + h), mx1 = Ld(nr + 2 * m1 + h),
+                  mn1 = Ld(nr + 3 * m1 + h), wx1 = Ld(nr + 4 * m1 + h), wn1 = Ld(nr + 5 * m1 + h);
+        const V16 b1 = Ld(a1r[r] + h), b3 = Ld(a3r[r] + h), b4 = Ld(a4r[r] + h);
+        V16 d1a = Ld(row1 + h), d1b = Ld(row1 + md1 + h), d1c = Ld(row1 + 2 * md1 + h);
+        for (int64_t s = t0; s < t1; ++s) {
+          const int64_t off = (s * R + r) * H + h;
+          const V16 x = Ld(e + off), g = Ld(ge + off);
+          const V16 c1 = Ld(a1s[s] + h), c3 = Ld(a3s[s] + h), c4 = Ld(a4s[s] + h);
+          const V16 p1 = c1 * x;
+          V16 dp1 = gs1 + 2.0f * p1 * gq1;
+          if (vs[s]) {
+            dp1 += (p1 == mx1) ? wx1 : zero;
+            dp1 += (p1 == mn1) ? wn1 : zero;
+          }
+          const float* ns = n2[s] + h;
+          const V16 p2 = b1 * x;
+          V16 dp2 = Ld(ns) + 2.0f * p2 * Ld(ns + m2);
+          if (vr[r]) {
+            dp2 += (p2 == Ld(ns + 2 * m2)) ? Ld(ns + 4 * m2) : zero;
+            dp2 += (p2 == Ld(ns + 3 * m2)) ? Ld(ns + 5 * m2) : zero;
+          }
+          const V16 fac = one + c3 * b4 + b3 * c4;
+          St(de + off, g * fac + c1 * dp1 + b1 * dp2);
+          const V16 t = g * x;
+          float* acc = d2[s] + h;
+          St(acc, Ld(acc) + x * dp1);
+          St(acc + sd2, Ld(acc + sd2) + t * b4);
+          St(acc + 2 * sd2, Ld(acc + 2 * sd2) + t * b3);
+          d1a += x * dp2;
+          d1b += t * c4;
+          d1c += t * c3;
+        }
+        St(row1 + h, d1a);
+        St(row1 + md1 + h, d1b);
+        St(row1 + 2 * md1 + h, d1c);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Whole-layer kernels: every grid group of one metanetwork layer in one call, with each node's
 // statistics combined across its blocks (the XLA path's per-node gathers and reductions).
@@ -609,6 +669,30 @@ ffi::Error LayerBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer 
     std::fill(acc1, acc1 + kGrads * m1, 0.0f);
     const int64_t off_b = ((lane * d.B + b) * S) * R * H;
     const int64_t s_lo = c * kChunk, s_hi = std::min(S, s_lo + kChunk);
+    if (H % kLanes == 0) {
+      std::vector<const float*> ps(3 * S), pr(3 * R), pn1(R), pn2(S);
+      std::vector<float*> pd2(S);
+      std::unique_ptr<bool[]> okS(new bool[S]), okR(new bool[R]);
+      for (int64_t s = s_lo; s < s_hi; ++s) {
+        const int64_t ns = so + s;
+        ps[s] = la1 + ns * H, ps[S + s] = la3 + ns * H, ps[2 * S + s] = la4 + ns * H;
+        okS[s] = lv[ns] > 0;
+        pn2[s] = ln2 + ns * H;
+        pd2[s] = base + slab2[g] + b * kGrads * S * H + s * H;
+        for (int k = 0; k < kGrads; ++k) std::fill(pd2[s] + k * S * H, pd2[s] + k * S * H + H, 0.0f);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t nr = ro + r;
+        pr[r] = la1 + nr * H, pr[R + r] = la3 + nr * H, pr[2 * R + r] = la4 + nr * H;
+        okR[r] = lv[nr] > 0;
+        pn1[r] = ln1 + nr * H;
+      }
+      BwdTiles(H, s_lo, s_hi, R, e[g] + off_b, ge[g] + off_b, de[g] + off_b, ps.data(),
+               ps.data() + S, ps.data() + 2 * S, okS.get(), pr.data(), pr.data() + R,
+               pr.data() + 2 * R, okR.get(), pn1.data(), NH, pn2.data(), NH, acc1, m1,
+               pd2.data(), S * H);
+      return;
+    }
     for (int64_t s = s_lo; s < s_hi; ++s) {
       float* acc2 = base + slab2[g] + b * kGrads * S * H + s * H;  // slot k at + k * S * H
       float tmp[kGrads * 256];
