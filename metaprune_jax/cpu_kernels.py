@@ -1,14 +1,16 @@
 """XLA:CPU custom kernels for the metanetwork's dense edge blocks (``csrc/grid_cpu.cc``).
 
-On the CPU, the per-layer edge work of a dense block group (``metanet_blocks._grid``: both
-passes' mean/std/max/min statistics and the edge update, and their backward) is memory-bound,
-and XLA's fusions stream the ``[B, S, R, h]`` edge tensor and its full-size temporaries
-through memory many times per layer (the backward wrote ~14 full-size tensors per layer of
-ResNet-56's 64x64 group where 3 are needed). XLA:CPU has no user-kernel language (Pallas
-targets GPUs and TPUs), so these two kernels are C++ behind XLA's FFI: one pass over the edges
-for the forward of a layer, one for its backward, on XLA's own intra-op thread pool. Measured
-on one ResNet-56 group (25 blocks of 64x64, hidden 64; 2-core Intel VM, 2026-12-03): forward
-34 -> 10 ms, forward+backward 136 -> 26 ms.
+On the CPU, a metanetwork layer's edge work over its dense block groups (``metanet_blocks``:
+both passes' mean/std/max/min statistics, the edge update, each node's combination of its
+blocks' partial statistics, and their backward) is memory-bound, and XLA's fusions stream each
+group's ``[B, S, R, h]`` edge tensor and its full-size temporaries through memory many times per
+layer, around many small per-block gathers and per-node reductions. XLA:CPU has no user-kernel
+language (Pallas targets GPUs and TPUs), so this is C++ behind XLA's FFI: one call per layer
+(:func:`layer_forward`, :func:`layer_backward`) over every grid group, one pass over the edges
+forward and one backward, on XLA's own intra-op thread pool, in vectorised 8-row tiles (GCC
+vector extensions) when h is a multiple of 16. One 25-block 64x64 group (hidden 64) runs at
+about the speed of one XLA elementwise pass over its edges here (forward 6-7 ms against 5.7-7.6
+ms for ``x * 1.5``; 2-core Intel VM, 2026-12-03).
 
 The kernels are compiled on first use, on the machine that runs them (``g++ -O3
 -march=native``, ~8 s), into a cache folder keyed by the source, the compiler command, jaxlib
@@ -20,9 +22,9 @@ so concurrent processes (test workers, hosts of one job) never load a partial fi
 Everything else keeps XLA: the GPU/TPU path is the XLA path of ``metanet_blocks``, and so is
 the CPU path when the kernels are off (``METAPRUNE_JAX_CPU_KERNELS=0``) or cannot be built (no
 C++ compiler: one warning, then XLA). The two paths compute the same maths in float32 with
-sums in different orders (tests check them against each other and the scatter path).
-Both kernels are batch-partitionable (vmapped and data-sharded lanes of meta-training run on
-their own devices' shards) and give every block the same bits whatever the batch around it.
+sums in different orders (tests check the kernels against a direct statement of the maths and
+the XLA path). The kernels run vmapped (meta-training's lanes: every operand then has the lane
+axes) and give every node the same bits whatever the lanes or threads around it.
 """
 
 from __future__ import annotations

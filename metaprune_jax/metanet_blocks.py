@@ -32,9 +32,10 @@ node's statistics combined across its blocks inside the kernel; ``forward``'s ``
 chooses), and the layers are unrolled rather than scanned. The same maths, with one difference
 at exact ties: the kernels split a max/min gradient evenly among all of a node's tied messages
 (as torch's ``scatter_reduce`` and the scatter path do), the XLA path among a block's tied
-messages and then evenly among tied blocks. ResNet-56 (hidden 64), 2-core Intel VM, 2026-12-03:
-forward 0.28-0.33 s on XLA's fusions, 0.19-0.21 s with one kernel per group, 0.144 s with one
-per layer; forward+backward 1.04-1.21, 0.63-0.72 and 0.55 s. GPUs and TPUs run the XLA maths.
+messages and then evenly among tied blocks. ResNet-56 (hidden 64), 2-core Intel VM, 2026-12-03
+(``benchmarks/metanet.py``): forward 0.28-0.33 s on XLA's fusions, 0.19-0.21 s with one kernel
+per group (the day's first version), 0.12-0.14 s with one per layer; forward+backward 1.04-1.21,
+0.63-0.72 and 0.39-0.55 s. GPUs and TPUs run the XLA maths.
 """
 
 from __future__ import annotations
