@@ -355,6 +355,43 @@ struct LayerGeom {
   // Per node: the blocks holding it among their R rows (1) and among their S rows (2).
   std::vector<int64_t> ptr1, ptr2;
   std::vector<BlockRef> ent1, ent2;
+  // Scratch layout (Layout): per lane, for each group, slab 1 (per block and chunk, [slots, R,
+  // H]: the accumulators of the R rows over a chunk's S rows), then slab 2 (per block, [slots,
+  // S, H]: the S rows' accumulators over R).
+  int64_t slots = 0, per_lane = 0;
+  std::vector<int64_t> slab1, slab2;
+
+  void Layout(int64_t n_slots) {
+    slots = n_slots;
+    per_lane = 0;
+    for (size_t g = 0; g < dims.size(); ++g) {
+      slab1.push_back(per_lane);
+      per_lane += dims[g].B * nch[g] * slots * dims[g].R * H;
+      slab2.push_back(per_lane);
+      per_lane += dims[g].B * slots * dims[g].S * H;
+    }
+  }
+  // Slab 1 of (group g, block b, chunk c) and slab 2 of (g, b), in a lane's scratch `base`.
+  float* Slab1(float* base, int64_t g, int64_t b, int64_t c) const {
+    return base + slab1[g] + (b * nch[g] + c) * slots * dims[g].R * H;
+  }
+  float* Slab2(float* base, int64_t g, int64_t b) const {
+    return base + slab2[g] + b * slots * dims[g].S * H;
+  }
+
+  struct Item {
+    int64_t lane, g, b, c;
+  };
+  // Work item `it` of lanes * items: (lane, group, block, S chunk).
+  Item Decode(int64_t it) const {
+    Item out{it / items, 0, 0, 0};
+    int64_t rest = it % items;
+    while (out.g + 1 < static_cast<int64_t>(dims.size()) && item0[out.g + 1] <= rest) ++out.g;
+    rest -= item0[out.g];
+    out.b = rest / nch[out.g];
+    out.c = rest % nch[out.g];
+    return out;
+  }
 };
 
 // Geometry of A1 [..., N, H] and the G edge tensors Es[first + g] [..., B, S, R, H].
@@ -453,6 +490,27 @@ inline void InitRow(float* st, int64_t stride, int64_t H) {
   }
 }
 
+// One block's rows for the tiled loops: pointers to the factor rows (a1, a3, a4) and the
+// validity of its S rows [s_lo, s_hi) and of all its R rows.
+struct BlockRows {
+  std::vector<const float*> s1, s3, s4, r1, r3, r4;
+  std::unique_ptr<bool[]> vs, vr;
+  BlockRows(int64_t S, int64_t R, int64_t s_lo, int64_t s_hi, int64_t so, int64_t ro,
+            int64_t H, const float* a1, const float* a3, const float* a4, const float* v)
+      : s1(S), s3(S), s4(S), r1(R), r3(R), r4(R), vs(new bool[S]), vr(new bool[R]) {
+    for (int64_t s = s_lo; s < s_hi; ++s) {
+      const int64_t n = so + s;
+      s1[s] = a1 + n * H, s3[s] = a3 + n * H, s4[s] = a4 + n * H;
+      vs[s] = v[n] > 0;
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t n = ro + r;
+      r1[r] = a1 + n * H, r3[r] = a3 + n * H, r4[r] = a4 + n * H;
+      vr[r] = v[n] > 0;
+    }
+  }
+};
+
 constexpr int64_t kNodeChunk = 32;  // nodes per item of the combining loops
 
 // Forward of a layer. Operands: A1, A3, A4 [..., N, H], V [..., N], then E_g [..., B, S, R, H]
@@ -479,16 +537,8 @@ ffi::Error LayerFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer 
     if (r.has_error()) return r.error();
     en[g] = (*r)->typed_data<float>();
   }
-  // scratch per lane: slab1 (per block and chunk, [6, R, H]) then slab2 (per block, [6, S, H])
-  std::vector<int64_t> slab1(G), slab2(G);
-  int64_t per_lane = 0;
-  for (size_t g = 0; g < G; ++g) {
-    const Dims& d = geo.dims[g];
-    slab1[g] = per_lane;
-    per_lane += d.B * geo.nch[g] * kStats * d.R * H;
-    slab2[g] = per_lane;
-    per_lane += d.B * kStats * d.S * H;
-  }
+  geo.Layout(kStats);
+  const int64_t per_lane = geo.per_lane;
   float* scratch = Scratch(std::max<int64_t>(1, geo.lanes * per_lane));
   const float* a1 = A1.typed_data<float>();
   const float* a3 = A3.typed_data<float>();
@@ -498,47 +548,32 @@ ffi::Error LayerFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer 
   float* t2 = T2->typed_data<float>();
 
   ParallelFor(pool, geo.lanes * geo.items, [&](int64_t it) {
-    const int64_t lane = it / geo.items;
-    int64_t rest = it % geo.items;
-    size_t g = 0;
-    while (g + 1 < G && geo.item0[g + 1] <= rest) ++g;
-    rest -= geo.item0[g];
+    const auto [lane, g, b, c] = geo.Decode(it);
     const Dims& d = geo.dims[g];
-    const int64_t b = rest / geo.nch[g], c = rest % geo.nch[g];
     const int64_t S = d.S, R = d.R, m1 = R * H;
     const int64_t so = geo.s0[g][b], ro = geo.r0[g][b];
     const float *la1 = a1 + lane * NH, *la3 = a3 + lane * NH, *la4 = a4 + lane * NH;
     const float* lv = v + lane * N;
     float* base = scratch + lane * per_lane;
-    float* acc1 = base + slab1[g] + (b * geo.nch[g] + c) * kStats * m1;
+    float* acc1 = geo.Slab1(base, g, b, c);
     InitStats(acc1, R, H);
     const float* eb = e[g] + ((lane * d.B + b) * S) * R * H;
     float* enb = en[g] + ((lane * d.B + b) * S) * R * H;
     const int64_t s_lo = c * kChunk, s_hi = std::min(S, s_lo + kChunk);
     if (H % kLanes == 0) {
-      // per-row pointers for the tiled loop
-      std::vector<const float*> ps(3 * S), pr(3 * R);
+      const BlockRows rows(S, R, s_lo, s_hi, so, ro, H, la1, la3, la4, lv);
       std::vector<float*> pa2(S);
-      std::unique_ptr<bool[]> okS(new bool[S]), okR(new bool[R]);
       for (int64_t s = s_lo; s < s_hi; ++s) {
-        const int64_t ns = so + s;
-        ps[s] = la1 + ns * H, ps[S + s] = la3 + ns * H, ps[2 * S + s] = la4 + ns * H;
-        okS[s] = lv[ns] > 0;
-        pa2[s] = base + slab2[g] + b * kStats * S * H + s * H;
+        pa2[s] = geo.Slab2(base, g, b) + s * H;
         InitRow(pa2[s], S * H, H);
       }
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t nr = ro + r;
-        pr[r] = la1 + nr * H, pr[R + r] = la3 + nr * H, pr[2 * R + r] = la4 + nr * H;
-        okR[r] = lv[nr] > 0;
-      }
-      FwdTiles<kCounts>(H, s_lo, s_hi, R, eb, enb, ps.data(), ps.data() + S, ps.data() + 2 * S,
-                        okS.get(), pr.data(), pr.data() + R, pr.data() + 2 * R, okR.get(), acc1,
-                        m1, pa2.data(), S * H);
+      FwdTiles<kCounts>(H, s_lo, s_hi, R, eb, enb, rows.s1.data(), rows.s3.data(),
+                        rows.s4.data(), rows.vs.get(), rows.r1.data(), rows.r3.data(),
+                        rows.r4.data(), rows.vr.get(), acc1, m1, pa2.data(), S * H);
       return;
     }
     for (int64_t s = s_lo; s < s_hi; ++s) {
-      float* acc2 = base + slab2[g] + b * kStats * S * H + s * H;  // slot k at + k * S * H
+      float* acc2 = geo.Slab2(base, g, b) + s * H;  // slot k at + k * S * H
       float tmp[kStats * 256];
       std::vector<float> big;
       float* a2 = tmp;
@@ -575,7 +610,7 @@ ffi::Error LayerFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer 
   ParallelFor(pool, geo.lanes * node_items, [&](int64_t it) {
     const int64_t lane = it / node_items;
     const int64_t n_lo = (it % node_items) * kNodeChunk, n_hi = std::min(N, n_lo + kNodeChunk);
-    const float* base = scratch + lane * per_lane;
+    float* base = scratch + lane * per_lane;
     float* lt1 = t1 + lane * kStats * NH;
     float* lt2 = t2 + lane * kStats * NH;
     for (int64_t n = n_lo; n < n_hi; ++n) {
@@ -586,9 +621,7 @@ ffi::Error LayerFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer 
         const Dims& d = geo.dims[g];
         const int64_t r = n - geo.r0[g][b];
         for (int64_t c = 0; c < geo.nch[g]; ++c)
-          CombineRow<kCounts>(dst1, NH,
-                              base + slab1[g] + (b * geo.nch[g] + c) * kStats * d.R * H + r * H,
-                              d.R * H, H);
+          CombineRow<kCounts>(dst1, NH, geo.Slab1(base, g, b, c) + r * H, d.R * H, H);
       }
       float* dst2 = lt2 + n * H;
       InitRow(dst2, NH, H);
@@ -596,8 +629,7 @@ ffi::Error LayerFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer 
         const auto [g, b] = geo.ent2[k];
         const Dims& d = geo.dims[g];
         const int64_t s = n - geo.s0[g][b];
-        CombineRow<kCounts>(dst2, NH, base + slab2[g] + b * kStats * d.S * H + s * H, d.S * H,
-                            H);
+        CombineRow<kCounts>(dst2, NH, geo.Slab2(base, g, b) + s * H, d.S * H, H);
       }
     }
   });
@@ -633,15 +665,8 @@ ffi::Error LayerBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer 
     if (r.has_error()) return r.error();
     de[g] = (*r)->typed_data<float>();
   }
-  std::vector<int64_t> slab1(G), slab2(G);
-  int64_t per_lane = 0;
-  for (size_t g = 0; g < G; ++g) {
-    const Dims& d = geo.dims[g];
-    slab1[g] = per_lane;
-    per_lane += d.B * geo.nch[g] * kGrads * d.R * H;
-    slab2[g] = per_lane;
-    per_lane += d.B * kGrads * d.S * H;
-  }
+  geo.Layout(kGrads);
+  const int64_t per_lane = geo.per_lane;
   float* scratch = Scratch(std::max<int64_t>(1, geo.lanes * per_lane));
   const float* a1 = A1.typed_data<float>();
   const float* a3 = A3.typed_data<float>();
@@ -652,49 +677,36 @@ ffi::Error LayerBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer 
   float* da = DA->typed_data<float>();
 
   ParallelFor(pool, geo.lanes * geo.items, [&](int64_t it) {
-    const int64_t lane = it / geo.items;
-    int64_t rest = it % geo.items;
-    size_t g = 0;
-    while (g + 1 < G && geo.item0[g + 1] <= rest) ++g;
-    rest -= geo.item0[g];
+    const auto [lane, g, b, c] = geo.Decode(it);
     const Dims& d = geo.dims[g];
-    const int64_t b = rest / geo.nch[g], c = rest % geo.nch[g];
     const int64_t S = d.S, R = d.R, m1 = R * H;
     const int64_t so = geo.s0[g][b], ro = geo.r0[g][b];
     const float *la1 = a1 + lane * NH, *la3 = a3 + lane * NH, *la4 = a4 + lane * NH;
     const float* lv = v + lane * N;
     const float *ln1 = n1 + lane * kStats * NH, *ln2 = n2 + lane * kStats * NH;
     float* base = scratch + lane * per_lane;
-    float* acc1 = base + slab1[g] + (b * geo.nch[g] + c) * kGrads * m1;
+    float* acc1 = geo.Slab1(base, g, b, c);
     std::fill(acc1, acc1 + kGrads * m1, 0.0f);
     const int64_t off_b = ((lane * d.B + b) * S) * R * H;
     const int64_t s_lo = c * kChunk, s_hi = std::min(S, s_lo + kChunk);
     if (H % kLanes == 0) {
-      std::vector<const float*> ps(3 * S), pr(3 * R), pn1(R), pn2(S);
+      const BlockRows rows(S, R, s_lo, s_hi, so, ro, H, la1, la3, la4, lv);
+      std::vector<const float*> pn1(R), pn2(S);
       std::vector<float*> pd2(S);
-      std::unique_ptr<bool[]> okS(new bool[S]), okR(new bool[R]);
       for (int64_t s = s_lo; s < s_hi; ++s) {
-        const int64_t ns = so + s;
-        ps[s] = la1 + ns * H, ps[S + s] = la3 + ns * H, ps[2 * S + s] = la4 + ns * H;
-        okS[s] = lv[ns] > 0;
-        pn2[s] = ln2 + ns * H;
-        pd2[s] = base + slab2[g] + b * kGrads * S * H + s * H;
+        pn2[s] = ln2 + (so + s) * H;
+        pd2[s] = geo.Slab2(base, g, b) + s * H;
         for (int k = 0; k < kGrads; ++k) std::fill(pd2[s] + k * S * H, pd2[s] + k * S * H + H, 0.0f);
       }
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t nr = ro + r;
-        pr[r] = la1 + nr * H, pr[R + r] = la3 + nr * H, pr[2 * R + r] = la4 + nr * H;
-        okR[r] = lv[nr] > 0;
-        pn1[r] = ln1 + nr * H;
-      }
-      BwdTiles(H, s_lo, s_hi, R, e[g] + off_b, ge[g] + off_b, de[g] + off_b, ps.data(),
-               ps.data() + S, ps.data() + 2 * S, okS.get(), pr.data(), pr.data() + R,
-               pr.data() + 2 * R, okR.get(), pn1.data(), NH, pn2.data(), NH, acc1, m1,
+      for (int64_t r = 0; r < R; ++r) pn1[r] = ln1 + (ro + r) * H;
+      BwdTiles(H, s_lo, s_hi, R, e[g] + off_b, ge[g] + off_b, de[g] + off_b, rows.s1.data(),
+               rows.s3.data(), rows.s4.data(), rows.vs.get(), rows.r1.data(), rows.r3.data(),
+               rows.r4.data(), rows.vr.get(), pn1.data(), NH, pn2.data(), NH, acc1, m1,
                pd2.data(), S * H);
       return;
     }
     for (int64_t s = s_lo; s < s_hi; ++s) {
-      float* acc2 = base + slab2[g] + b * kGrads * S * H + s * H;  // slot k at + k * S * H
+      float* acc2 = geo.Slab2(base, g, b) + s * H;  // slot k at + k * S * H
       float tmp[kGrads * 256];
       std::vector<float> big;
       float* a2 = tmp;
@@ -739,7 +751,7 @@ ffi::Error LayerBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer 
   ParallelFor(pool, geo.lanes * node_items, [&](int64_t it) {
     const int64_t lane = it / node_items;
     const int64_t n_lo = (it % node_items) * kNodeChunk, n_hi = std::min(N, n_lo + kNodeChunk);
-    const float* base = scratch + lane * per_lane;
+    float* base = scratch + lane * per_lane;
     float* lda = da + lane * kGrads * NH;
     for (int64_t n = n_lo; n < n_hi; ++n) {
       float* dst = lda + n * H;
@@ -749,7 +761,7 @@ ffi::Error LayerBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer 
         const Dims& d = geo.dims[g];
         const int64_t r = n - geo.r0[g][b];
         for (int64_t c = 0; c < geo.nch[g]; ++c) {
-          const float* src = base + slab1[g] + (b * geo.nch[g] + c) * kGrads * d.R * H + r * H;
+          const float* src = geo.Slab1(base, g, b, c) + r * H;
           for (int q = 0; q < kGrads; ++q)
             for (int64_t h = 0; h < H; ++h) dst[q * NH + h] += src[q * d.R * H + h];
         }
@@ -758,7 +770,7 @@ ffi::Error LayerBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer 
         const auto [g, b] = geo.ent2[k];
         const Dims& d = geo.dims[g];
         const int64_t s = n - geo.s0[g][b];
-        const float* src = base + slab2[g] + b * kGrads * d.S * H + s * H;
+        const float* src = geo.Slab2(base, g, b) + s * H;
         for (int q = 0; q < kGrads; ++q)
           for (int64_t h = 0; h < H; ++h) dst[q * NH + h] += src[q * d.S * H + h];
       }
