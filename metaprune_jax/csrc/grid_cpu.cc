@@ -381,16 +381,39 @@ struct LayerGeom {
 
   struct Item {
     int64_t lane, g, b, c;
+    int64_t so, ro;        // the block's first S and R node
+    int64_t off;           // the block's first element in its group's edge tensor
+    int64_t s_lo, s_hi;    // the chunk's S rows
   };
   // Work item `it` of lanes * items: (lane, group, block, S chunk).
   Item Decode(int64_t it) const {
-    Item out{it / items, 0, 0, 0};
+    Item out{it / items, 0, 0, 0, 0, 0, 0, 0, 0};
     int64_t rest = it % items;
     while (out.g + 1 < static_cast<int64_t>(dims.size()) && item0[out.g + 1] <= rest) ++out.g;
     rest -= item0[out.g];
+    const Dims& d = dims[out.g];
     out.b = rest / nch[out.g];
     out.c = rest % nch[out.g];
+    out.so = s0[out.g][out.b];
+    out.ro = r0[out.g][out.b];
+    out.off = (out.lane * d.B + out.b) * d.S * d.R * H;
+    out.s_lo = out.c * kChunk;
+    out.s_hi = std::min(d.S, out.s_lo + kChunk);
     return out;
+  }
+};
+
+// The node tables A1, A3, A4 [..., N, H] and V [..., N] of one lane.
+struct NodeTables {
+  const float *a1, *a3, *a4, *v;
+  NodeTables(const ffi::AnyBuffer& A1, const ffi::AnyBuffer& A3, const ffi::AnyBuffer& A4,
+             const ffi::AnyBuffer& V)
+      : a1(A1.typed_data<float>()), a3(A3.typed_data<float>()), a4(A4.typed_data<float>()),
+        v(V.typed_data<float>()) {}
+  NodeTables Lane(int64_t lane, int64_t N, int64_t H) const {
+    NodeTables t = *this;
+    t.a1 += lane * N * H, t.a3 += lane * N * H, t.a4 += lane * N * H, t.v += lane * N;
+    return t;
   }
 };
 
@@ -540,26 +563,20 @@ ffi::Error LayerFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer 
   geo.Layout(kStats);
   const int64_t per_lane = geo.per_lane;
   float* scratch = Scratch(std::max<int64_t>(1, geo.lanes * per_lane));
-  const float* a1 = A1.typed_data<float>();
-  const float* a3 = A3.typed_data<float>();
-  const float* a4 = A4.typed_data<float>();
-  const float* v = V.typed_data<float>();
+  const NodeTables tables(A1, A3, A4, V);
   float* t1 = T1->typed_data<float>();
   float* t2 = T2->typed_data<float>();
 
   ParallelFor(pool, geo.lanes * geo.items, [&](int64_t it) {
-    const auto [lane, g, b, c] = geo.Decode(it);
-    const Dims& d = geo.dims[g];
-    const int64_t S = d.S, R = d.R, m1 = R * H;
-    const int64_t so = geo.s0[g][b], ro = geo.r0[g][b];
-    const float *la1 = a1 + lane * NH, *la3 = a3 + lane * NH, *la4 = a4 + lane * NH;
-    const float* lv = v + lane * N;
+    const auto [lane, g, b, c, so, ro, off_b, s_lo, s_hi] = geo.Decode(it);
+    const int64_t S = geo.dims[g].S, R = geo.dims[g].R, m1 = R * H;
+    const NodeTables lt = tables.Lane(lane, N, H);
+    const float *la1 = lt.a1, *la3 = lt.a3, *la4 = lt.a4, *lv = lt.v;
     float* base = scratch + lane * per_lane;
     float* acc1 = geo.Slab1(base, g, b, c);
     InitStats(acc1, R, H);
-    const float* eb = e[g] + ((lane * d.B + b) * S) * R * H;
-    float* enb = en[g] + ((lane * d.B + b) * S) * R * H;
-    const int64_t s_lo = c * kChunk, s_hi = std::min(S, s_lo + kChunk);
+    const float* eb = e[g] + off_b;
+    float* enb = en[g] + off_b;
     if (H % kLanes == 0) {
       const BlockRows rows(S, R, s_lo, s_hi, so, ro, H, la1, la3, la4, lv);
       std::vector<float*> pa2(S);
@@ -668,27 +685,20 @@ ffi::Error LayerBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer A1, ffi::AnyBuffer 
   geo.Layout(kGrads);
   const int64_t per_lane = geo.per_lane;
   float* scratch = Scratch(std::max<int64_t>(1, geo.lanes * per_lane));
-  const float* a1 = A1.typed_data<float>();
-  const float* a3 = A3.typed_data<float>();
-  const float* a4 = A4.typed_data<float>();
-  const float* v = V.typed_data<float>();
+  const NodeTables tables(A1, A3, A4, V);
   const float* n1 = N1.typed_data<float>();
   const float* n2 = N2.typed_data<float>();
   float* da = DA->typed_data<float>();
 
   ParallelFor(pool, geo.lanes * geo.items, [&](int64_t it) {
-    const auto [lane, g, b, c] = geo.Decode(it);
-    const Dims& d = geo.dims[g];
-    const int64_t S = d.S, R = d.R, m1 = R * H;
-    const int64_t so = geo.s0[g][b], ro = geo.r0[g][b];
-    const float *la1 = a1 + lane * NH, *la3 = a3 + lane * NH, *la4 = a4 + lane * NH;
-    const float* lv = v + lane * N;
+    const auto [lane, g, b, c, so, ro, off_b, s_lo, s_hi] = geo.Decode(it);
+    const int64_t S = geo.dims[g].S, R = geo.dims[g].R, m1 = R * H;
+    const NodeTables lt = tables.Lane(lane, N, H);
+    const float *la1 = lt.a1, *la3 = lt.a3, *la4 = lt.a4, *lv = lt.v;
     const float *ln1 = n1 + lane * kStats * NH, *ln2 = n2 + lane * kStats * NH;
     float* base = scratch + lane * per_lane;
     float* acc1 = geo.Slab1(base, g, b, c);
     std::fill(acc1, acc1 + kGrads * m1, 0.0f);
-    const int64_t off_b = ((lane * d.B + b) * S) * R * H;
-    const int64_t s_lo = c * kChunk, s_hi = std::min(S, s_lo + kChunk);
     if (H % kLanes == 0) {
       const BlockRows rows(S, R, s_lo, s_hi, so, ro, H, la1, la3, la4, lv);
       std::vector<const float*> pn1(R), pn2(S);
