@@ -18,14 +18,14 @@ def schedule(**kw) -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict(dict(
     epochs=15,             # passes over the training split
     batch_size=32,         # global batch (divisible by the device count)
-    eval_batch_size=120,   # global test batch (padded at the end)
+    eval_batch_size=144,   # global eval batch (validation and test; padded at the end)
     optimizer="sgd",       # 'sgd' (torch coupled weight decay) | 'adamw'
     lr=0.1,                # initial learning rate
     milestones=(8, 12),    # epochs at which lr *= gamma (MultiStepLR)
     gamma=0.1,
     momentum=0.9,
     weight_decay=5e-4,
-    keep="last",           # 'last' epoch or 'best' test-accuracy epoch
+    keep="last",           # 'last' epoch or 'best' validation-accuracy epoch
     ckpt_every_steps=0,    # extra checkpoints every N steps (0: end of each epoch only)
     max_to_keep=2,         # checkpoints kept
   ))
@@ -40,6 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0              # root seed (init, data order, augmentation)
   config.dataset = "digits"    # digits | cifar10 | cifar100 | svhn | imagenet
   config.data_dir = ""         # tfds data dir ('' = tfds default); unused for digits
+  config.val_fraction = -1.0   # share of the training split held out for validation, a fixed
+                               # seeded carve (-1: the dataset's default; digits 0.2, CIFAR 0.1)
   config.arch = "resnet_tiny"  # a zoo name
   config.widths = ml_collections.ConfigDict()  # optional {space: width} overrides
   config.log_compiles = False  # log every XLA compilation
@@ -81,13 +83,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.meta_train.chunk_size = 100  # images per scanned forward/backward (>= batch: one)
   config.meta_train.models_per_step = 0   # data models per optimizer step (0: device count)
   config.meta_train.val_fraction = 0.2
-  config.meta_train.eval_batch_size = 360
-  config.meta_train.val_batches = 0       # test batches per validation model (0: all)
+  config.meta_train.eval_batch_size = 144
+  config.meta_train.val_batches = 0       # validation batches per validation model (0: all)
 
   # ---- finetune schedules of visualize and prune (DESIGN.md section 2) ----
-  # "after metanetwork": prune keeps the last epoch, visualize the best one (as the reference).
+  # "after metanetwork": the transform budget of every prune method (metanetwork + finetune,
+  # sparse learning, or a plain finetune), keeping the last epoch.
   config.finetune_after_metanet = schedule(epochs=4, lr=0.01, milestones=(3,))
-  # "after pruning": keeps the best-test-accuracy epoch.
+  # "after pruning": keeps the best validation-accuracy epoch.
   config.finetune_after_pruning = schedule(epochs=6, lr=0.01, milestones=(4,), keep="best")
   config.reference_compat = False  # reproduce the reference's classifier scramble when applying
                                    # the metanetwork (DESIGN.md 3.2); only to compare with it
@@ -103,12 +106,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.visualize.normalizer = "max"    # importance normaliser: max | mean | none
   config.visualize.accuracy_threshold = 0.0  # > 0: also record the speed-up reached before
                                              # accuracy first falls below it (reference metric)
-  config.visualize.eval_batch_size = 360
+  config.visualize.eval_batch_size = 144
 
   # ---- prune: the user's job (base network -> pruned network + report) ----
   config.base_workdir = ""            # pretrain workdir of the base network ('' = this one)
   config.prune = ml_collections.ConfigDict()
-  config.prune.method = "metanet"     # 'metanet' | 'group_l2' (no metanetwork, for comparison)
+  config.prune.method = "metanet"     # 'metanet' | 'sl' (DepGraph sparse learning) | 'group_l2'
+                                      # | 'random'; every method gets the same stages and budget
   config.prune.target_speed_up = 3.0  # overall MACs speed-up vs the base network
   config.prune.initial_speed_up = 0.0  # before the metanetwork (0: generate.initial_speed_up);
                                        # finetuned with config.generate.finetune
@@ -119,6 +123,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.prune.base_state_dict = ""   # optional: a reference state dict (.npz/.pth) as the base
   config.prune.latency_batch = 128    # wall-clock inference timing: batch and runs (median)
   config.prune.latency_runs = 20
+  config.prune.stage_dir = ""         # cache of finished stages ('' = <workdir>/prune/stages);
+                                      # runs that share one reuse their common stages
+  # DepGraph's sparse learning (method 'sl'): the group-norm regulariser of meta-training on the
+  # network's own weights, trained for the transform budget (finetune_after_metanet.epochs)
+  config.prune.sl = ml_collections.ConfigDict()
+  config.prune.sl.reg = 1e-2          # strength (> 0)
+  config.prune.sl.alpha = 16.0        # gamma's base, as meta-training's
+  config.prune.sl.normalizer = "max"
+  config.prune.sl.epochs = -1         # -1: the transform budget (any other value must equal it)
   config.pruning = ml_collections.ConfigDict()
   config.pruning.method = ""          # alias of prune.method ('' = use prune.method)
   return config

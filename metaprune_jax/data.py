@@ -21,6 +21,10 @@ flip; SVHN 'train' split only, crop, no flip; ImageNet random-resized-crop 224 +
 resize 256 + centre crop 224 for evaluation. The embedded default is scikit-learn's `load_digits`
 (8x8 gray, 10 classes, shipped inside the package): a fixed 80/20 train/test split, gray replicated
 to 3 channels, random crop with 1 pixel of padding.
+
+Every dataset also has a *validation* split, carved from its training split by a fixed seeded
+permutation (``DatasetSpec.val_fraction``: digits 20%, CIFAR/SVHN 10%, ImageNet 1%; the config's
+``val_fraction`` overrides it): selections are made on it, the test split is only reported.
 """
 
 import concurrent.futures
@@ -56,6 +60,7 @@ class DatasetSpec:
     kind: 'crop' (pad + random crop, CIFAR-style) or 'imagenet' (random-resized-crop).
     pad: zero padding of the random crop ('crop' kind).
     flip: random horizontal flip in training.
+    val_fraction: default share of the training split held out as the validation split.
   """
 
   name: str
@@ -69,12 +74,14 @@ class DatasetSpec:
   kind: str = "crop"
   pad: int = 4
   flip: bool = True
+  val_fraction: float = 0.1
 
 
 # Digits' mean/std are those of the fixed training split in [0, 1] space (computed once).
 SPECS: dict[str, DatasetSpec] = {
   "digits": DatasetSpec(
-    "digits", None, "train", "test", 10, (8, 8), (0.3050,) * 3, (0.3757,) * 3, pad=1, flip=False
+    "digits", None, "train", "test", 10, (8, 8), (0.3050,) * 3, (0.3757,) * 3, pad=1, flip=False,
+    val_fraction=0.2,
   ),
   "cifar10": DatasetSpec(
     "cifar10", "cifar10", "train", "test", 10, (32, 32),
@@ -90,7 +97,7 @@ SPECS: dict[str, DatasetSpec] = {
   ),
   "imagenet": DatasetSpec(
     "imagenet", "imagenet2012", "train", "validation", 1000, (224, 224),
-    (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), kind="imagenet",
+    (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), kind="imagenet", val_fraction=0.01,
   ),
 }
 SPECS["svhn_cropped"] = SPECS["svhn"]
@@ -109,6 +116,45 @@ class _ArraySource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     return {"image": self._images[index], "label": self._labels[index]}
+
+
+class _SubsetSource:
+  """The examples ``indices`` of a random-access source, in that order."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int):
+    return self._source[int(self._indices[index])]
+
+
+VAL_SEED = 20250  # the validation split's permutation seed: fixed, whatever the run's seed
+
+
+def validation_split(num_train: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """``(train_indices, val_indices)``: a fixed, seeded carve of a training split.
+
+  The permutation depends only on ``num_train`` (seed ``VAL_SEED``), so every run, seed and
+  process holds out the same examples; both index arrays are sorted.
+
+  Args:
+    num_train: examples in the original training split.
+    val_fraction: share held out, in ``[0, 1)``; 0 gives an empty validation split.
+
+  Raises:
+    ValueError: a fraction outside ``[0, 1)`` or one that leaves no training example.
+  """
+  if not 0.0 <= float(val_fraction) < 1.0:
+    raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+  n_val = int(round(num_train * float(val_fraction)))
+  if n_val >= num_train:
+    raise ValueError(f"val_fraction={val_fraction} leaves no training example of {num_train}")
+  perm = np.random.default_rng(VAL_SEED).permutation(num_train)
+  return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 @functools.cache
@@ -230,19 +276,25 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
 
 
 class Dataset:
-  """Train and test pipelines of one dataset for one process of a (possibly multi-host) run.
+  """Train, validation and test pipelines of one dataset for one process of a run.
+
+  The validation split is a fixed, seeded carve of the original training split
+  (:func:`validation_split`): training batches never contain it, every selection (keep-best
+  epochs, metanetwork epochs, recipes) is made on it, and the test split is only reported.
 
   Attributes:
     spec: the DatasetSpec.
-    num_train / num_test: example counts.
+    num_train / num_val / num_test: example counts (``num_train`` without the validation split).
   """
 
   def __init__(self, spec: DatasetSpec, train_source, test_source,
-               shard: tuple[int, int] | None = None):
+               shard: tuple[int, int] | None = None, val_source=None):
     self.spec = spec
     self._train = train_source
     self._test = test_source
+    self._val = val_source if val_source is not None else _SubsetSource(test_source, [])
     self.num_train = len(train_source)
+    self.num_val = len(self._val)
     self.num_test = len(test_source)
     self._shard = shard  # (process count, this process's position); None: all of jax's
 
@@ -259,7 +311,7 @@ class Dataset:
       shard = None
     if shard == self._shard:
       return self
-    return Dataset(self.spec, self._train, self._test, shard)
+    return Dataset(self.spec, self._train, self._test, shard, self._val)
 
   @property
   def num_classes(self) -> int:
@@ -324,23 +376,34 @@ class Dataset:
           step += 1
         yield pending.pop(0).result()
 
-  def num_eval_steps(self, global_batch: int) -> int:
-    return -(-self.num_test // global_batch)
+  def _eval_source(self, split: str):
+    if split == "test":
+      return self._test
+    if split == "val":
+      if self.num_val == 0:
+        raise ValueError(f"{self.spec.name!r} has an empty validation split "
+                         "(val_fraction 0); evaluate on 'test' or hold out a validation split")
+      return self._val
+    raise ValueError(f"Unknown evaluation split {split!r}; choose 'val' or 'test'.")
 
-  def eval_batches(self, global_batch: int) -> Iterator[Batch]:
-    """The test split in order, padded to whole global batches.
+  def num_eval_steps(self, global_batch: int, split: str = "test") -> int:
+    return -(-len(self._eval_source(split)) // global_batch)
+
+  def eval_batches(self, global_batch: int, split: str = "test") -> Iterator[Batch]:
+    """An evaluation split (``'val'`` or ``'test'``) in order, padded to whole global batches.
 
     Yields:
       {'image': [local_batch, H, W, 3] float32, 'label': [local_batch] int32,
        'mask': [local_batch] float32 (0 for padding)}.
     """
+    source = self._eval_source(split)
+    num = len(source)
     local_batch, _, index = self._local_batch(global_batch)
-    ds = grain.MapDataset.source(self._test).map(functools.partial(_eval_transform,
-                                                                   spec=self.spec))
-    for i in range(self.num_eval_steps(global_batch)):
+    ds = grain.MapDataset.source(source).map(functools.partial(_eval_transform, spec=self.spec))
+    for i in range(self.num_eval_steps(global_batch, split)):
       start = i * global_batch + index * local_batch
       positions = np.arange(start, start + local_batch)
-      valid = positions < self.num_test
+      valid = positions < num
       records = [ds[int(p)] for p in np.where(valid, positions, 0)]
       yield {
         "image": np.stack([r["image"] for r in records]).astype(np.float32),
@@ -353,15 +416,18 @@ def _train_transform_rm(record, rng, spec):
   return _train_transform(record, rng, spec)
 
 
-def get_dataset(name: str, data_dir: str | None = None) -> Dataset:
+def get_dataset(name: str, data_dir: str | None = None,
+                val_fraction: float | None = None) -> Dataset:
   """Builds the pipelines of dataset `name`.
 
   Args:
     name: one of `SPECS` ('digits', 'cifar10', 'cifar100', 'svhn', 'imagenet').
     data_dir: tfds data directory (None: tfds's default).
+    val_fraction: share of the training split held out for validation (None or < 0: the
+      dataset's default, ``spec.val_fraction``; 0: none).
 
   Raises:
-    ValueError: unknown name.
+    ValueError: unknown name, a fraction outside [0, 1).
     DatasetNotPreparedError: the tfds dataset is not prepared in `data_dir`.
   """
   if name not in SPECS:
@@ -372,4 +438,14 @@ def get_dataset(name: str, data_dir: str | None = None) -> Dataset:
   else:
     train = _tfds_source(spec, spec.train_split, data_dir)
     test = _tfds_source(spec, spec.test_split, data_dir)
-  return Dataset(spec, train, test)
+  if val_fraction is None or float(val_fraction) < 0:
+    val_fraction = spec.val_fraction
+  train_idx, val_idx = validation_split(len(train), val_fraction)
+  return Dataset(spec, _SubsetSource(train, train_idx), test,
+                 val_source=_SubsetSource(train, val_idx))
+
+
+def dataset_from_config(config) -> Dataset:
+  """``get_dataset(config.dataset, config.data_dir, config.val_fraction)`` (absent: defaults)."""
+  return get_dataset(config.dataset, config.get("data_dir") or None,
+                     config.get("val_fraction", None))

@@ -75,7 +75,7 @@ def input_shape(dataset) -> tuple:
 # ---------------------------------------------------------------------------------------------
 def generate(config, workdir: str) -> list[int]:
   """The ``generate`` mode; returns the indices of the complete data models."""
-  dataset = data_lib.get_dataset(config.dataset, config.get("data_dir"))
+  dataset = data_lib.dataset_from_config(config)
   full = zoo.get_arch(config.arch, dataset.num_classes, widths=config.get("widths") or None)
   gen = config.generate
   root = _root(config, "data_models_dir", workdir)
@@ -192,12 +192,13 @@ def _eval_fn(spec, full_arch):
 
 
 def validate_metanet(spec, full_arch, phi, slots, dataset, batch_size, max_batches):
-  """Mean test loss/accuracy of the transformed validation data models (no finetuning)."""
+  """Mean loss/accuracy of the transformed validation data models (no finetuning) on the
+  validation split of the images (carved from the training split)."""
   f = _eval_fn(spec, full_arch)
   losses, accs = [], []
   for slot in slots:
     tot = np.zeros(3)
-    for b, batch in enumerate(dataset.eval_batches(batch_size)):
+    for b, batch in enumerate(dataset.eval_batches(batch_size, "val")):
       if max_batches and b >= max_batches:
         break
       out = f(phi, slot, batch["image"], batch["label"], batch["mask"])
@@ -210,7 +211,7 @@ def validate_metanet(spec, full_arch, phi, slots, dataset, batch_size, max_batch
 def meta_train(config, workdir: str) -> dict:
   """The ``meta_train`` mode. Returns the last epoch's metrics."""
   mt = config.meta_train
-  dataset = data_lib.get_dataset(config.dataset, config.get("data_dir"))
+  dataset = data_lib.dataset_from_config(config)
   root = _root(config, "data_models_dir", workdir)
   models = datamodels.load_data_model_set(root, expected=config.get("generate", {}).get(
       "num_models", None) if mt.get("require_all_models", True) else None)

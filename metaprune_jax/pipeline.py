@@ -89,26 +89,30 @@ class MaskedEvaluator:
     arch: the architecture (the widths of the variables evaluated).
     dataset: the Dataset.
     batch_size: the global eval batch (divisible by the device count).
+    split: 'test' or 'val' (the validation split carved from the training split).
   """
 
-  def __init__(self, arch, dataset, batch_size: int):
+  def __init__(self, arch, dataset, batch_size: int, split: str = "test"):
     self.arch, self.dataset, self.batch_size = arch, dataset, int(batch_size)
+    self.split = split
     self.mesh = sharding.make_mesh()
     sharding.check_batch_size(self.batch_size, self.mesh, "eval batch size")
     self._fn = sharding.jit_eval_step(arch, self.mesh)
     h, w = dataset.image_hw
     self._batches = None
-    if dataset.num_test * h * w * 3 * 4 <= _CACHE_BYTES:
+    num = dataset.num_test if split == "test" else dataset.num_val
+    if num * h * w * 3 * 4 <= _CACHE_BYTES:
       self._batches = [sharding.to_global(b, self.mesh)
-                       for b in dataset.eval_batches(self.batch_size)]
+                       for b in dataset.eval_batches(self.batch_size, split)]
 
   def _iter(self):
     if self._batches is not None:
       return iter(self._batches)
-    return (sharding.to_global(b, self.mesh) for b in self.dataset.eval_batches(self.batch_size))
+    return (sharding.to_global(b, self.mesh)
+            for b in self.dataset.eval_batches(self.batch_size, self.split))
 
   def __call__(self, variables: Mapping, masks: Mapping | None = None) -> dict[str, float]:
-    """``{'loss', 'accuracy'}`` on the test split.
+    """``{'loss', 'accuracy'}`` on the evaluator's split.
 
     Args:
       variables: ``{'params', 'batch_stats'}`` at ``arch``'s widths.

@@ -1,33 +1,45 @@
-"""The ``prune`` mode: base network -> metanetwork-assisted pruning -> report (DESIGN.md 2).
+"""The ``prune`` mode: base network -> pruning by one of four methods -> report (DESIGN.md 2).
 
-Stages (each resumable; ``<workdir>/prune/state.json`` records after every stage the masks
-(kept channel indices) and speed-ups it produced, and each finetune has its own resumable
-``fit`` run directory, so a killed run restarts at the stage and step where it stopped):
+Methods (``config.prune.method``), all run through the same stages on the same budget:
+
+* ``metanet``: the metanetwork (MetaPruning) then a finetune, then group-L2 pruning;
+* ``sl``: DepGraph's sparse learning (training with the group-norm regulariser of meta-training
+  on the network's own weights, ``config.prune.sl``), then group-L2 pruning;
+* ``group_l2``: a plain finetune, then group-L2 pruning (DepGraph without sparse learning);
+* ``random``: a plain finetune, then random channel choice (the floor).
+
+Stages (each cached under ``config.prune.stage_dir`` ('' = ``<workdir>/prune/stages``) by a hash
+of everything it depends on, so methods and targets that share a stage compute it once, and each
+finetune has its own resumable ``fit`` run directory):
 
 1. ``initial``: progressive group-L2 pruning of the base network to the initial speed-up
    (``config.prune.initial_speed_up``, 0: ``config.generate.initial_speed_up``), finetuned as the
-   data models are (``config.generate.finetune``; run dir ``prune/initial_finetune``), then
-   materialised: this is a network like those the metanetwork was trained on.
-2. ``metanet``: the metanetwork of epoch ``config.prune.metanet_epoch`` (-1: the last) applied
-   once, then finetuned "after metanetwork" keeping the last epoch
-   (``config.finetune_after_metanet``; ``prune/after_metanet``). Skipped with
-   ``config.prune.method='group_l2'`` (plain DepGraph-style pruning, for comparison).
+   data models are (``config.generate.finetune``), then materialised: a network like those the
+   metanetwork was trained on.
+2. ``transform``: the method's stage of ``config.finetune_after_metanet.epochs`` epochs, keeping
+   the last epoch (the metanetwork of epoch ``config.prune.metanet_epoch`` applied once and
+   finetuned; sparse learning; or a plain finetune).
 3. ``prune``: a fresh progressive pruning to ``target / speed_up_so_far``, finetuned "after
-   pruning" keeping the best-test-accuracy epoch (``config.finetune_after_pruning``;
-   ``prune/after_pruning``), then materialised.
+   pruning" keeping the best *validation*-accuracy epoch (``config.finetune_after_pruning``),
+   then materialised.
 4. ``report``: ``prune/report.json`` and ``<workdir>/report.json`` (speed-up vs the base network
-   as an exact MACs ratio, accuracies, MACs/params, wall-clock inference speed-up of the
-   materialised network), a table ``report.txt``, and the materialised network in Orbax
-   (``prune/final``; :func:`load_pruned`) and in the reference's PyTorch state-dict format
-   (``prune/final_state_dict.npz``, and ``.pth`` when torch is importable).
+   as an exact MACs ratio, validation and test accuracies, the budget, MACs/params, wall-clock
+   inference speed-up of the materialised network), a table ``report.txt``, and the
+   materialised network in Orbax (``prune/final``; :func:`load_pruned`) and in the reference's
+   PyTorch state-dict format (``prune/final_state_dict.npz``, and ``.pth`` when torch is
+   importable).
 
-Everything is checked before anything is written: a missing base network, a metanetwork trained
-for another architecture, a target the network cannot reach, or a ``prune/`` folder holding a run
-of other settings stop with an error naming the problem.
+Every selection is made on the validation split (carved from the training split); the test
+split is only reported. Everything is checked before anything is written: an unknown method,
+bad sparse-learning settings, a missing base network, a metanetwork trained for another
+architecture, a target the network cannot reach, or a ``prune/`` folder holding a run of other
+settings stop with an error naming the problem.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import statistics
 import time
@@ -53,7 +65,7 @@ from metaprune_jax import xla_hints
 from metaprune_jax.arch import Arch
 
 DIRNAME = "prune"
-METHODS = ("metanet", "group_l2")
+METHODS = ("metanet", "group_l2", "sl", "random")
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -144,8 +156,13 @@ def _table(report: dict) -> str:
   rows = [("method", report["method"]),
           ("target speed-up", f"{report['target_speed_up']:.4g}x"),
           ("speed-up (MACs)", f"{report['speed_up']:.4f}x"),
-          ("accuracy before", f"{report['accuracy_before']:.4f}"),
-          ("accuracy after", f"{report['accuracy_after']:.4f}"),
+          ("test accuracy before", f"{report['accuracy_before']:.4f}"),
+          ("test accuracy after", f"{report['accuracy_after']:.4f}"),
+          ("val accuracy before/after", f"{report['val_accuracy_before']:.4f} -> "
+                                        f"{report['val_accuracy_after']:.4f}"),
+          ("budget (epochs)", f"{report['budget']['initial_finetune']} initial + "
+                              f"{report['budget']['transform']} {report['budget']['transform_kind']}"
+                              f" + {report['budget']['after_pruning']} after pruning"),
           ("MACs", f"{report['base_macs']:,} -> {report['macs']:,}"),
           ("params", f"{report['base_params']:,} -> {report['params']:,}"),
           ("inference speed-up (wall clock)",
@@ -160,27 +177,135 @@ def _table(report: dict) -> str:
   return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows) + "\n"
 
 
+# ------------------------------------------------------------------------------------ stages
+def importance_shares(arch: Arch, variables, thresholds=(0.1, 0.2)) -> dict:
+  """Share of prunable channels whose max-normalised group-L2 importance is under each threshold.
+
+  Args:
+    arch: the architecture of ``variables``.
+    variables: ``{'params', ...}``.
+    thresholds: normalised-importance levels.
+
+  Returns:
+    ``{'under_0.1': share, 'under_0.2': share, 'channels': count}`` over every pruning group's
+    channels (the groups of :func:`metaprune_jax.groups.pruning_groups`).
+  """
+  imps = np.concatenate([np.asarray(i, np.float64).ravel() for i in
+                         groups_lib.group_importance(arch, variables, "max")])
+  out = {f"under_{t:g}": float(np.mean(imps < t)) for t in thresholds}
+  out["channels"] = int(imps.size)
+  return out
+
+
+def _stage_key(*parts) -> str:
+  """A short content hash of a stage's inputs (the chain of stages before it included)."""
+  blob = json.dumps(pipeline.jsonable(parts), sort_keys=True)
+  return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+class _StageCache:
+  """Finished stages, each in ``<root>/<name>-<key>/`` with its record in ``stage.json``.
+
+  A stage's key hashes everything it depends on (its settings and its input stage's key), so
+  runs of other targets or methods that share a stage (the initial pruning and finetune; the
+  metanetwork-free finetune of ``group_l2`` and ``random``) compute it once, and a killed run
+  resumes inside the stage's own ``fit`` directory.
+  """
+
+  def __init__(self, root: str, is_chief: bool):
+    self.root, self.is_chief = root, is_chief
+
+  def dir(self, name: str, key: str) -> str:
+    return os.path.join(self.root, f"{name}-{key}")
+
+  def get(self, name: str, key: str) -> dict | None:
+    path = os.path.join(self.dir(name, key), "stage.json")
+    return pipeline.read_json(path) if os.path.exists(path) else None
+
+  def put(self, name: str, key: str, record: dict) -> dict:
+    record = pipeline.jsonable(record)
+    if self.is_chief:
+      pipeline.write_json(os.path.join(self.dir(name, key), "stage.json"), record)
+    return record
+
+
+def sl_settings(config) -> tuple[float, float, str] | None:
+  """``(alpha, reg, normalizer)`` of the ``sl`` method, checked against the matched budget.
+
+  Raises:
+    ValueError: a non-positive strength, zero epochs, or epochs that differ from the
+      transform budget (``config.finetune_after_metanet.epochs``) every method gets.
+  """
+  sl = config.prune.get("sl", None) or {}
+  reg = float(sl.get("reg", 1e-2))
+  alpha = float(sl.get("alpha", 16.0))
+  budget = int(config.finetune_after_metanet.epochs)
+  epochs = int(sl.get("epochs", -1))
+  if not reg > 0:
+    raise ValueError(f"config.prune.sl.reg={reg}: the sparse-learning strength must be > 0")
+  if alpha < 1:
+    raise ValueError(f"config.prune.sl.alpha={alpha}: gamma's base must be >= 1")
+  if epochs == 0 or budget == 0:
+    raise ValueError("sparse learning with zero epochs: config.prune.sl.epochs and "
+                     "config.finetune_after_metanet.epochs (the budget it runs in) must be > 0")
+  if epochs > 0 and epochs != budget:
+    raise ValueError(f"config.prune.sl.epochs={epochs} cannot be matched to the transform "
+                     f"budget every method gets (config.finetune_after_metanet.epochs={budget}): "
+                     "set it to -1 (the budget) or change the budget")
+  return alpha, reg, str(sl.get("normalizer", "max"))
+
+
+def budget(config, method: str) -> dict:
+  """Training epochs each stage of ``method`` gets (the same for every method)."""
+  b = {"initial_finetune": int(config.generate.finetune.epochs),
+       "transform": int(config.finetune_after_metanet.epochs),
+       "after_pruning": int(config.finetune_after_pruning.epochs)}
+  b["total"] = sum(b.values())
+  b["transform_kind"] = TRANSFORMS[method]
+  b["selection"] = ("after-pruning finetune keeps its best validation-accuracy epoch; the "
+                    "transform keeps its last epoch; the test split is only reported")
+  return b
+
+
+# Stage 2 of each method, run on the same budget: the metanetwork then a finetune; DepGraph's
+# sparse learning (CE + the group-norm regulariser on the network's own weights); a plain
+# finetune (group L2 and random pruning).
+TRANSFORMS = {"metanet": "metanet+finetune", "sl": "sparse_learning", "group_l2": "finetune",
+              "random": "finetune"}
+
+
 # -------------------------------------------------------------------------------------- mode
 def prune(config, workdir: str) -> dict:
   """The ``prune`` mode. Returns the report (also written as JSON and a table).
 
+  Every method runs the same stages on the same budget (:func:`budget`): the initial pruning
+  and its finetune; the transform (``metanet``: metanetwork + finetune; ``sl``: sparse
+  learning; ``group_l2`` / ``random``: plain finetune) for ``finetune_after_metanet.epochs``;
+  pruning to the target (``random``: random channel choice, else group L2); the finetune
+  after pruning, keeping its best *validation* epoch. Test accuracy is only reported.
+
   Raises:
-    ValueError: unknown method, target speed-up <= the initial one or unreachable, a
-      metanetwork for another architecture, ``prune/`` holding a run of other settings.
+    ValueError: unknown method, bad ``sl`` settings or budget, target speed-up <= the initial
+      one or unreachable, a metanetwork for another architecture, ``prune/`` holding a run of
+      other settings.
     CheckpointError: missing base network or metanetwork checkpoint.
   """
   pc = config.prune
   method = pruning_method(config)
   if method not in METHODS:
-    raise ValueError(f"config.prune.method={method!r}; choose from {METHODS}")
-  dataset = data_lib.get_dataset(config.dataset, config.get("data_dir"))
+    raise ValueError(f"config.prune.method={method!r} is unknown; choose from {METHODS}")
+  sparsity = sl_settings(config) if method == "sl" else None
+  dataset = data_lib.dataset_from_config(config)
   shape = pipeline.input_shape(dataset)
   workdir = os.path.abspath(workdir)
   out = os.path.join(workdir, DIRNAME)
   seed = int(config.seed)
   steps = int(pc.get("steps", 200))
-  criterion, normalizer = pc.get("criterion", "l2"), pc.get("normalizer", "max")
+  normalizer = pc.get("normalizer", "max")
+  criterion = "random" if method == "random" else pc.get("criterion", "l2")
   compat = bool(config.get("reference_compat", False))
+  eval_batch = int(config.finetune_after_pruning.eval_batch_size)
+  train_lib.check_validation_split(dataset, eval_batch, True)
 
   # ---- checks, before anything is written
   arch, base_vars, base_src = load_base(config, workdir)
@@ -194,17 +319,20 @@ def prune(config, workdir: str) -> dict:
                      f"{shape}: even one channel per prunable group gives only {bound:.3f}x; "
                      "nothing was written")
   mn_root = pipeline.source_dir(config, "metanet_dir", workdir)
+  mn_epoch = None
   if method == "metanet":
     mc, phi, mn_epoch = meta_modes.load_metanet(mn_root, int(pc.get("metanet_epoch", -1)),
                                                 arch=arch)
+  plan = budget(config, method)
+  val_fraction = dataset.num_val / max(dataset.num_val + dataset.num_train, 1)
   signature = pipeline.jsonable({
       "method": method, "target_speed_up": target, "initial_speed_up": initial,
       "base": base_src, "metanet_dir": mn_root if method == "metanet" else None,
-      "metanet_epoch": int(pc.get("metanet_epoch", -1)) if method == "metanet" else None,
-      "steps": steps, "criterion": criterion, "normalizer": normalizer, "seed": seed,
-      "reference_compat": compat, "initial_finetune": config.generate.finetune.to_dict(),
-      "finetune_after_metanet": (config.finetune_after_metanet.to_dict()
-                                 if method == "metanet" else None),
+      "metanet_epoch": mn_epoch, "steps": steps, "criterion": criterion,
+      "normalizer": normalizer, "seed": seed, "reference_compat": compat,
+      "val_fraction": val_fraction, "sparsity": sparsity,
+      "initial_finetune": config.generate.finetune.to_dict(),
+      "transform": config.finetune_after_metanet.to_dict(),
       "finetune_after_pruning": config.finetune_after_pruning.to_dict()})
   state_path = os.path.join(out, "state.json")
   state = {"signature": signature, "stages": {}}
@@ -216,6 +344,8 @@ def prune(config, workdir: str) -> dict:
                        "nothing was overwritten: use another workdir or restore the settings")
   st = state["stages"]
   is_chief = jax.process_index() == 0
+  cache = _StageCache(os.path.abspath(pc.get("stage_dir", "") or os.path.join(out, "stages")),
+                      is_chief)
 
   def commit(name, record):
     st[name] = pipeline.jsonable(record)
@@ -228,91 +358,134 @@ def prune(config, workdir: str) -> dict:
     logging.info("prune: already finished; report in %s", os.path.join(out, "report.json"))
     return pipeline.read_json(os.path.join(out, "report.json"))
 
-  base_eval = pipeline.MaskedEvaluator(arch, dataset, config.finetune_after_pruning.eval_batch_size)
+  def evaluators(a):
+    return (pipeline.MaskedEvaluator(a, dataset, eval_batch, "val"),
+            pipeline.MaskedEvaluator(a, dataset, eval_batch, "test"))
+
+  base_val, base_test = evaluators(arch)
   if "base" not in st:
-    commit("base", {"accuracy": base_eval(base_vars)["accuracy"], "source": base_src})
+    commit("base", {"accuracy": base_test(base_vars)["accuracy"],
+                    "val_accuracy": base_val(base_vars)["accuracy"], "source": base_src})
 
-  # ---- 1. initial pruning + the data-model finetune
-  if "initial" not in st:
+  # ---- 1. initial pruning + the data-model finetune (shared by every method and target)
+  k1 = _stage_key("initial", base_src, st["base"]["accuracy"], initial, steps, normalizer, seed,
+                  config.generate.finetune.to_dict(), val_fraction)
+  rec1 = cache.get("initial", k1)
+  if rec1 is None:
     res = pruning.prune_to_target(arch, base_vars, initial, shape, steps=steps,
-                                  criterion=criterion, normalizer=normalizer)
-    commit("initial", {"keep": _keep_lists(arch, res.masks), "speed_up": res.speed_up,
-                       "pruning_steps": res.steps,
-                       "accuracy_no_finetune": base_eval(base_vars, res.masks)["accuracy"]})
-  masks1 = masks_lib.masks_from_keep(arch, st["initial"]["keep"])
-  ft = train_lib.fit(config.generate.finetune, arch,
-                     masks_lib.mask_variables(arch, base_vars, masks1), masks1, dataset,
-                     os.path.join(out, "initial_finetune"), seed=seed, config=config,
-                     signature={"stage": "initial_finetune"}, desc="prune: initial finetune")
-  small, v = masks_lib.materialize(arch, jax.device_get(ft.variables), masks1)
-  small_eval = pipeline.MaskedEvaluator(small, dataset,
-                                        config.finetune_after_pruning.eval_batch_size)
-  if "initial_finetune" not in st:
-    commit("initial_finetune", {"accuracy": small_eval(v)["accuracy"],
-                                "speed_up": st["initial"]["speed_up"]})
+                                  criterion="l2", normalizer=normalizer)
+    masks1 = masks_lib.masks_from_keep(arch, _keep_lists(arch, res.masks))
+    ft = train_lib.fit(config.generate.finetune, arch,
+                       masks_lib.mask_variables(arch, base_vars, masks1), masks1, dataset,
+                       os.path.join(cache.dir("initial", k1), "finetune"), seed=seed,
+                       config=config, signature={"stage": "initial_finetune"},
+                       desc="prune: initial finetune")
+    small, v = masks_lib.materialize(arch, jax.device_get(ft.variables), masks1)
+    sv, stest = evaluators(small)
+    rec1 = cache.put("initial", k1, {
+        "keep": _keep_lists(arch, res.masks), "speed_up": res.speed_up,
+        "pruning_steps": res.steps,
+        "accuracy_no_finetune": base_test(base_vars, res.masks)["accuracy"],
+        "accuracy": stest(v)["accuracy"], "val_accuracy": sv(v)["accuracy"]})
+  masks1 = masks_lib.masks_from_keep(arch, rec1["keep"])
+  _, _, v1, _ = train_lib.load_run(os.path.join(cache.dir("initial", k1), "finetune"))
+  small, v = masks_lib.materialize(arch, jax.device_get(v1), masks1)
+  small_val, small_test = evaluators(small)
+  commit("initial", rec1)
 
-  # ---- 2. metanetwork + finetune "after metanetwork" (keep last)
-  if method == "metanet":
-    if "metanet" in st:
-      mn_epoch = int(st["metanet"]["epoch"])
-      mc, phi, _ = meta_modes.load_metanet(mn_root, mn_epoch, arch=arch)
-    v = metanet_lib.transform(mc, phi, small, v, reference_compat=compat)
-    if "metanet" not in st:
-      commit("metanet", {"epoch": mn_epoch, "accuracy": small_eval(v)["accuracy"]})
-    ft = train_lib.fit(pipeline.with_keep(config.finetune_after_metanet, "last"), small, v, None,
-                       dataset, os.path.join(out, "after_metanet"), seed=seed, config=config,
-                       signature={"stage": "after_metanet"}, desc="prune: after-metanet finetune")
-    v = jax.device_get(ft.variables)
-    if "after_metanet" not in st:
-      commit("after_metanet", {"accuracy": small_eval(v)["accuracy"]})
+  # ---- 2. the method's transform on the same budget (keep the last epoch)
+  kind = TRANSFORMS[method]
+  k2 = _stage_key("transform", k1, kind, config.finetune_after_metanet.to_dict(),
+                  {"metanet_dir": mn_root, "epoch": mn_epoch, "compat": compat}
+                  if kind == "metanet+finetune" else None, sparsity)
+  rec2 = cache.get("transform", k2)
+  d2 = os.path.join(cache.dir("transform", k2), "finetune")
+  if rec2 is None:
+    rec2 = {"kind": kind, "importance_before": importance_shares(small, v)}
+    vt = v
+    if kind == "metanet+finetune":
+      vt = metanet_lib.transform(mc, phi, small, v, reference_compat=compat)
+      rec2.update(metanet_epoch=mn_epoch, accuracy_metanet_output=small_test(vt)["accuracy"],
+                  val_accuracy_metanet_output=small_val(vt)["accuracy"])
+    ft = train_lib.fit(pipeline.with_keep(config.finetune_after_metanet, "last"), small, vt,
+                       None, dataset, d2, seed=seed, config=config,
+                       signature={"stage": "transform", "kind": kind},
+                       desc=f"prune: {kind}", sparsity=sparsity)
+    vt = jax.device_get(ft.variables)
+    rec2.update(accuracy=small_test(vt)["accuracy"], val_accuracy=small_val(vt)["accuracy"],
+                importance_after=importance_shares(small, vt))
+    rec2 = cache.put("transform", k2, rec2)
+  _, _, v, _ = train_lib.load_run(d2)
+  v = jax.device_get(v)
+  commit("transform", rec2)
 
-  # ---- 3. pruning to the target + finetune "after pruning" (keep best)
-  if "prune" not in st:
-    stage_target = target / st["initial"]["speed_up"] * (1 + 1e-9)  # exact product >= target
+  # ---- 3. pruning to the target + finetune "after pruning" (keep the best validation epoch)
+  stage_target = target / rec1["speed_up"] * (1 + 1e-9)  # exact product >= target
+  k3 = _stage_key("final", k2, stage_target, steps, criterion, normalizer, seed,
+                  config.finetune_after_pruning.to_dict())
+  rec3 = cache.get("final", k3)
+  d3 = os.path.join(cache.dir("final", k3), "finetune")
+  if rec3 is None:
     try:
       res = pruning.prune_to_target(small, v, stage_target, shape, steps=steps,
-                                    criterion=criterion, normalizer=normalizer)
+                                    criterion=criterion, normalizer=normalizer,
+                                    rng=jax.random.PRNGKey(seed))
     except ValueError as e:
       raise ValueError(f"prune: the overall target {target}x needs {stage_target:.4f}x more "
-                       f"after the initial {st['initial']['speed_up']:.4f}x, which is "
+                       f"after the initial {rec1['speed_up']:.4f}x, which is "
                        f"unreachable: {e}") from e
-    commit("prune", {"keep": _keep_lists(small, res.masks), "speed_up": res.speed_up,
-                     "pruning_steps": res.steps,
-                     "accuracy_no_finetune": small_eval(v, res.masks)["accuracy"]})
-  masks3 = masks_lib.masks_from_keep(small, st["prune"]["keep"])
-  ft = train_lib.fit(pipeline.with_keep(config.finetune_after_pruning, "best"), small,
-                     masks_lib.mask_variables(small, v, masks3), masks3, dataset,
-                     os.path.join(out, "after_pruning"), seed=seed, config=config,
-                     signature={"stage": "after_pruning"}, desc="prune: after-pruning finetune")
-  final_arch, final_vars = masks_lib.materialize(small, jax.device_get(ft.variables), masks3)
+    masks3 = masks_lib.masks_from_keep(small, _keep_lists(small, res.masks))
+    rec3 = {"keep": _keep_lists(small, res.masks), "speed_up": res.speed_up,
+            "pruning_steps": res.steps,
+            "accuracy_no_finetune": small_test(v, masks3)["accuracy"],
+            "val_accuracy_no_finetune": small_val(v, masks3)["accuracy"]}
+    ft = train_lib.fit(pipeline.with_keep(config.finetune_after_pruning, "best"), small,
+                       masks_lib.mask_variables(small, v, masks3), masks3, dataset, d3,
+                       seed=seed, config=config, signature={"stage": "after_pruning"},
+                       desc="prune: after-pruning finetune")
+    rec3["best_epoch"] = ft.best_epoch
+    rec3 = cache.put("final", k3, rec3)
+  commit("prune", {k: rec3[k] for k in ("keep", "speed_up", "pruning_steps",
+                                        "accuracy_no_finetune", "val_accuracy_no_finetune")})
+  masks3 = masks_lib.masks_from_keep(small, rec3["keep"])
+  _, _, v3, _ = train_lib.load_run(d3)
+  final_arch, final_vars = masks_lib.materialize(small, jax.device_get(v3), masks3)
   final_vars = jax.device_get(final_vars)
 
   # ---- 4. report and the materialised network
-  acc_after = pipeline.MaskedEvaluator(final_arch, dataset,
-                                       config.finetune_after_pruning.eval_batch_size)(final_vars)
+  final_val, final_test = evaluators(final_arch)
+  acc_after = final_test(final_vars)
+  val_after = final_val(final_vars)
   base_macs, base_params = macs_lib.count_macs(arch, shape)
   macs, params = macs_lib.count_macs(final_arch, shape)
   batch, runs = int(pc.get("latency_batch", 128)), int(pc.get("latency_runs", 20))
   t_base = inference_seconds(arch, base_vars, dataset.image_hw, batch, runs)
   t_final = inference_seconds(final_arch, final_vars, dataset.image_hw, batch, runs)
   commit("after_pruning", {"accuracy": acc_after["accuracy"],
-                           "speed_up": base_macs / macs, "best_epoch": ft.best_epoch})
+                           "val_accuracy": val_after["accuracy"],
+                           "speed_up": base_macs / macs, "best_epoch": rec3["best_epoch"]})
   d = jax.devices()[0]
   report = {
       "method": method, "arch": arch.name, "dataset": dataset.spec.name,
       "target_speed_up": target, "speed_up": base_macs / macs,
       "accuracy_before": st["base"]["accuracy"], "accuracy_after": acc_after["accuracy"],
+      "val_accuracy_before": st["base"]["val_accuracy"],
+      "val_accuracy_after": val_after["accuracy"],
       "loss_after": acc_after["loss"], "macs": int(macs), "params": int(params),
       "base_macs": int(base_macs), "base_params": int(base_params),
       "mac_input_shape": list(shape), "widths": dict(final_arch.widths),
       "inference_speed_up": t_base / t_final, "base_latency_ms": 1e3 * t_base,
       "latency_ms": 1e3 * t_final, "latency_batch": batch, "latency_runs": runs,
       "device": f"{d.platform}:{getattr(d, 'device_kind', '')} x{jax.device_count()}",
-      "metanet_epoch": st.get("metanet", {}).get("epoch"),
+      "metanet_epoch": mn_epoch, "budget": plan,
+      "split_sizes": {"train": dataset.num_train, "val": dataset.num_val,
+                      "test": dataset.num_test},
       "stages": {k: {kk: vv for kk, vv in r.items() if kk != "keep"} for k, r in st.items()},
       "saved": {"orbax": os.path.join(out, "final"),
                 "state_dict_npz": os.path.join(out, "final_state_dict.npz")},
   }
+  if sparsity is not None:
+    report["sl"] = {"alpha": sparsity[0], "reg": sparsity[1], "normalizer": sparsity[2]}
   # every process takes part in the Orbax save (it writes from process 0)
   save_pruned(os.path.join(out, "final"), final_arch, final_vars,
               {"accuracy": acc_after["accuracy"], "speed_up": report["speed_up"]})

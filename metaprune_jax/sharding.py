@@ -120,10 +120,11 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(put, tree)
 
 
-def jit_train_step(arch, tx, mesh: Mesh):
-  """`steps.train_step` bound to (arch, tx), jitted: state replicated and donated, batch split."""
+def jit_train_step(arch, tx, mesh: Mesh, sparsity: tuple[float, float, str] | None = None):
+  """`steps.train_step` bound to (arch, tx, sparsity), jitted: state replicated and donated,
+  batch split."""
   repl, data = replicated(mesh), data_sharding(mesh)
-  return jax.jit(functools.partial(steps.train_step, arch=arch, tx=tx),
+  return jax.jit(functools.partial(steps.train_step, arch=arch, tx=tx, sparsity=sparsity),
                  in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0,
                  compiler_options=xla_hints.conv_compiler_options(mesh.devices.flat))
 

@@ -19,6 +19,7 @@ import optax
 
 from metaprune_jax import cnn
 from metaprune_jax import masks as masks_lib
+from metaprune_jax import regularizer as regularizer_lib
 from metaprune_jax.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -34,7 +35,8 @@ def _mask_params(arch, params, batch_stats, masks):
   return out["params"], out["batch_stats"]
 
 
-def train_step(state: TrainState, batch: Batch, *, arch, tx: optax.GradientTransformation
+def train_step(state: TrainState, batch: Batch, *, arch, tx: optax.GradientTransformation,
+               sparsity: tuple[float, float, str] | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD/AdamW step on a batch (train-mode BatchNorm over the whole global batch).
 
@@ -43,18 +45,28 @@ def train_step(state: TrainState, batch: Batch, *, arch, tx: optax.GradientTrans
     batch: {'image': [B, H, W, 3] float32, 'label': [B] int32}.
     arch: the Arch (static).
     tx: the optimizer (static).
+    sparsity: ``(alpha, reg, normalizer)`` (static) adds the group-norm regulariser of
+      meta-training (:func:`metaprune_jax.regularizer.regularizer`) on the network's own weights
+      to the loss: DepGraph's sparse learning (``prune.method='sl'``). None: plain training.
 
   Returns:
-    (new_state, metrics) with metrics {'loss': [] mean CE, 'accuracy': [] float32}.
+    (new_state, metrics) with metrics {'loss': [] mean CE, 'accuracy': [] float32} (and
+    'reg': [] the regulariser's value with ``sparsity``).
   """
   def loss_fn(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
     logits, new_stats = cnn.apply_model(arch, variables, batch["image"], train=True,
                                         masks=state.masks)
     loss = cross_entropy(logits, batch["label"]).mean()
-    return loss, (logits, new_stats)
+    r = jnp.float32(0.0)
+    if sparsity is not None:
+      alpha, reg, normalizer = sparsity
+      r = regularizer_lib.regularizer(arch, {"params": params}, alpha, reg, normalizer,
+                                      masks=state.masks)
+    return loss + r, (loss, r, logits, new_stats)
 
-  (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, (loss, r, logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   if state.masks is not None:
     grads = masks_lib.mask_tree(arch, grads, state.masks, "params")
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -64,7 +76,10 @@ def train_step(state: TrainState, batch: Batch, *, arch, tx: optax.GradientTrans
   accuracy = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32).mean()
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                             opt_state=opt_state)
-  return new_state, {"loss": loss, "accuracy": accuracy}
+  metrics = {"loss": loss, "accuracy": accuracy}
+  if sparsity is not None:
+    metrics["reg"] = r
+  return new_state, metrics
 
 
 def eval_step(variables: dict[str, Any], masks, batch: Batch, *, arch) -> dict[str, jax.Array]:

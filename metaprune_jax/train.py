@@ -64,8 +64,8 @@ def _schedule_dict(schedule: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def evaluate(arch, variables, masks, dataset: data_lib.Dataset, batch_size: int,
-             mesh=None) -> dict[str, float]:
-  """Test loss and accuracy of a network on the dataset's test split.
+             mesh=None, split: str = "test") -> dict[str, float]:
+  """Loss and accuracy of a network on one evaluation split (``'test'`` or ``'val'``).
 
   Args:
     arch: the Arch.
@@ -74,9 +74,10 @@ def evaluate(arch, variables, masks, dataset: data_lib.Dataset, batch_size: int,
     dataset: the Dataset.
     batch_size: global eval batch (divisible by the device count).
     mesh: the mesh (default: all devices).
+    split: 'test' (default) or 'val', the validation split carved from the training split.
 
   Returns:
-    {'loss': mean CE, 'accuracy': fraction correct} over the whole test split.
+    {'loss': mean CE, 'accuracy': fraction correct} over the whole split.
   """
   mesh = mesh or sharding.make_mesh()
   sharding.check_batch_size(batch_size, mesh, "eval batch size")
@@ -85,7 +86,7 @@ def evaluate(arch, variables, masks, dataset: data_lib.Dataset, batch_size: int,
   variables = sharding.replicate(variables, mesh)
   masks = sharding.replicate(masks, mesh) if masks is not None else None
   totals = None
-  for batch in dataset.eval_batches(batch_size):
+  for batch in dataset.eval_batches(batch_size, split):
     out = eval_fn(variables, masks, sharding.to_global(batch, mesh))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
@@ -93,16 +94,33 @@ def evaluate(arch, variables, masks, dataset: data_lib.Dataset, batch_size: int,
   return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count}
 
 
+def check_validation_split(dataset: data_lib.Dataset, eval_batch: int, required: bool) -> None:
+  """Raises ValueError when a selection needs the validation split and it cannot serve.
+
+  ``required``: something is selected on it (keep='best'). The split must then be non-empty and
+  hold at least one whole eval batch (smaller splits make the selection noise).
+  """
+  if not required:
+    return
+  if dataset.num_val == 0:
+    raise ValueError(f"keep='best' selects on the validation split, but {dataset.spec.name!r} "
+                     "has none (val_fraction 0): set val_fraction > 0 or keep='last'")
+  if dataset.num_val < eval_batch:
+    raise ValueError(f"the validation split of {dataset.spec.name!r} has {dataset.num_val} "
+                     f"examples, fewer than one eval batch ({eval_batch}): raise val_fraction "
+                     "or lower eval_batch_size")
+
+
 def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
         dataset: data_lib.Dataset, workdir: str, *, seed: int = 0,
         signature: Mapping[str, Any] | None = None, config: Any = None, mesh=None,
-        desc: str = "train") -> FitResult:
+        desc: str = "train", sparsity: tuple[float, float, str] | None = None) -> FitResult:
   """Trains `variables` (masked by `masks`) with `schedule`, resuming from `workdir`.
 
   Args:
     schedule: config section with `epochs`, `batch_size`, `eval_batch_size`, `optimizer`,
-      `lr`, `milestones`, `gamma`, `momentum`, `weight_decay`, `keep` ('last' | 'best' test
-      accuracy), `ckpt_every_steps` (0: end of epoch only), `max_to_keep`.
+      `lr`, `milestones`, `gamma`, `momentum`, `weight_decay`, `keep` ('last' | 'best'
+      validation accuracy; the test split is only reported), `ckpt_every_steps` (0: end of epoch only), `max_to_keep`.
     arch: the Arch.
     variables: initial {'params', 'batch_stats'} (ignored when resuming).
     masks: {space: [width] float32} (pruned channels stay exactly zero) or None.
@@ -116,6 +134,9 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
       it reads whole batches, checkpoints alone and writes the metrics (inside
       `checkpoint.process_local_checkpointing`).
     desc: progress-bar / log prefix.
+    sparsity: ``(alpha, reg, normalizer)``: train with the group-norm regulariser of
+      meta-training on the network's own weights added to the loss (DepGraph's sparse
+      learning; ``steps.train_step``). None: plain cross-entropy.
 
   Returns:
     A FitResult.
@@ -141,6 +162,7 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
   keep = schedule.get("keep", "last")
   if keep not in ("last", "best"):
     raise ValueError(f"schedule.keep must be 'last' or 'best', got {keep!r}.")
+  check_validation_split(dataset, eval_batch, keep == "best")
   steps_per_epoch = dataset.steps_per_epoch(batch_size)
   epochs = int(schedule["epochs"])
   total_steps = epochs * steps_per_epoch
@@ -150,6 +172,13 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
     "schedule": _schedule_dict(schedule), "masked": masks is not None,
     **_schedule_dict(signature or {}),
   }
+  if sparsity is not None:
+    alpha, reg, normalizer = float(sparsity[0]), float(sparsity[1]), str(sparsity[2])
+    if not reg > 0 or not alpha >= 1:
+      raise ValueError(f"sparse learning needs reg > 0 and alpha >= 1, got reg={reg}, "
+                       f"alpha={alpha}")
+    sparsity = (alpha, reg, normalizer)
+    run_signature["sparsity"] = list(sparsity)
   run_signature["schedule"].pop("ckpt_every_steps", None)  # may change between restarts
   run_signature["schedule"].pop("max_to_keep", None)
 
@@ -185,7 +214,7 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
             "best_accuracy": best_acc, "best_epoch": best_epoch, "keep": keep,
             "finished": step >= total_steps, "steps_per_epoch": steps_per_epoch}
 
-  train_step = sharding.jit_train_step(arch, tx, mesh)
+  train_step = sharding.jit_train_step(arch, tx, mesh, sparsity)
   step = start_step = int(jax.device_get(state.step))
   ckpt_every = int(schedule.get("ckpt_every_steps", 0) or 0)
   try:
@@ -222,20 +251,25 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
             f"{epoch * steps_per_epoch + first}-{step - 1}); the last good checkpoint in "
             f"{ckpt.directory} is kept.")
         test = evaluate(arch, state.variables, state.masks, dataset, eval_batch, mesh)
+        val = (evaluate(arch, state.variables, state.masks, dataset, eval_batch, mesh, "val")
+               if dataset.num_val else {"loss": float("nan"), "accuracy": float("nan")})
         record = {"epoch": epoch + 1, "step": step, "lr": float(lr_fn(step - 1)),
                   "train_loss": train_loss, "train_accuracy": float(sums["accuracy"]) / num,
+                  "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                   "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                   "epoch_time_s": round(time.time() - t0, 3)}
+        if "reg" in sums:
+          record["train_reg"] = float(sums["reg"]) / num
         history.append(record)
-        if keep == "best" and test["accuracy"] > best_acc:
-          best_acc, best_epoch = test["accuracy"], epoch
+        if keep == "best" and val["accuracy"] > best_acc:  # selected on validation only
+          best_acc, best_epoch = val["accuracy"], epoch
           best = jax.tree.map(jnp.copy, state.variables)
         elif keep == "last":
-          best_acc, best_epoch = test["accuracy"], epoch
-        logging.info("%s epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | "
-                     "lr %.4g | %.1fs", desc, epoch + 1, epochs, record["train_loss"],
-                     record["train_accuracy"], test["loss"], test["accuracy"], record["lr"],
-                     record["epoch_time_s"])
+          best_acc, best_epoch = val["accuracy"], epoch
+        logging.info("%s epoch %d/%d: train loss %.4f acc %.4f | val acc %.4f | test loss %.4f "
+                     "acc %.4f | lr %.4g | %.1fs", desc, epoch + 1, epochs, record["train_loss"],
+                     record["train_accuracy"], val["accuracy"], test["loss"], test["accuracy"],
+                     record["lr"], record["epoch_time_s"])
         metrics.write(step, record)
         ckpt.save(step, {"train": state, "best": best}, meta_at(step))
   finally:
@@ -252,7 +286,7 @@ def pretrain(config, workdir: str) -> FitResult:
   the schedule `config.pretrain`; checkpoints and metrics go to `<workdir>/checkpoints` and
   `<workdir>/metrics.jsonl`, and `<workdir>/pretrain.json` gets the final test metrics.
   """
-  dataset = data_lib.get_dataset(config.dataset, config.get("data_dir"))
+  dataset = data_lib.dataset_from_config(config)
   arch = zoo.get_arch(config.arch, dataset.num_classes, widths=config.get("widths") or None)
   init_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
   # Jitted: eager Flax init of a ResNet takes seconds of op-by-op dispatch on CPU.

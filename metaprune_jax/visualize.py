@@ -3,15 +3,19 @@
 For every chosen meta-training epoch (``config.visualize.epochs``; empty: every saved one) the
 first held-out data model (the validation split of meta-training, the reference's choice) goes
 through that epoch's metanetwork, is finetuned with the "after metanetwork" schedule keeping the
-best-test-accuracy epoch (``config.finetune_after_metanet`` with ``keep='best'``), and is then
-pruned by a fresh progressive group-L2 pruning (``config.visualize.steps`` steps); test accuracy
-*without* finetuning is recorded at step 0 and after every step until the overall speed-up (the
+best validation-accuracy epoch (``config.finetune_after_metanet`` with ``keep='best'``), and is
+then pruned by a fresh progressive group-L2 pruning (``config.visualize.steps`` steps);
+validation accuracy (the split carved from the training split: the curves are for choosing an
+epoch) *without* finetuning is recorded at step 0 and after every step until the overall speed-up (the
 data model's speed-up times this pruning's) reaches ``config.visualize.max_speed_up``. The same
 curve without a metanetwork (the data model finetuned with the same schedule, as the reference's
 baseline) is drawn beside them.
 
 Outputs: ``<workdir>/visualize/curves.png`` and ``curves.json`` (``{key: {epoch, speed_ups,
-accuracies, finetuned_accuracy, ...}}``, ``key`` = ``epoch_XXX`` or ``baseline``). Each
+accuracies, finetuned_accuracy, importance, ...}}``, ``key`` = ``epoch_XXX`` or ``baseline``),
+and ``importance.png`` / ``importance.json``: the distribution of max-normalised group-L2 channel
+importance of each finetuned network (histogram and the shares under 0.1 and 0.2), the
+metanetwork's effect on what pruning sees. Each
 finetune has its own resumable run directory ``visualize/<key>``; a curve whose settings match
 the stored one is reused, not recomputed. The user picks the metanetwork epoch for ``prune`` by
 looking at the curves (the reference has no automatic metric; ``config.visualize.
@@ -62,12 +66,12 @@ def held_out_model(config, root: str) -> datamodels.DataModel:
 def accuracy_curve(arch, variables, evaluator: pipeline.MaskedEvaluator, shape,
                    start_speed_up: float, max_speed_up: float, steps: int = 200,
                    criterion: str = "l2", normalizer: str = "max", desc: str = "curve") -> dict:
-  """Test accuracy (no finetune) along a fresh progressive pruning of ``variables``.
+  """Accuracy (no finetune) along a fresh progressive pruning of ``variables``.
 
   Args:
     arch: the network's architecture at its (possibly already pruned) widths.
     variables: its ``{'params', 'batch_stats'}``.
-    evaluator: a MaskedEvaluator for ``arch``.
+    evaluator: a MaskedEvaluator for ``arch`` (its split: validation to choose, test to report).
     shape: the NCHW input shape MACs are counted at.
     start_speed_up: the network's own speed-up over the original (x-axis offset).
     max_speed_up: stop after the first step whose overall speed-up reaches this.
@@ -103,7 +107,65 @@ def speed_up_at_accuracy(curve: dict, threshold: float) -> float:
   return best
 
 
-def plot_curves(curves: dict, path: str, title: str = "") -> None:
+IMPORTANCE_BINS = np.linspace(0.0, 1.0, 21)
+
+
+def importance_histogram(arch, variables) -> dict:
+  """The distribution of max-normalised group-L2 channel importance of a network.
+
+  Args:
+    arch: the architecture of ``variables``.
+    variables: ``{'params', ...}``.
+
+  Returns:
+    ``{'bins': [21] edges on [0, 1], 'counts': [20], 'under_0.1', 'under_0.2', 'channels'}``
+    over the channels of every pruning group.
+  """
+  from metaprune_jax import groups as groups_lib  # pylint: disable=g-import-not-at-top
+  imps = np.concatenate([np.asarray(i, np.float64).ravel()
+                         for i in groups_lib.group_importance(arch, variables, "max")])
+  counts, _ = np.histogram(np.clip(imps, 0.0, 1.0), IMPORTANCE_BINS)
+  return {"bins": IMPORTANCE_BINS.tolist(), "counts": counts.tolist(),
+          "under_0.1": float(np.mean(imps < 0.1)), "under_0.2": float(np.mean(imps < 0.2)),
+          "channels": int(imps.size)}
+
+
+def plot_importance(hists: dict, path: str, title: str = "") -> None:
+  """Step histograms of normalised channel importance (one per network), saved as PNG.
+
+  Args:
+    hists: ``{label: importance_histogram(...)}``.
+    path: the PNG path.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  cmap = plt.get_cmap("viridis")
+  keys = [k for k in hists if k != BASELINE]
+  for j, k in enumerate(keys):
+    h = hists[k]
+    share = np.asarray(h["counts"], np.float64) / max(h["channels"], 1)
+    ax.stairs(share, h["bins"], color=cmap(j / max(len(keys) - 1, 1)), lw=1.2,
+              label=f"{k}: {h['under_0.1']:.0%} under 0.1")
+  if BASELINE in hists:
+    h = hists[BASELINE]
+    share = np.asarray(h["counts"], np.float64) / max(h["channels"], 1)
+    ax.stairs(share, h["bins"], color="k", ls="--", lw=1.8,
+              label=f"no metanetwork: {h['under_0.1']:.0%} under 0.1")
+  ax.set_xlabel("normalised group-L2 importance (channel / max of its group)")
+  ax.set_ylabel("share of channels")
+  ax.set_title(title or "Channel importance")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_curves(curves: dict, path: str, title: str = "",
+                ylabel: str = "validation accuracy (no finetuning)") -> None:
   """Accuracy vs speed-up, one line per metanetwork epoch plus the baseline, saved as PNG."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -119,7 +181,7 @@ def plot_curves(curves: dict, path: str, title: str = "") -> None:
     c = curves[BASELINE]
     ax.plot(c["speed_ups"], c["accuracies"], "k--", lw=1.8, label="no metanetwork")
   ax.set_xlabel("speed-up (MACs, vs the original network)")
-  ax.set_ylabel("test accuracy (no finetuning)")
+  ax.set_ylabel(ylabel)
   ax.set_title(title or "Pruning curves after the metanetwork")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, ncol=2)
@@ -138,7 +200,7 @@ def visualize(config, workdir: str) -> dict:
     CheckpointError: no metanetwork checkpoints.
   """
   vc = config.visualize
-  dataset = data_lib.get_dataset(config.dataset, config.get("data_dir"))
+  dataset = data_lib.dataset_from_config(config)
   shape = pipeline.input_shape(dataset)
   dm_root = pipeline.source_dir(config, "data_models_dir", workdir)
   mn_root = pipeline.source_dir(config, "metanet_dir", workdir)
@@ -164,13 +226,14 @@ def visualize(config, workdir: str) -> dict:
   settings = {"data_model": dm.index, "data_models_dir": dm_root, "metanet_dir": mn_root,
               "schedule": schedule.to_dict(), "max_speed_up": max_speed, "steps": steps,
               "criterion": criterion, "normalizer": normalizer, "reference_compat": compat,
-              "seed": int(config.seed)}
+              "seed": int(config.seed), "protocol": "val-split-v2"}
   settings = pipeline.jsonable(settings)
   json_path = os.path.join(out_dir, "curves.json")
   stored = pipeline.read_json(json_path) if os.path.exists(json_path) else {}
   curves = {k: c for k, c in stored.get("curves", {}).items() if c.get("settings") == settings}
   evaluator = pipeline.MaskedEvaluator(dm.arch, dataset,
-                                       int(vc.get("eval_batch_size", schedule.eval_batch_size)))
+                                       int(vc.get("eval_batch_size", schedule.eval_batch_size)),
+                                       "val")
   base_speed = float(dm.info["speed_up"])
   logging.info("visualize: data model %d (%s, speed-up %.3f, test accuracy %.4f); epochs %s",
                dm.index, dm.arch.name, base_speed, dm.info.get("test_accuracy") or float("nan"),
@@ -197,7 +260,9 @@ def visualize(config, workdir: str) -> dict:
     curve = accuracy_curve(dm.arch, v, evaluator, shape, base_speed, max_speed, steps, criterion,
                            normalizer, desc=f"{key} pruning curve")
     curve.update(epoch=epoch, settings=settings, accuracy_after_metanet=before,
-                 finetuned_accuracy=curve["accuracies"][0], finetune_best_epoch=fitted.best_epoch)
+                 finetuned_accuracy=curve["accuracies"][0], finetune_best_epoch=fitted.best_epoch,
+                 importance=importance_histogram(dm.arch, v),
+                 importance_input=importance_histogram(dm.arch, variables))
     thr = float(vc.get("accuracy_threshold", 0.0) or 0.0)
     if thr > 0:
       curve["speed_up_at_threshold"] = speed_up_at_accuracy(curve, thr)
@@ -213,9 +278,16 @@ def visualize(config, workdir: str) -> dict:
                                     "data_model_speed_up": base_speed, "curves": curves})
     plot_curves(shown, os.path.join(out_dir, "curves.png"),
                 f"{dm.arch.name} on {dataset.spec.name}: data model {dm.index}")
-  print(f"visualize: curves in {os.path.join(out_dir, 'curves.png')} and {json_path}",
-        flush=True)
+    hists = {k: c["importance"] for k, c in shown.items()}
+    pipeline.write_json(os.path.join(out_dir, "importance.json"),
+                        {"data_model": dm.index, "histograms": hists,
+                         "metanet_outputs_before_finetune": {
+                             k: c["importance_input"] for k, c in shown.items()}})
+    plot_importance(hists, os.path.join(out_dir, "importance.png"),
+                    f"{dm.arch.name}, data model {dm.index}: channel importance after the "
+                    "finetune")
+  print(f"visualize: curves in {os.path.join(out_dir, 'curves.png')} and {json_path}; "
+        f"importance in {os.path.join(out_dir, 'importance.png')}", flush=True)
   return shown
 
 
-del np
