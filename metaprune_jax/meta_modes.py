@@ -256,6 +256,8 @@ def meta_train(config, workdir: str) -> dict:
                            int(mt.get("chunk_size", metatrain.DEFAULT_CHUNK)))
   stacked = jax.device_get(metatrain.stack_slots([slots[p] for p in train_pos]))
   bsz, nb = int(mt.batch_size), int(mt.batches_per_model)
+  if nb <= 0:  # the whole training split at every step (the reference's faithful setting)
+    nb = dataset.steps_per_epoch(bsz)
   data_seed = int(config.seed) + 12345
   # Each process builds the whole data batches of the step's models that its devices hold.
   local_data = dataset.for_mesh(sharding.local_mesh())

@@ -478,6 +478,8 @@ def prune(config, workdir: str) -> dict:
       "latency_ms": 1e3 * t_final, "latency_batch": batch, "latency_runs": runs,
       "device": f"{d.platform}:{getattr(d, 'device_kind', '')} x{jax.device_count()}",
       "metanet_epoch": mn_epoch, "budget": plan,
+      "stage_dirs": {"initial": os.path.join(cache.dir("initial", k1), "finetune"),
+                     "transform": d2, "final": d3},
       "split_sizes": {"train": dataset.num_train, "val": dataset.num_val,
                       "test": dataset.num_test},
       "stages": {k: {kk: vv for kk, vv in r.items() if kk != "keep"} for k, r in st.items()},

@@ -19,7 +19,7 @@ import optax
 
 from metaprune_jax import cnn
 from metaprune_jax import masks as masks_lib
-from metaprune_jax import regularizer as regularizer_lib
+from metaprune_jax.regularizer import regularizer as group_norm_regularizer
 from metaprune_jax.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -61,8 +61,8 @@ def train_step(state: TrainState, batch: Batch, *, arch, tx: optax.GradientTrans
     r = jnp.float32(0.0)
     if sparsity is not None:
       alpha, reg, normalizer = sparsity
-      r = regularizer_lib.regularizer(arch, {"params": params}, alpha, reg, normalizer,
-                                      masks=state.masks)
+      r = group_norm_regularizer(arch, {"params": params}, alpha, reg, normalizer,
+                                 masks=state.masks)
     return loss + r, (loss, r, logits, new_stats)
 
   (_, (loss, r, logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
