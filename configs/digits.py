@@ -89,9 +89,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- finetune schedules of visualize and prune (DESIGN.md section 2) ----
   # "after metanetwork": the transform budget of every prune method (metanetwork + finetune,
   # sparse learning, or a plain finetune), keeping the last epoch.
-  config.finetune_after_metanet = schedule(epochs=4, lr=0.01, milestones=(3,))
+  config.finetune_after_metanet = schedule(epochs=10, lr=0.01, milestones=(7,))
   # "after pruning": keeps the best validation-accuracy epoch.
-  config.finetune_after_pruning = schedule(epochs=6, lr=0.01, milestones=(4,), keep="best")
+  config.finetune_after_pruning = schedule(epochs=10, lr=0.01, milestones=(7,), keep="best")
   config.reference_compat = False  # reproduce the reference's classifier scramble when applying
                                    # the metanetwork (DESIGN.md 3.2); only to compare with it
 
