@@ -1,4 +1,4 @@
-"""The ``prune`` mode: base network -> metanetwork-assisted pruning -> report (DESIGN.md 2).
+"""The ``prune`` mode: base network -> metanetwork-assisted pruning -> report (docs/design.md 2).
 
 Stages (each resumable; ``<workdir>/prune/state.json`` records after every stage the masks
 (kept channel indices) and speed-ups it produced, and each finetune has its own resumable
