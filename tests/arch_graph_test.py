@@ -1,9 +1,9 @@
 """The core of issue 3: architecture, graph bijection, reference import, MACs, groups, masks.
 
-Fixture tests compare against the reference implementation's outputs in
-``../shared/fixtures/reference`` (see its README); property tests draw random uneven widths and
-masks with hypothesis and check that the graph round trip is bit-exact and that a masked
-network computes what its materialised version computes.
+Fixture tests compare against the reference implementation's outputs on fixed weights (the
+reference fixtures, found through ``$METAPRUNE_REFERENCE_FIXTURES``: tests/_fixtures.py);
+property tests draw random uneven widths and masks with hypothesis and check that the graph round
+trip is bit-exact and that a masked network computes what its materialised version computes.
 """
 
 import collections
