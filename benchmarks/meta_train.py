@@ -24,6 +24,7 @@ import sys
 import time
 
 import _memory  # benchmarks/_memory.py (the script's folder is on sys.path)
+import _networks
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,8 +36,6 @@ from metaprune_jax import metanet as metanet_lib
 from metaprune_jax import metatrain
 from metaprune_jax import xla_hints
 from metaprune_jax.regularizer import regularizer
-
-FIX = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "reference")
 
 
 def _log(msg):
@@ -163,7 +162,7 @@ def main():
   if args.case in ("vgg19", "all"):
     # the shared fixture's VGG-19 widths are the budget; data models are pruned from it
     arch, _ = mp.import_reference_model(dict(np.load(os.path.join(
-        FIX, "vgg19_c100_small", "model.npz"))), "VGG19", 100)
+        _networks.reference_fixtures(), "vgg19_c100_small", "model.npz"))), "VGG19", 100)
     out["vgg19_case"] = bench(arch, metanet_lib.default_metanet_config("vgg19"), args.batch,
                               args.runs, args.chunk)
   out["peak_rss_mb"] = _memory.process_peak_rss_mb()

@@ -60,10 +60,6 @@ from metaprune_jax import reference
 from metaprune_jax import xla_hints
 from metaprune_jax import zoo
 
-_FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures",
-                         "reference")
-
-
 def _median_time(fn, repeats):
   """(median wall s, min wall s, mean cpu s) per call."""
   times = []
@@ -193,7 +189,7 @@ def main():
   print(json.dumps(res), flush=True)
 
   # VGG-19 fixture graph with the fixture's metanetwork.
-  case = os.path.join(_FIXTURES, "vgg19_c100_small")
+  case = os.path.join(_networks.reference_fixtures(), "vgg19_c100_small")
   config, params = metanet.import_reference_metanet(
       dict(np.load(os.path.join(case, "metanet.npz"))), 0.05, 0.05)
   g = np.load(os.path.join(case, "graph.npz"))

@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_compiles = False  # log every XLA compilation
   config.pretrain = schedule()
 
-  # ---- generate: the data-model set (DESIGN.md section 2) ----
+  # ---- generate: the data-model set (docs/design.md section 2) ----
   config.data_models_dir = ""  # another run's workdir holding data_models/ ('' = this one)
   config.generate = ml_collections.ConfigDict()
   config.generate.num_models = 5          # data models (the last 20% validate meta-training)
@@ -60,14 +60,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.generate.per_process = True
   config.generate.barrier_timeout_hours = 72.0
 
-  # ---- metanetwork (DESIGN.md section 4); node_dim / edge_dims come from the graph ----
+  # ---- metanetwork (docs/design.md section 4); node_dim / edge_dims come from the graph ----
   config.metanet = ml_collections.ConfigDict()
   config.metanet.num_layers = 3
   config.metanet.hidden = 16
   config.metanet.node_res_ratio = 0.01
   config.metanet.edge_res_ratio = 0.01
 
-  # ---- meta_train (DESIGN.md section 5) ----
+  # ---- meta_train (docs/design.md section 5) ----
   config.metanet_dir = ""  # another run's workdir holding meta_train/ ('' = this one)
   config.meta_train = ml_collections.ConfigDict()
   config.meta_train.epochs = 6
@@ -86,14 +86,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.meta_train.eval_batch_size = 144
   config.meta_train.val_batches = 0       # validation batches per validation model (0: all)
 
-  # ---- finetune schedules of visualize and prune (DESIGN.md section 2) ----
+  # ---- finetune schedules of visualize and prune (docs/design.md section 2) ----
   # "after metanetwork": the transform budget of every prune method (metanetwork + finetune,
   # sparse learning, or a plain finetune), keeping the last epoch.
   config.finetune_after_metanet = schedule(epochs=10, lr=0.01, milestones=(7,))
   # "after pruning": keeps the best validation-accuracy epoch.
   config.finetune_after_pruning = schedule(epochs=10, lr=0.01, milestones=(7,), keep="best")
   config.reference_compat = False  # reproduce the reference's classifier scramble when applying
-                                   # the metanetwork (DESIGN.md 3.2); only to compare with it
+                                   # the metanetwork (docs/design.md 3.2); only to compare with it
 
   # ---- visualize: accuracy-vs-speed-up curves per metanetwork epoch ----
   config.visualize = ml_collections.ConfigDict()

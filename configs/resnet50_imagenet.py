@@ -1,4 +1,4 @@
-"""ResNet-50 on ImageNet, the paper's third task, faithful to the reference (DESIGN.md 2).
+"""ResNet-50 on ImageNet, the paper's third task, faithful to the reference (docs/design.md 2).
 
   # ImageNet must be downloaded by hand (tfds cannot): put ILSVRC2012_img_{train,val}.tar in
   # $DATA/downloads/manual, then

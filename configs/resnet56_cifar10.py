@@ -1,4 +1,4 @@
-"""ResNet-56 on CIFAR-10, the paper's first task, faithful to the reference (DESIGN.md section 2).
+"""ResNet-56 on CIFAR-10, the paper's first task, faithful to the reference (docs/design.md 2).
 
   tfds build cifar10 --data_dir=$DATA --file_format=array_record   # once
   python -m metaprune_jax --config=configs/resnet56_cifar10.py --workdir=$WORK \
@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     epochs=200, batch_size=128, eval_batch_size=512, lr=0.1, milestones=(100, 150, 180),
     momentum=0.9, weight_decay=5e-4, keep="last", ckpt_every_steps=1000, max_to_keep=3)
   # generate
-  config.generate.num_models = 50      # DESIGN.md does not fix it: as many as you can afford
+  config.generate.num_models = 50      # the reference does not fix it: as many as you can afford
   config.generate.initial_speed_up = 1.32
   config.generate.train = config.pretrain.copy_and_resolve_references()
   config.generate.finetune = finetune(80, (40, 70))

@@ -1,4 +1,4 @@
-"""VGG-19-BN on CIFAR-100, the paper's second task, faithful to the reference (DESIGN.md 2).
+"""VGG-19-BN on CIFAR-100, the paper's second task, faithful to the reference (docs/design.md 2).
 
   tfds build cifar100 --data_dir=$DATA --file_format=array_record   # once
   python -m metaprune_jax --config=configs/vgg19_cifar100.py --workdir=$WORK \

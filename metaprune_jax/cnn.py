@@ -6,7 +6,7 @@ which is exactly what the metanetwork produces (``from_graph``), what Orbax stor
 state to split and merge.
 
 The module interprets ``arch.ops`` in order. PyTorch semantics are kept where they matter for
-matching the reference (DESIGN.md section 7): explicit symmetric conv padding (never 'SAME'),
+matching the reference (docs/design.md section 7): explicit symmetric conv padding (never 'SAME'),
 BatchNorm normalising with the biased batch variance while its running variance takes the
 unbiased one, momentum 0.1 in torch terms, eps 1e-5; max-pool pads with -inf.
 
@@ -201,7 +201,7 @@ def _mask(y, masks, space):
 
 
 def init_variables(arch: Arch, rng: jax.Array, input_hw=(32, 32)) -> dict:
-  """Fresh ``{'params', 'batch_stats'}`` for ``arch`` (reference init, DESIGN.md section 7)."""
+  """Fresh ``{'params', 'batch_stats'}`` for ``arch`` (reference init, docs/design.md section 7)."""
   x = jnp.zeros((1, *input_hw, 3), jnp.float32)
   variables = CNN(arch).init(rng, x, train=False)
   return jax.tree_util.tree_map(lambda a: a, dict(variables))

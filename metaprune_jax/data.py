@@ -15,7 +15,7 @@ so any batch can be built directly from its index (resume, per-host sharding) wi
 an iterator. Each process reads only its own part of every global batch
 (`jax.process_index()`-th slice of `global_batch / jax.process_count()` examples).
 
-Augmentation and normalisation follow the reference (DESIGN.md section 7): CIFAR-10/100 random
+Augmentation and normalisation follow the reference (docs/design.md section 7): CIFAR-10/100 random
 crop 32 with 4 zero pixels of padding (in [0, 1] pixel space, before normalising) + horizontal
 flip; SVHN 'train' split only, crop, no flip; ImageNet random-resized-crop 224 + flip for training,
 resize 256 + centre crop 224 for evaluation. The embedded default is scikit-learn's `load_digits`

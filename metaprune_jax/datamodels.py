@@ -1,4 +1,4 @@
-"""The data-model set: storage, loading, and the ``generate`` mode (DESIGN.md section 2).
+"""The data-model set: storage, loading, and the ``generate`` mode (docs/design.md section 2).
 
 A data model is a network trained from scratch, pruned to the initial speed-up with the
 group-L2 criterion and finetuned. Each is stored as one folder

@@ -1,4 +1,4 @@
-"""Network <-> graph: channels are nodes, weights are edges (DESIGN.md section 3).
+"""Network <-> graph: channels are nodes, weights are edges (docs/design.md section 3).
 
 All index arithmetic is done once per (architecture, widths, kept channels) in numpy and
 cached as a :class:`GraphLayout`: every node and edge feature is a *gather* from one flat
@@ -7,7 +7,7 @@ is the matching *scatter*. Every variable element appears in exactly one writabl
 so ``from_graph(to_graph(v)) == v`` bit for bit at any widths; constant slots (defaults,
 identity edges, the zero padding of 1x1 kernels) are gathered but never written back.
 
-Graph layout (identical to the reference's where DESIGN.md says so):
+Graph layout (identical to the reference's where docs/design.md says so):
 
 * nodes ``[N, node_dim]``: the 3 input channels, then one node set per non-shortcut conv in
   network order, then the classes. Columns: ResNet family ``[bn.scale, bn.bias, bn.mean,
@@ -781,7 +781,7 @@ def reference_edge_order(arch: Arch) -> tuple:
   """Per edge kind, the positions of the reference's edges in ``arch``'s graph (numpy int64).
 
   ``graph.edges[k][reference_edge_order(arch)[k]]`` is kind k's edges in the reference's order
-  (DESIGN.md 3: out-major, in-minor within a layer); our graph holds each layer input-major.
+  (docs/design.md 3: out-major, in-minor within a layer); our graph holds each layer input-major.
   Multi-kind identity edges (one per channel) are in the same order in both.
   """
   layout = graph_layout(arch)

@@ -1,4 +1,4 @@
-"""Pruning groups and group importance (DESIGN.md section 6, Torch-Pruning 1.6 semantics).
+"""Pruning groups and group importance (docs/design.md section 6, Torch-Pruning 1.6 semantics).
 
 A group is one prunable channel space with every layer slice that carries it: the output rows
 of each conv/dense writing the space, each BatchNorm normalising it, and the input columns of

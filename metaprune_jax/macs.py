@@ -1,6 +1,6 @@
 """MACs and parameter counts, counted as Torch-Pruning's ``count_ops_and_params`` counts them.
 
-Rules (DESIGN.md section 6): conv ``k*k*Cin*Cout*Hout*Wout`` (+ ``Cout*Hout*Wout`` with bias);
+Rules (docs/design.md section 6): conv ``k*k*Cin*Cout*Hout*Wout`` (+ ``Cout*Hout*Wout`` with bias);
 dense ``in*out + out``; BatchNorm ``2*numel(input)``; each ``nn.ReLU`` *module* call
 ``numel(output)`` (functional relus, residual adds and reshapes count 0); pooling
 ``numel(input)``.

@@ -1,4 +1,4 @@
-"""The ``generate`` and ``meta_train`` run modes (DESIGN.md sections 2 and 5).
+"""The ``generate`` and ``meta_train`` run modes (docs/design.md sections 2 and 5).
 
 ``generate``: ``config.generate.num_models`` data models, each trained from scratch
 (``config.generate.train``, default ``config.pretrain``), pruned with the group-L2 criterion to

@@ -1,4 +1,4 @@
-"""The metanetwork: a bidirectional PNA-style GNN over a network's graph (DESIGN.md section 4).
+"""The metanetwork: a bidirectional PNA-style GNN over a network's graph (docs/design.md section 4).
 
 Implements the metanetwork of *Meta Pruning via Graph Metanetworks* exactly as the reference
 (``nn/GNN.py``: ``MyGNN`` and ``MyGNN_resnet50``) computes it, as a Flax (linen) module over a
@@ -32,7 +32,7 @@ Implementation notes (exact rewrites, not approximations):
   slow on CPU).
 
 Initialisation follows PyTorch's default ``nn.Linear`` init (kernel and bias uniform in
-``+-1/sqrt(fan_in)``), as the reference does, so fresh metanetworks behave alike (DESIGN.md 4).
+``+-1/sqrt(fan_in)``), as the reference does, so fresh metanetworks behave alike (docs/design.md 4).
 
 Padding: ``pad_graph`` appends padding nodes and per-kind padding edges between padding nodes
 only, so real outputs never depend on padding; graphs padded to one budget share one compile.
@@ -676,7 +676,7 @@ def export_reference_metanet(config, params) -> "collections.OrderedDict[str, np
 
 
 def scramble_classifier(arch, variables):
-  """Applies the reference's classifier scramble (DESIGN.md 3.2) to ``variables``. Jittable.
+  """Applies the reference's classifier scramble (docs/design.md 3.2) to ``variables``. Jittable.
 
   The reference decodes the single-kind graph's C*W classifier edges as if laid out [W, C], so
   its torch weight becomes ``out[c, w] = flat[w*C + c]`` with ``flat`` the original [C, W]
@@ -708,7 +708,7 @@ def transform(config, params, arch, variables, reference_compat: bool = False):
   """The network the metanetwork makes of ``variables`` (same architecture and widths).
 
   ``to_graph`` -> ``apply_metanet`` -> ``from_graph``; BatchNorm running statistics are taken
-  from the input (DESIGN.md 3.1: the reference discards the predicted ones). Differentiable
+  from the input (docs/design.md 3.1: the reference discards the predicted ones). Differentiable
   with respect to ``params`` (call it under ``jax.grad``; the graph arrays stay concrete).
 
   Args:

@@ -1,6 +1,6 @@
 """Dense-block fast path of the metanetwork (same maths as ``metanet.MetaNet``, no scatters).
 
-A network's graph is a concatenation of edge *blocks* (DESIGN.md 3): every conv/dense layer
+A network's graph is a concatenation of edge *blocks* (docs/design.md 3): every conv/dense layer
 and every single-kind identity shortcut is a full bipartite grid of (output channel ->
 input channel) edges in input-major order (``graph``'s module docstring), so its ``[I * O, h]``
 edge tensor is ``[I, O, h]`` = [receivers, senders, h] and the PNA aggregation at the input

@@ -1,4 +1,4 @@
-"""Meta-training: the loss of a metanetwork over data models, and its gradients (DESIGN.md 5).
+"""Meta-training: the loss of a metanetwork over data models, and its gradients (docs/design.md 5).
 
 For one data model (parameters ``theta``, graph ``G``) and ``theta' = from_graph(metanet_phi(G))``
 (running statistics from ``theta``)::
@@ -54,7 +54,7 @@ class ModelSlot(NamedTuple):
     layout: ``graph_layout(full_arch).arrays()`` (int32 index arrays, the same for every
       data model of ``full_arch``).
     masks: ``{space: [width] float32}`` (they also mark the graph's valid nodes).
-    batch_stats: the embedded running statistics (kept as they are, DESIGN.md 3.1).
+    batch_stats: the embedded running statistics (kept as they are, docs/design.md 3.1).
   """
 
   flat: Any
@@ -156,7 +156,7 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
                       use_masks=True, compat=False, chunk=DEFAULT_CHUNK):
   """Per-slot ``(loss, ce, r, accuracy, grads_phi)``; images ``[B, b, H, W, 3]``.
 
-  The network runs in eval mode (running BatchNorm statistics, DESIGN.md section 5), so its
+  The network runs in eval mode (running BatchNorm statistics, docs/design.md section 5), so its
   loss is a sum over images: :func:`network_grads` cuts the ``B * b`` images into chunks
   (``chunk_size(b, chunk)`` images) and a ``lax.scan`` accumulates the cross-entropy gradient
   with respect to the transformed parameters, one chunk at a time. The loss is the
@@ -194,7 +194,7 @@ def meta_train_grads(config, params, arch: Arch, variables: Mapping, images_nhwc
     images_nhwc: one batch ``[b, H, W, 3]`` float32 (or ``[B, b, H, W, 3]`` for B batches).
     labels: ``[b]`` (or ``[B, b]``) int.
     alpha, reg: regulariser settings.
-    reference_compat: decode the classifier as the reference does (DESIGN.md 3.2), to match
+    reference_compat: decode the classifier as the reference does (docs/design.md 3.2), to match
       its gradients.
     normalizer: importance normaliser of the regulariser.
     chunk: images per scanned forward/backward (memory; see :func:`_model_loss_grads`).

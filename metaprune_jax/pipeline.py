@@ -1,7 +1,7 @@
 """The whole MetaPrune pipeline as one mode (``all``) and the helpers its later stages share.
 
 ``all`` runs, in one workdir, ``pretrain`` -> ``generate`` -> ``meta_train`` -> ``visualize`` ->
-``prune`` (DESIGN.md section 2); every mode resumes from its own checkpoints, so re-running the
+``prune`` (docs/design.md section 2); every mode resumes from its own checkpoints, so re-running the
 same command after a crash or a kill continues where it stopped. A stage whose input comes from
 another run (``config.base_workdir``, ``config.data_models_dir``, ``config.metanet_dir``) is
 skipped. At the end it prints where the report and the plots are.

@@ -1,4 +1,4 @@
-"""The ``prune`` mode: base network -> pruning by one of four methods -> report (DESIGN.md 2).
+"""The ``prune`` mode: base network -> pruning by one of four methods -> report (docs/design.md 2).
 
 Methods (``config.prune.method``), all run through the same stages on the same budget:
 

@@ -1,4 +1,4 @@
-"""Global progressive structured pruning to a FLOPs target (DESIGN.md section 6).
+"""Global progressive structured pruning to a FLOPs target (docs/design.md section 6).
 
 Torch-Pruning re-traces the network and rebuilds layers at every one of its 200 steps; here the
 network keeps its full shapes and each group's channels carry a keep-vector, so one pruning

@@ -1,4 +1,4 @@
-"""The DepGraph group-norm regulariser of meta-training (DESIGN.md section 5).
+"""The DepGraph group-norm regulariser of meta-training (docs/design.md section 5).
 
 ``R = reg / 2 * sum_g sum_c gamma_g[c] * ||w_{g,c}||^2`` over every slice of channel ``c`` of
 group ``g`` (conv/dense output rows, consumers' input columns, BatchNorm scales; with

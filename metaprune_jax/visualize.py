@@ -1,4 +1,4 @@
-"""The ``visualize`` mode: accuracy-vs-speed-up curves per metanetwork epoch (DESIGN.md 2).
+"""The ``visualize`` mode: accuracy-vs-speed-up curves per metanetwork epoch (docs/design.md 2).
 
 For every chosen meta-training epoch (``config.visualize.epochs``; empty: every saved one) the
 first held-out data model (the validation split of meta-training, the reference's choice) goes

@@ -1,6 +1,6 @@
 """Named architectures, each written once as an :class:`~metaprune_jax.arch.Arch`.
 
-DESIGN.md section 7 gives their exact definitions; the reference's module names are kept as
+docs/design.md section 7 gives their exact definitions; the reference's module names are kept as
 each layer's ``ref``. Every builder takes ``num_classes`` and optional ``widths`` (a mapping
 space -> channels; unspecified spaces keep the full width). Adding a network means adding a
 builder here (or anywhere: :func:`register`), nothing else.

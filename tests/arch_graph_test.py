@@ -1,9 +1,9 @@
 """The core of issue 3: architecture, graph bijection, reference import, MACs, groups, masks.
 
-Fixture tests compare against the reference implementation's outputs in
-``../shared/fixtures/reference`` (see its README); property tests draw random uneven widths and
-masks with hypothesis and check that the graph round trip is bit-exact and that a masked
-network computes what its materialised version computes.
+Fixture tests compare against the reference implementation's outputs on fixed weights (the
+reference fixtures, found through ``$METAPRUNE_REFERENCE_FIXTURES``: tests/_fixtures.py);
+property tests draw random uneven widths and masks with hypothesis and check that the graph round
+trip is bit-exact and that a masked network computes what its materialised version computes.
 """
 
 import collections
@@ -278,7 +278,7 @@ def _reference_block_edges(arch, variables, layer, dim):
 
 @pytest.mark.parametrize("name", list(_ARCHS))
 def test_reference_arrays_follow_the_reference_edge_order(name):
-  """``graph_to_reference_arrays`` puts every layer's edges out-major, in-minor (DESIGN.md 3),
+  """``graph_to_reference_arrays`` puts every layer's edges out-major, in-minor (docs/design.md 3),
   with the kernel slices W[o, i] computed here by numpy, whatever order the graph holds; and
   ``graph_from_reference_arrays`` is its exact inverse."""
   arch = _ARCHS[name].with_widths(

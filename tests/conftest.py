@@ -10,6 +10,7 @@ import pytest
 
 from metaprune_jax import host_memory
 
+import _fixtures
 import _xla_env
 
 # Transparent huge pages for every process this run starts (the xdist workers, which the
@@ -54,15 +55,11 @@ def pytest_unconfigure(config):
     shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
-_REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-_FIXTURES = _REPO_ROOT.parent / "shared" / "fixtures" / "reference"
-
-
 @pytest.fixture(scope="session", name="FIXTURES")
 def fixtures_path() -> pathlib.Path:
-  """``<repo root>/../shared/fixtures/reference``; skips the test when it is missing."""
-  if not _FIXTURES.is_dir():
-    pytest.skip(f"reference fixtures not found at {_FIXTURES} (they live next to the repository "
-                "in ../shared/fixtures/reference and are not copied into it)")
-  return _FIXTURES
+  """The reference-fixture folder (``$METAPRUNE_REFERENCE_FIXTURES``, see ``_fixtures``).
+
+  Skips the test when it is missing.
+  """
+  return _fixtures.require()
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _fixtures
 import _tb_events
 from _xla_env import xla_flags
 import metaprune_jax as mp
@@ -23,14 +24,13 @@ from metaprune_jax import metatrain
 from metaprune_jax.regularizer import regularizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIX = os.path.join(ROOT, "..", "shared", "fixtures", "reference")
+FIX = str(_fixtures.path())  # $METAPRUNE_REFERENCE_FIXTURES (tests/_fixtures.py)
 CASES = [("resnet56_c10_pruned", "resnet56", 10, 0.01), ("vgg19_c100_small", "VGG19", 100, 0.05),
          ("resnet50_imagenet_pruned", "resnet50", 1000, None)]
 
 
 def _load(case, name, ncls):
-  if not os.path.isdir(os.path.join(FIX, case)):
-    pytest.skip("reference fixtures not found next to the repository")
+  _fixtures.require(case)
   return mp.import_reference_model(dict(np.load(os.path.join(FIX, case, "model.npz"))), name,
                                    ncls)
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import _fixtures
 import _xla_env
 
 from metaprune_jax import cnn
@@ -22,8 +23,7 @@ from metaprune_jax import reference
 from metaprune_jax import zoo
 from metaprune_jax._compat import jraph
 
-_FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures",
-                         "reference")
+_FIXTURES = str(_fixtures.path())  # $METAPRUNE_REFERENCE_FIXTURES (tests/_fixtures.py)
 # case -> (residual ratio of the fixture's metanetwork, reference model name)
 _CASES = {
     "resnet56_c10_pruned": (0.01, "resnet56"),
@@ -94,8 +94,9 @@ class FixtureTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
-    if not os.path.isdir(_FIXTURES):  # as tests/conftest.py does for the other fixture tests
-      self.skipTest(f"reference fixtures not found at {_FIXTURES}")
+    message = _fixtures.missing()  # as tests/conftest.py does for the other fixture tests
+    if message is not None:
+      self.skipTest(message)
 
   @parameterized.parameters(*_CASES)
   def test_matches_reference_outputs(self, case):

@@ -8,20 +8,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _fixtures
 import metaprune_jax as mp
 from metaprune_jax import pruning
 from metaprune_jax.graph import graph_layout
 from metaprune_jax.macs import count_terms, macs_of_counts
 
-FIX = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "reference")
+FIX = str(_fixtures.path())  # $METAPRUNE_REFERENCE_FIXTURES (tests/_fixtures.py)
 CASES = [("resnet56_c10_pruned", "resnet56", 10, (1, 3, 32, 32)),
          ("vgg19_c100_small", "VGG19", 100, (1, 3, 32, 32)),
          ("resnet50_imagenet_pruned", "resnet50", 1000, (1, 3, 224, 224))]
 
 
 def _load(case, name, ncls):
-  if not os.path.isdir(os.path.join(FIX, case)):
-    pytest.skip("reference fixtures not found next to the repository")
+  _fixtures.require(case)
   sd = dict(np.load(os.path.join(FIX, case, "model.npz")))
   return mp.import_reference_model(sd, name, ncls)
 
