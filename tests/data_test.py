@@ -1,5 +1,6 @@
 """Input pipelines: determinism, resume position, eval padding, tfds mock path, errors."""
 
+import hashlib
 import tempfile
 
 import numpy as np
@@ -13,7 +14,7 @@ class DigitsTest(absltest.TestCase):
 
   def test_shapes_and_split(self):
     ds = data.get_dataset("digits")
-    self.assertEqual((ds.num_train, ds.num_test), (1438, 359))
+    self.assertEqual((ds.num_train, ds.num_val, ds.num_test), (1150, 288, 359))
     b = ds.train_batch(32, seed=0, step=0)
     self.assertEqual(b["image"].shape, (32, 8, 8, 3))
     self.assertEqual(b["image"].dtype, np.float32)
@@ -42,6 +43,40 @@ class DigitsTest(absltest.TestCase):
     self.assertLen(batches, 4)
     self.assertEqual(sum(b["mask"].sum() for b in batches), ds.num_test)
     self.assertEqual(batches[-1]["image"].shape, (100, 8, 8, 3))
+
+  def _images(self, ds, split):
+    return np.concatenate([b["image"][b["mask"] > 0] for b in ds.eval_batches(100, split)])
+
+  def test_validation_split_is_disjoint_and_fixed(self):
+    ds = data.get_dataset("digits")
+    train_src, _ = data._digits_sources()  # pylint: disable=protected-access
+    tr, va = data.validation_split(len(train_src), 0.2)
+    # fixed across runs, seeds and processes: the carve depends on the split's size only
+    self.assertEqual(hashlib.sha1(va.astype(np.int64).tobytes()).hexdigest(),
+                     "dc1fb3c6fbba4627b9ede2585c06a1936f8c3c3f")
+    np.testing.assert_array_equal(self._images(ds, "val"),
+                                  self._images(data.get_dataset("digits"), "val"))
+    # disjoint from what training reads, and together they are the original training split
+    self.assertEmpty(np.intersect1d(tr, va))
+    np.testing.assert_array_equal(np.union1d(tr, va), np.arange(len(train_src)))
+    self.assertEqual((ds.num_train, ds.num_val), (len(tr), len(va)))
+    for j in (0, 7, len(tr) - 1):  # training reads exactly the kept examples
+      np.testing.assert_array_equal(ds._train[j]["image"], train_src[int(tr[j])]["image"])  # pylint: disable=protected-access
+    # validation images are those training examples (eval transform), never test images
+    want = np.stack([data._eval_transform(train_src[int(i)], ds.spec)["image"] for i in va])  # pylint: disable=protected-access
+    np.testing.assert_array_equal(self._images(ds, "val"), want)
+    # the test split is another source (the fixed 80/20 carve of the whole set): it is untouched
+    self.assertEqual(ds.num_test, 359)
+
+  def test_validation_fraction_errors(self):
+    with self.assertRaisesRegex(ValueError, r"val_fraction=1.5 must be in \[0, 1\)"):
+      data.get_dataset("digits", val_fraction=1.5)
+    ds = data.get_dataset("digits", val_fraction=0.0)
+    self.assertEqual((ds.num_train, ds.num_val), (1438, 0))
+    with self.assertRaisesRegex(ValueError, "empty validation split"):
+      next(ds.eval_batches(100, "val"))
+    with self.assertRaisesRegex(ValueError, "Unknown evaluation split 'train'"):
+      next(ds.eval_batches(100, "train"))
 
   def test_unknown_dataset(self):
     with self.assertRaisesRegex(ValueError, "Unknown dataset 'mnist'"):

@@ -7,6 +7,7 @@ which must leave every existing file as it was).
 """
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -42,7 +43,7 @@ def tiny_config() -> ml_collections.ConfigDict:
   """configs/digits.py at its smallest: every schedule one epoch, 2 data models, short curves."""
   d = _load_digits_config()
   c = d.get_config()
-  one = dict(epochs=1, milestones=(), batch_size=32, eval_batch_size=360)
+  one = dict(epochs=1, milestones=(), batch_size=32, eval_batch_size=144)
   c.pretrain = d.schedule(**one)
   c.generate.num_models = 2
   c.generate.train = d.schedule(**one)
@@ -164,21 +165,97 @@ class PipelineTest(absltest.TestCase):
     shutil.copytree(os.path.join(self.workdir, "prune"), os.path.join(work, "prune"))
     state_path = os.path.join(work, "prune", "state.json")
     state = pipeline.read_json(state_path)
-    for stage in ("after_pruning", "report"):
+    for stage in ("prune", "after_pruning", "report"):
       del state["stages"][stage]
     pipeline.write_json(state_path, state)
-    for f in ("after_pruning", "final"):
-      shutil.rmtree(os.path.join(work, "prune", f))
+    stages = os.path.join(work, "prune", "stages")
+    final = [d for d in os.listdir(stages) if d.startswith("final-")]
+    self.assertLen(final, 1)
+    shutil.rmtree(os.path.join(stages, final[0]))
+    shutil.rmtree(os.path.join(work, "prune", "final"))
     for f in ("report.json", "report.txt", "final_state_dict.npz"):
       os.remove(os.path.join(work, "prune", f))
-    earlier = _snapshot(os.path.join(work, "prune", "initial_finetune"))
+    earlier = {d: _snapshot(os.path.join(stages, d)) for d in os.listdir(stages)}
     rep = modes.run(self._override(mode="prune", base_workdir=self.workdir,
-                                   metanet_dir=self.workdir), work)
-    self.assertEqual(earlier, _snapshot(os.path.join(work, "prune", "initial_finetune")))
+                                   metanet_dir=self.workdir,
+                                   **{"prune.stage_dir": stages}), work)
+    for d, snap in earlier.items():  # the finished stages were reused, not recomputed
+      self.assertEqual(snap, _snapshot(os.path.join(stages, d)), d)
     self.assertEqual(rep["speed_up"], self.report["speed_up"])
     self.assertEqual(rep["widths"], self.report["widths"])
     self.assertAlmostEqual(rep["accuracy_after"], self.report["accuracy_after"], places=6)
     self.assertTrue(os.path.exists(os.path.join(work, "report.json")))
+
+  def _method_run(self, method, **kw):
+    work = os.path.join(self.tmp, f"method_{method}")
+    return work, modes.run(self._override(
+        mode="prune", base_workdir=self.workdir,
+        **{"prune.method": method, "prune.stage_dir": os.path.join(self.workdir, "prune",
+                                                                    "stages"), **kw}), work)
+
+  def test_every_method_gets_the_budget_its_report_states(self):
+    reports = {"metanet": self.report}
+    for m in ("group_l2", "sl", "random"):
+      reports[m] = self._method_run(m)[1]
+    budgets = {m: r["budget"] for m, r in reports.items()}
+    for m, b in budgets.items():
+      self.assertEqual(reports[m]["method"], m)
+      # the stated budget is the epochs each stage's training run actually trained
+      for stage, key in (("initial", "initial_finetune"), ("transform", "transform"),
+                         ("final", "after_pruning")):
+        with open(os.path.join(reports[m]["stage_dirs"][stage], "metrics.jsonl")) as f:
+          epochs = [json.loads(line)["epoch"] for line in f if line.strip()]
+        self.assertEqual(epochs, list(range(1, b[key] + 1)), (m, stage))
+      self.assertEqual(b["total"], b["initial_finetune"] + b["transform"] + b["after_pruning"])
+      self.assertEqual({k: v for k, v in b.items() if k != "transform_kind"},
+                       {k: v for k, v in budgets["metanet"].items() if k != "transform_kind"})
+      self.assertGreaterEqual(reports[m]["speed_up"], 2.0)
+    # one initial stage for every method; group_l2 and random share their plain finetune
+    self.assertLen({r["stage_dirs"]["initial"] for r in reports.values()}, 1)
+    self.assertEqual(reports["group_l2"]["stage_dirs"]["transform"],
+                     reports["random"]["stage_dirs"]["transform"])
+    self.assertLen({r["stage_dirs"]["transform"] for r in reports.values()}, 3)
+    self.assertEqual(budgets["sl"]["transform_kind"], "sparse_learning")
+    self.assertEqual(reports["sl"]["sl"]["reg"], self.config.prune.sl.reg)
+    # the sparse-learning run trained with the regulariser, the plain finetune without it
+    with open(os.path.join(reports["sl"]["stage_dirs"]["transform"], "metrics.jsonl")) as f:
+      self.assertGreater(json.loads(f.readline())["train_reg"], 0.0)
+    # every "best" epoch was chosen on validation: the kept epoch has the best val accuracy
+    for r in reports.values():
+      with open(os.path.join(r["stage_dirs"]["final"], "metrics.jsonl")) as f:
+        hist = [json.loads(line) for line in f if line.strip()]
+      best = max(range(len(hist)), key=lambda i: (hist[i]["val_accuracy"], -i))
+      self.assertEqual(r["stages"]["after_pruning"]["best_epoch"], best)
+
+  def test_bad_method_settings_write_nothing(self):
+    before = _snapshot(self.workdir)
+    cases = [({"prune.method": "magnitude"}, "unknown; choose from"),
+             ({"prune.method": "sl", "prune.sl.reg": 0.0}, "strength must be > 0"),
+             ({"prune.method": "sl", "prune.sl.reg": -1.0}, "strength must be > 0"),
+             ({"prune.method": "sl", "prune.sl.epochs": 0}, "zero epochs"),
+             ({"prune.method": "sl", "prune.sl.epochs": 3}, "cannot be matched"),
+             ({"finetune_after_pruning.eval_batch_size": 576}, "fewer than one eval batch")]
+    for i, (kw, msg) in enumerate(cases):
+      work = os.path.join(self.tmp, f"bad_{i}")
+      with self.assertRaisesRegex(ValueError, msg):
+        modes.run(self._override(mode="prune", base_workdir=self.workdir,
+                                 metanet_dir=self.workdir, **kw), work)
+      self.assertFalse(os.path.exists(work), kw)
+    self.assertEqual(before, _snapshot(self.workdir))
+
+  def test_visualize_writes_importance_histograms(self):
+    out = os.path.join(self.workdir, "visualize")
+    self.assertTrue(os.path.exists(os.path.join(out, "importance.png")))
+    imp = pipeline.read_json(os.path.join(out, "importance.json"))
+    self.assertEqual(sorted(imp["histograms"]), ["baseline", "epoch_001"])
+    from metaprune_jax import groups as groups_lib  # pylint: disable=g-import-not-at-top
+    dm = datamodels.load_data_model(self.workdir, 1)
+    channels = sum(g.width for g in groups_lib.pruning_groups(dm.arch))
+    for h in imp["histograms"].values():
+      self.assertEqual(sum(h["counts"]), h["channels"])
+      self.assertEqual(h["channels"], channels)
+      self.assertLessEqual(h["under_0.1"], h["under_0.2"])
+      self.assertLen(h["bins"], len(h["counts"]) + 1)
 
   def test_unreachable_target(self):
     before = _snapshot(self.workdir)

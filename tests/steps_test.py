@@ -55,6 +55,50 @@ class StepsTest(absltest.TestCase):
     self.assertLess(losses[-1], losses[0] * 0.7)
     self.assertEqual(int(state.step), 11)
 
+  def test_sparse_learning_adds_meta_trainings_regulariser_gradient(self):
+    """`sl`'s step adds exactly reg * gamma * w on every group slice (the gradient of the
+    regulariser meta-training uses, written out independently here)."""
+    import optax  # pylint: disable=g-import-not-at-top
+    from metaprune_jax import groups as groups_lib  # pylint: disable=g-import-not-at-top
+    import importlib  # pylint: disable=g-import-not-at-top
+    reg_mod = importlib.import_module("metaprune_jax.regularizer")
+    arch, _, state, _ = _setup(False)
+    rng = np.random.default_rng(3)  # uneven channel norms, so gamma spans [1, alpha]
+    params = jax.tree.map(lambda a: a * jnp.asarray(rng.uniform(0.2, 2.0, a.shape), a.dtype),
+                          state.params)
+    tx = optax.sgd(1.0)
+    state = state.replace(params=params, opt_state=tx.init(params))
+    batch = data.get_dataset("digits").train_batch(32, seed=0, step=0)
+    alpha, reg = 16.0, 0.01
+    plain, _ = steps.train_step(state, batch, arch=arch, tx=tx)
+    sl, m = steps.train_step(state, batch, arch=arch, tx=tx, sparsity=(alpha, reg, "max"))
+    got = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+                       plain.params, sl.params)  # lr 1: the regulariser's gradient
+    # meta-training's gradient of the same regulariser (metatrain._model_loss_grads)
+    meta = jax.grad(lambda th: reg_mod.regularizer(arch, {"params": th}, alpha, reg, "max"))(
+        params)
+    # reg * gamma * w on every slice of every group, built by hand
+    want = jax.tree.map(lambda a: np.zeros(a.shape, np.float64), params)
+    gammas = reg_mod.group_gammas(arch, params, alpha, "max")
+    for g, gamma in zip(groups_lib.pruning_groups(arch), gammas):
+      gamma = np.asarray(gamma, np.float64)
+      for mem in g.members:
+        p = params[mem.layer]
+        if mem.kind == "bn":
+          want[mem.layer]["scale"] += reg * gamma * np.asarray(p["scale"])
+          continue
+        k = np.asarray(p["kernel"], np.float64)
+        axis = (3 if mem.role == "out" else 2) if mem.kind == "conv" else (
+            1 if mem.role == "out" else 0)
+        shape = [1] * k.ndim
+        shape[axis] = -1
+        want[mem.layer]["kernel"] += reg * gamma.reshape(shape) * k
+    for a, b, c in zip(jax.tree.leaves(got), jax.tree.leaves(meta), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(b), c, rtol=1e-5, atol=1e-8)
+      np.testing.assert_allclose(a, c, rtol=1e-3, atol=1e-6)
+    self.assertGreater(float(m["reg"]), 0.0)
+    self.assertGreater(max(float(np.abs(c).max()) for c in jax.tree.leaves(want)), 1e-3)
+
   def _assert_masked_zero(self, arch, tree, masks, collection):
     reference = masks_lib.mask_tree(arch, tree, masks, collection)
     # Masking is a no-op exactly when every pruned slice is already exactly zero.

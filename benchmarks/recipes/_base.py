@@ -14,10 +14,12 @@ def digits_config():
 
 
 def search_config(**meta):
-  """digits.py with the search's fixed data-model recipe (8 models trained like the base
-  network) and meta-training overrides ``meta`` (``metanet.*`` / ``meta_train.*`` keys)."""
+  """digits.py with the search's fixed network and data-model recipe (``resnet8``, 16/32/64
+  channels: the slack ``resnet_tiny`` lacks; 8 data models trained like the base network) and
+  meta-training overrides ``meta`` (``metanet.*`` / ``meta_train.*`` keys)."""
   mod = digits_config()
   c = mod.get_config()
+  c.arch = "resnet8"
   c.generate.num_models = 8
   c.generate.train = mod.schedule()
   for k, v in meta.items():

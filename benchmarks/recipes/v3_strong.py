@@ -1,4 +1,4 @@
-"""Recipe V3: reg 1.0, residual ratios 0.1, lr 3e-3, 40 epochs, whole-split cross-entropy."""
+"""Recipe V3: reg 1.0, residual ratios 0.1, lr 3e-3, 30 epochs, whole-split cross-entropy."""
 import os, sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _base  # noqa: E402
@@ -6,7 +6,7 @@ import _base  # noqa: E402
 
 def get_config(arg=None):
   del arg
-  return _base.search_config(meta_train__epochs=40, meta_train__lr_milestones=(30,),
+  return _base.search_config(meta_train__epochs=30, meta_train__lr_milestones=(24,),
                              meta_train__batches_per_model=0, meta_train__reg=1.0,
                              meta_train__lr=3e-3, metanet__node_res_ratio=0.1,
                              metanet__edge_res_ratio=0.1)
