@@ -32,11 +32,10 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import compare_methods  # noqa: E402  pylint: disable=g-import-not-at-top
 
-_OUT = flags.DEFINE_string("out", None, "Output folder.")
-_SEEDS = flags.DEFINE_list("seeds", ["100"], "Search seeds (never the final run's 0-4).")
+# --out, --seeds (search seeds: never the final run's 0-4) and --targets are compare_methods'.
+_OUT, _SEEDS, _TARGETS = compare_methods._OUT, compare_methods._SEEDS, compare_methods._TARGETS  # pylint: disable=protected-access
 _RECIPES = flags.DEFINE_list("recipes", ["v0_shipped", "v1_ref_long", "v2_balanced",
                                          "v3_strong"], "Recipe files in benchmarks/recipes/.")
-_TARGETS = flags.DEFINE_list("targets", ["3.0", "6.0", "10.0"], "Target speed-ups.")
 _BASELINES = flags.DEFINE_list("baselines", ["group_l2", "sl", "random"], "Baselines.")
 
 
