@@ -169,9 +169,9 @@ class PipelineTest(absltest.TestCase):
       del state["stages"][stage]
     pipeline.write_json(state_path, state)
     stages = os.path.join(work, "prune", "stages")
-    final = [d for d in os.listdir(stages) if d.startswith("final-")]
-    self.assertLen(final, 1)
-    shutil.rmtree(os.path.join(stages, final[0]))
+    final = os.path.basename(os.path.dirname(self.report["stage_dirs"]["final"]))
+    self.assertTrue(final.startswith("final-"), final)
+    shutil.rmtree(os.path.join(stages, final))
     shutil.rmtree(os.path.join(work, "prune", "final"))
     for f in ("report.json", "report.txt", "final_state_dict.npz"):
       os.remove(os.path.join(work, "prune", f))

@@ -1,0 +1,82 @@
+"""benchmarks/compare_methods.py at its smallest settings: the schema external checks read, and
+its bad-input errors (nothing written)."""
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+from absl.testing import absltest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(_ROOT, "benchmarks"))
+
+import compare_methods  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _snapshot(root):
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      with open(os.path.join(d, f), "rb") as fh:
+        out[os.path.relpath(os.path.join(d, f), root)] = hashlib.sha1(fh.read()).hexdigest()
+  return out
+
+
+@pytest.mark.xdist_group("CompareMethodsTest")
+class CompareMethodsTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.mkdtemp()
+    cls.out = os.path.join(cls.tmp, "cmp")
+    cls.config = compare_methods.smoke(
+        compare_methods.load_config(os.path.join(_ROOT, "configs", "digits.py")))
+    cls.config.arch = "resnet_tiny"
+    cls.summary = compare_methods.run(cls.config, [0], [2.0], ["group_l2", "random"], cls.out)
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.tmp, ignore_errors=True)
+    super().tearDownClass()
+
+  def test_schema(self):
+    from metaprune_jax import pipeline  # pylint: disable=g-import-not-at-top
+    s = pipeline.read_json(os.path.join(self.out, "compare.json"))
+    self.assertTrue(os.path.exists(os.path.join(self.out, "compare.png")))
+    self.assertEqual(s["settings"]["methods"], ["group_l2", "random"])
+    self.assertEqual(sorted(s["settings"]["budget"]), ["group_l2", "random"])
+    self.assertEqual(list(s["targets"]), ["2.0"])
+    for m in ("group_l2", "random"):
+      r = s["targets"]["2.0"][m]
+      self.assertLen(r["values"], 1)
+      self.assertAlmostEqual(r["mean"], r["values"][0])
+      self.assertEqual(r["std"], 0.0)
+      self.assertTrue(0.0 <= r["mean"] <= 1.0)
+      self.assertGreaterEqual(r["speed_up"][0], 2.0)
+      c = s["curves"][m]
+      self.assertLen(c["test_mean"], len(c["speed_ups"]))
+      self.assertEqual(c["speed_ups"][0], 1.0)
+    # the report of each run is the one the summary quotes
+    rep = pipeline.read_json(os.path.join(self.out, "seed_0", "random_2", "report.json"))
+    self.assertEqual(rep["accuracy_after"], s["targets"]["2.0"]["random"]["values"][0])
+    self.assertEqual(rep["budget"], s["settings"]["budget"]["random"])
+
+  def test_bad_input_writes_nothing(self):
+    before = _snapshot(self.out)
+    with self.assertRaisesRegex(ValueError, r"unknown method\(s\) \['magnitude'\]"):
+      compare_methods.run(self.config, [0], [2.0], ["group_l2", "magnitude"],
+                          os.path.join(self.tmp, "bad"))
+    with self.assertRaisesRegex(ValueError, "target speed-up must be > 1"):
+      compare_methods.run(self.config, [0], [0.5], ["group_l2"], os.path.join(self.tmp, "bad"))
+    self.assertFalse(os.path.exists(os.path.join(self.tmp, "bad")))
+    with self.assertRaisesRegex(ValueError, "other settings"):
+      compare_methods.run(self.config, [0], [3.0], ["group_l2", "random"], self.out)
+    self.assertEqual(before, _snapshot(self.out))
+
+
+if __name__ == "__main__":
+  absltest.main()
