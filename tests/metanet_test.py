@@ -9,6 +9,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
+import jraph
 import numpy as np
 
 import _xla_env
@@ -20,7 +21,6 @@ from metaprune_jax import metanet
 from metaprune_jax import metanet_blocks
 from metaprune_jax import reference
 from metaprune_jax import zoo
-from metaprune_jax._compat import jraph
 
 _FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures",
                          "reference")
