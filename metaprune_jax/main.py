@@ -73,7 +73,7 @@ def _maybe_initialize_distributed() -> None:
 
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    _config_error(f"unexpected arguments {argv[1:]}; pass settings as --config.<field>=<value>")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   _maybe_initialize_distributed()
   try:

@@ -121,6 +121,7 @@ class CliTest(parameterized.TestCase):
        "config error: config.prune.method='magnitude': unknown pruning method"),
       (("--config.pretrain.batch_size=abc",), 1, "config error: flag --config.pretrain.batch_"),
       (("--config.no_such_field=1",), 1, "config error: a --config.<field> flag names no field"),
+      (("pretrain",), 1, "config error: unexpected arguments ['pretrain']"),
   )
   def test_exit_2_one_line_nothing_written(self, flags, devices, message):
     workdir = os.path.join(tempfile.mkdtemp(), "w")
