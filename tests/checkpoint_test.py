@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,15 @@ class CheckpointTest(absltest.TestCase):
     _, _, variables, got = train.load_run(run)
     self.assertEqual(got, step)
     _assert_trees_equal(self.result.variables, variables)
+
+  def test_preemption_guard_one_process(self):
+    # One process: SIGTERM sets a flag (no communication); the previous handler comes back.
+    previous = signal.getsignal(signal.SIGTERM)
+    with ckpt_lib.PreemptionGuard() as guard:
+      self.assertFalse(guard.should_stop(1))
+      os.kill(os.getpid(), signal.SIGTERM)
+      self.assertTrue(guard.should_stop(2))
+    self.assertEqual(signal.getsignal(signal.SIGTERM), previous)
 
   def test_missing_checkpoint(self):
     with self.assertRaisesRegex(ckpt_lib.CheckpointError, "No checkpoint"):
