@@ -14,7 +14,7 @@ host_memory.restart_cli_early()
 
 import importlib  # noqa: E402
 
-from metaprune_jax import masks  # noqa: E402  (module: masks_from_keep, kept_indices, ...)
+from metaprune_jax import masks  # noqa: E402,F401  (module: masks_from_keep, kept_indices, ...)
 from metaprune_jax import zoo  # noqa: E402
 from metaprune_jax.arch import Arch, Layer, Op  # noqa: E402
 from metaprune_jax.cnn import apply_model, init_variables  # noqa: E402
@@ -34,7 +34,7 @@ from metaprune_jax.pruning import (PruneResult, adaptive_prune, progressive_prun
 from metaprune_jax.reference import (export_reference_state_dict,  # noqa: E402
                                      import_reference_model)
 from metaprune_jax.regularizer import regularizer  # noqa: E402
-from metaprune_jax.version import __version__  # noqa: E402
+from metaprune_jax.version import __version__  # noqa: E402,F401
 
 get_arch = zoo.get_arch
 
