@@ -12,13 +12,29 @@ A run directory `<dir>/checkpoints/<step>/` holds two items:
 Orbax writes each step into a temporary folder and renames it on commit, so a save interrupted by
 SIGKILL is never seen as the latest checkpoint. Resuming a workdir that holds a run of another
 signature, or a checkpoint that cannot be read, raises `CheckpointError` before anything is
-written. `PreemptionGuard` turns SIGTERM into a flag that the training loop polls (agreeing over
-processes) to save once more and exit.
+written. `PreemptionGuard` tells the training loop when to save once more and exit after a
+preemption notice (SIGTERM).
+
+Only Orbax's public API is used (`orbax.checkpoint` and its public modules `options`, `args`,
+`type_handlers`, `multihost`):
+
+* every manager creates its step directories synchronously
+  (`AsyncOptions(create_directories_asynchronously=False)`; the arrays are still written in the
+  background). Asynchronous creation coordinates the processes through keys named after a
+  process-wide count of save operations, which assumes that every process saves in lockstep;
+  the per-process runs below break that assumption, the synchronous path never uses the keys.
+* A run on one process's devices inside a multi-host job (`processes=(me,)`) gets a manager of
+  its own: `MultiprocessingOptions(primary_host=None, active_processes={me},
+  barrier_sync_key_prefix=...)` (every process is the primary of its own directory, as in
+  Orbax's per-process local checkpointing), and its arrays are written by Orbax's
+  `ArrayHandler(primary_host=None, replica_id=None)`, which writes the first replica this process
+  holds. Orbax's writers refuse arrays that live on one process's devices when there are
+  several processes, so those arrays are handed over as replicated arrays over every device of
+  the job (`jax.make_array_from_single_device_arrays` from this process's copies; nothing is
+  computed on them) and read back as numpy arrays.
 """
 
-import asyncio
 import contextlib
-import itertools
 import json
 import os
 import signal
@@ -28,15 +44,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from orbax.checkpoint import type_handlers
-from orbax.checkpoint._src.futures import future as orbax_future  # process_local_checkpointing
-from orbax.checkpoint._src.futures import synchronization as orbax_sync
-from orbax.checkpoint._src.serialization import ocdbt_utils  # for _CallingProcessNumpyHandler
-from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+from jax.experimental import multihost_utils
 
 ARRAYS = "arrays"
 META = "meta"
-_BARRIERS = itertools.count()  # unique barrier names (the processes concerned count alike)
 
 
 class CheckpointError(RuntimeError):
@@ -55,59 +66,30 @@ def diff_signatures(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
 
 @contextlib.contextmanager
 def process_local_checkpointing(name: str, timeout_s: int):
-  """Scope in which each process checkpoints runs of its own (`Checkpointer(processes=(me,))`).
+  """Scope in which each process runs and checkpoints runs of its own (`processes=(me,)`).
 
-  Orbax coordinates a save through keys in the jax.distributed key-value store, named after a
-  per-process count of save operations: it assumes that every process saves in lockstep.
-  Processes that checkpoint independent runs would read each other's keys (and deadlock), and
-  their counts drift apart. Inside this scope the keys carry the process index. On exit every
-  process waits for the others (barrier `name`, up to `timeout_s`) and all continue from the
-  largest count, so checkpoints over all processes afterwards are in lockstep again.
+  Such checkpointers coordinate nothing across processes (see the module docstring), so the
+  scope only waits, on exit, for every process to finish its share: barrier `name` (unique per
+  use) over all processes, up to `timeout_s` seconds (Orbax's `multihost.sync_global_processes`
+  on the jax.distributed barrier).
   """
-  if jax.process_count() == 1:
-    yield
-    return
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-  contract = orbax_future.AwaitableSignalsContract
-  shared_prefix = contract.awaitable_signals_contract_prefix
-  contract.awaitable_signals_contract_prefix = f"{shared_prefix}_process{jax.process_index()}"
-  try:
-    yield
-  finally:
-    contract.awaitable_signals_contract_prefix = shared_prefix
-  ocp.multihost.sync_global_processes(name, timeout=timeout_s,
-                                      processes=set(range(jax.process_count())))
-  ids = orbax_sync.OperationIdGenerator
-  count = int(ids.get_current_operation_id())
-  top = int(np.max(multihost_utils.process_allgather(np.asarray(count, np.int64))))
-  ids._operation_id_counter = itertools.count(top)  # pylint: disable=protected-access
-  ids.next_operation_id()  # now `top` on every process
+  yield
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(name, timeout=timeout_s,
+                                        processes=set(range(jax.process_count())))
 
 
-class _CallingProcessNumpyHandler(type_handlers.NumpyHandler):
-  """Orbax's numpy handler, writing from the calling process instead of process 0 only.
+def _as_job_array(x, mesh: jax.sharding.Mesh) -> jax.Array:
+  """This process's copy of `x` as an array replicated over `mesh` (every device of the job).
 
-  Orbax 0.12.8's `NumpyHandler` writes replicated numpy arrays from process 0 alone, and its
-  `ArrayHandler` refuses process-local jax.Arrays when there are several processes. A checkpointer
-  that one process of a multi-host job uses alone (its own run on its own devices) therefore
-  has no way to write through Orbax's stock handlers; this one is their numpy handler with that
-  condition dropped (the loop below is theirs otherwise). Used only by such checkpointers.
+  Orbax writes arrays of a multi-host job from the processes that hold them, and refuses arrays
+  held by one process alone; this hands it this process's own value (the copies on the other
+  processes' devices are never read: the writer takes this process's first replica).
   """
-
-  async def _background_serialize(self, values, infos, args=None):
-    writes = []
-    for value, info, arg in zip(values, infos, args):
-      await info.await_path_creation()
-      spec = ts_utils.build_array_write_spec(
-          info=info, arg=arg, global_shape=value.shape, local_shape=value.shape,
-          dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
-          process_index=ocdbt_utils.get_process_index_for_subdir(
-              use_ocdbt=info.is_ocdbt_checkpoint,
-              override_ocdbt_process_id=self._override_ocdbt_process_id),
-          metadata_key=self._metadata_key)
-      writes.append(self._open_and_write(value, spec.json, info.ts_context))
-    await asyncio.gather(*writes)
+  value = np.asarray(x)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  local = [jax.device_put(value, d) for d in sharding.addressable_devices]
+  return jax.make_array_from_single_device_arrays(value.shape, sharding, local)
 
 
 class Checkpointer:
@@ -117,42 +99,44 @@ class Checkpointer:
     directory: the run directory; checkpoints go to `<directory>/checkpoints` (made absolute).
     max_to_keep: number of most recent checkpoints kept.
     async_save: write in a background thread (call `wait()` before reading or exiting).
-    processes: the processes that call this checkpointer, for a run on a subset of the
-      processes of a multi-host job (e.g. one process training on its own devices); None: all
-      processes (Orbax's default: every one of them takes part in every save).
+    processes: the processes that call this checkpointer: None (or all of them) for a run of
+      every process (each takes part in every save); `(jax.process_index(),)` for a run of
+      this process alone inside a multi-host job (its own devices, its own directory; see the
+      module docstring).
+
+  Raises:
+    ValueError: `processes` names a subset of several processes, or not the calling one.
   """
 
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True,
                processes: tuple[int, ...] | None = None):
     self.directory = os.path.join(os.path.abspath(directory), "checkpoints")
-    # On a subset of the processes of a multi-host job the arrays are process-local, which
-    # Orbax refuses to serialise as jax.Arrays there: they are saved and read as numpy arrays.
     everyone = set(range(jax.process_count()))
     self._host_local = processes is not None and set(processes) != everyone
+    # Synchronous directory creation (see the module docstring); the writes stay asynchronous.
+    async_options = ocp.options.AsyncOptions(create_directories_asynchronously=False)
     if not self._host_local:
       multi = ocp.options.MultiprocessingOptions()
-      create = True
+      arrays = ocp.StandardCheckpointHandler(multiprocessing_options=multi)
     else:
-      # Orbax syncs the active processes only, and writes from their lowest; it leaves
-      # creating the root directory to us in that case.
-      multi = ocp.options.MultiprocessingOptions(primary_host=min(processes),
-                                                 active_processes=set(processes))
-      create = False
-      if jax.process_index() == min(processes):
-        os.makedirs(self.directory, exist_ok=True)
-      ocp.multihost.sync_global_processes(
-          f"metaprune_mkdir_{next(_BARRIERS)}:{self.directory}", processes=set(processes))
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
-                                           enable_async_checkpointing=async_save,
-                                           multiprocessing_options=multi)
-    # The item handlers must know the writing process too (they default to process 0).
-    if self._host_local:
+      if set(processes) != {jax.process_index()}:
+        raise ValueError(f"A checkpointer of a subset of the processes runs on one process, the "
+                         f"calling one ({jax.process_index()}), not on {sorted(processes)}.")
+      me = jax.process_index()
+      multi = ocp.options.MultiprocessingOptions(
+          primary_host=None, active_processes={me}, barrier_sync_key_prefix=f"metaprune_p{me}")
       registry = ocp.type_handlers.create_type_handler_registry(
-          (np.ndarray, _CallingProcessNumpyHandler()), (jax.Array, type_handlers.ArrayHandler()))
+          (np.ndarray, ocp.type_handlers.NumpyHandler()),  # reads only (restore_type)
+          (jax.Array, ocp.type_handlers.ArrayHandler(primary_host=None, replica_id=None,
+                                                     use_replica_parallel=False)))
       arrays = ocp.PyTreeCheckpointHandler(multiprocessing_options=multi,
                                            type_handler_registry=registry)
-    else:
-      arrays = ocp.StandardCheckpointHandler(multiprocessing_options=multi)
+      self._job_mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("job",))
+      os.makedirs(self.directory, exist_ok=True)  # Orbax leaves it to us with active_processes
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not self._host_local,
+                                           enable_async_checkpointing=async_save,
+                                           multiprocessing_options=multi,
+                                           async_options=async_options)
     handlers = {ARRAYS: arrays, META: ocp.JsonCheckpointHandler(multiprocessing_options=multi)}
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=handlers)
@@ -250,7 +234,8 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return
     if self._host_local:
-      save = ocp.args.PyTreeSave(jax.device_get(arrays))
+      host = jax.device_get(arrays)
+      save = ocp.args.PyTreeSave(jax.tree.map(lambda x: _as_job_array(x, self._job_mesh), host))
     else:
       save = ocp.args.StandardSave(arrays)
     self._manager.save(step, args=ocp.args.Composite(**{
@@ -271,39 +256,60 @@ class Checkpointer:
 
 
 class PreemptionGuard:
-  """Context manager: SIGTERM sets a flag instead of killing the process.
+  """Context manager around a training loop: when to save once more and exit after SIGTERM.
 
-  `should_stop()` is True on every process as soon as any process got SIGTERM (a cross-process
-  all-gather when there are several processes), so all of them save the same step and exit.
-  With `local=True` (a run on this process's devices alone, which other processes do not follow
-  step by step) it reads this process's flag only.
+  Call `should_stop(step)` after every training step; when it returns True, save `step` and exit.
+
+  * A multi-host run (`local=False` with several processes) uses JAX's preemption service:
+    `jax.distributed` turns SIGTERM into a preemption notice that reaches every process, and
+    `multihost_utils.reached_preemption_sync_point(step)` is True on all of them at the same
+    step (the largest step any process had reached, plus one), so all save that step. No
+    collective runs per step (the service talks to the coordinator in the background only once
+    a notice arrived); Orbax's `CheckpointManager.save` reports its steps to the same service.
+    Step ids are the run's training steps, the same on every process (JAX's requirement).
+  * One process, or a run on this process's devices alone (`local=True`: the other processes
+    do not follow it step by step, so there is no step to agree on): a SIGTERM handler of this
+    process sets a flag, read without any communication. The previous Python handler is put
+    back on exit. (In a multi-host job this takes SIGTERM from JAX's notifier for the rest of the
+    process: a later multi-host run then ends on SIGTERM at once and resumes from its last
+    checkpoint.)
   """
 
   def __init__(self, local: bool = False):
     self._flag = False
     self._previous = None
-    self._local = local
+    self._installed = False
+    self._jax_service = jax.process_count() > 1 and not local
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
     logging.warning("SIGTERM received: saving a checkpoint and exiting.")
     self._flag = True
 
   def __enter__(self):
+    if self._jax_service:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handler)
+      self._installed = True
     except ValueError:  # not the main thread: no handler, never preempted.
-      self._previous = None
+      self._installed = False
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    if self._installed:
+      signal.signal(signal.SIGTERM,
+                    signal.SIG_DFL if self._previous is None else self._previous)
+      self._installed = False
     return False
 
-  def should_stop(self) -> bool:
-    if jax.process_count() == 1 or self._local:
+  def should_stop(self, step: int) -> bool:
+    """Whether to save `step` (the number of training steps taken) and exit."""
+    if not self._jax_service:
       return self._flag
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-    flags = multihost_utils.process_allgather(np.asarray(self._flag, np.int32))
-    return bool(np.any(flags))
+    try:
+      reached = multihost_utils.reached_preemption_sync_point(int(step))
+    except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
+      return False
+    if reached:
+      logging.warning("Preemption notice: saving a checkpoint at step %d and exiting.", step)
+    return reached

@@ -48,9 +48,9 @@ from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import jraph
 import numpy as np
 
-from metaprune_jax._compat import jraph
 from metaprune_jax.arch import CLASSES, INPUT, Arch
 
 

@@ -21,7 +21,11 @@ from metaprune_jax.arch import CLASSES, INPUT, Arch
 
 
 def full_masks(arch: Arch) -> dict:
-  """All-ones masks for every prunable space."""
+  """All-ones masks for every prunable space (nothing pruned).
+
+  Returns:
+    ``{space: [arch.width(space)] float32}`` of ones, one entry per ``arch.prunable_spaces``.
+  """
   return {s: jnp.ones((arch.width(s),), jnp.float32) for s in arch.prunable_spaces}
 
 

@@ -46,11 +46,11 @@ from typing import Any, Mapping, NamedTuple, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import jraph
 import ml_collections
 import numpy as np
 
 from metaprune_jax import metanet_blocks
-from metaprune_jax._compat import jraph
 
 _LN_EPS = 1e-5
 

@@ -237,7 +237,7 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
           bar.update(1)
           if ckpt_every and step % ckpt_every == 0 and step < epoch_end:
             ckpt.save(step, {"train": state, "best": best}, meta_at(step))
-          if guard.should_stop():
+          if guard.should_stop(step):
             ckpt.save(step, {"train": state, "best": best}, meta_at(step))
             ckpt.wait()
             raise Preempted(step)

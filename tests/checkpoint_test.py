@@ -1,7 +1,11 @@
 """Checkpoints through `train.fit`: round trip, resume of a finished run, load_run, bad workdirs."""
 
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -9,6 +13,7 @@ import ml_collections
 import numpy as np
 from absl.testing import absltest
 
+import _xla_env
 from metaprune_jax import checkpoint as ckpt_lib
 from metaprune_jax import cnn
 from metaprune_jax import data
@@ -17,6 +22,8 @@ from metaprune_jax import train
 from metaprune_jax import zoo
 
 jax.config.update("jax_disable_most_optimizations", True)
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _schedule(**kw):
@@ -97,6 +104,29 @@ class CheckpointTest(absltest.TestCase):
       train.fit(_schedule(), self.arch, self.variables, None, self.ds, bad)
     self.assertEqual(_snapshot(bad), before)
 
+  def test_interrupted_save_is_ignored(self):
+    # A save killed mid-write leaves Orbax's temporary folder, never a step folder: the restore
+    # takes the last committed step.
+    run = os.path.join(tempfile.mkdtemp(), "run")
+    shutil.copytree(self.workdir, run)
+    step = self.result.step
+    partial = os.path.join(run, "checkpoints", f"{step + 7}.orbax-checkpoint-tmp-1234567")
+    os.makedirs(os.path.join(partial, ckpt_lib.ARRAYS))
+    with open(os.path.join(partial, ckpt_lib.ARRAYS, "junk"), "wb") as f:
+      f.write(b"half a checkpoint")
+    _, _, variables, got = train.load_run(run)
+    self.assertEqual(got, step)
+    _assert_trees_equal(self.result.variables, variables)
+
+  def test_preemption_guard_one_process(self):
+    # One process: SIGTERM sets a flag (no communication); the previous handler comes back.
+    previous = signal.getsignal(signal.SIGTERM)
+    with ckpt_lib.PreemptionGuard() as guard:
+      self.assertFalse(guard.should_stop(1))
+      os.kill(os.getpid(), signal.SIGTERM)
+      self.assertTrue(guard.should_stop(2))
+    self.assertEqual(signal.getsignal(signal.SIGTERM), previous)
+
   def test_missing_checkpoint(self):
     with self.assertRaisesRegex(ckpt_lib.CheckpointError, "No checkpoint"):
       train.load_run(tempfile.mkdtemp())
@@ -111,6 +141,38 @@ class CheckpointTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "not divisible by the number of devices 8"):
       train.fit(_schedule(batch_size=36), self.arch, self.variables, None, self.ds,
                 tempfile.mkdtemp(), mesh=_Mesh8())
+
+
+class TwoProcessTest(absltest.TestCase):
+
+  def test_per_process_and_shared_checkpoints_and_preemption(self):
+    """2 processes (tests/_ckpt_worker.py): runs of their own (different numbers of saves),
+    then one run of both, then SIGTERM to one process of a multi-host loop."""
+    import portpicker  # pylint: disable=g-import-not-at-top
+
+    out = tempfile.mkdtemp()
+    port = portpicker.pick_unused_port()
+    env = dict(os.environ, PYTHONPATH=_ROOT, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=_xla_env.xla_flags("--xla_force_host_platform_device_count=1"))
+    worker = os.path.join(_ROOT, "tests", "_ckpt_worker.py")
+    procs = [subprocess.Popen([sys.executable, worker, out, f"127.0.0.1:{port}", "2", str(i)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    self.assertEqual([p.returncode for p in procs], [0, 0], errs[0][-3000:] + errs[1][-3000:])
+    results = []
+    for i in range(2):
+      with open(os.path.join(out, f"result_{i}.json")) as f:
+        results.append(json.load(f))
+    for i, r in enumerate(results):
+      last = 3 + 2 * i  # process i saved steps 1..3+2i of its own run, keeping 2
+      self.assertEqual(r["local"], {"steps": [last - 1, last], "w": 10.0 * i + last, "n": last,
+                                    "meta": i, "raw_w": 10.0 * i + last, "sharding_ok": True})
+      self.assertEqual(r["global"], {"steps": [1, 2], "w": [2.0 * k for k in range(8)],
+                                     "meta": 2})
+    # both processes stop at the same step, after process 0's SIGTERM at step 5
+    self.assertEqual(results[0]["preempted_at"], results[1]["preempted_at"])
+    self.assertGreater(results[0]["preempted_at"], 5)
 
 
 if __name__ == "__main__":

@@ -88,8 +88,9 @@ class EndToEndTest(absltest.TestCase):
     workdir = os.path.join(tempfile.mkdtemp(), "w")
     out = subprocess.run(_cmd(workdir, "--config.mode=nope"), env=_env(), cwd=_ROOT,
                          capture_output=True, text=True, timeout=120)
-    self.assertNotEqual(out.returncode, 0)
-    self.assertIn("Unknown mode 'nope'", out.stderr)
+    self.assertEqual(out.returncode, 2)
+    self.assertStartsWith(out.stderr, "config error: config.mode='nope': unknown mode; choose ")
+    self.assertEqual(out.stderr.count("\n"), 1)
     self.assertFalse(os.path.exists(workdir))
 
 

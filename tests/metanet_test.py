@@ -9,6 +9,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
+import jraph
 import numpy as np
 
 import _fixtures
@@ -21,7 +22,6 @@ from metaprune_jax import metanet
 from metaprune_jax import metanet_blocks
 from metaprune_jax import reference
 from metaprune_jax import zoo
-from metaprune_jax._compat import jraph
 
 _FIXTURES = str(_fixtures.path())  # $METAPRUNE_REFERENCE_FIXTURES (tests/_fixtures.py)
 # case -> (residual ratio of the fixture's metanetwork, reference model name)

@@ -1,0 +1,137 @@
+"""Config errors: caught before any work, one line on stderr, exit status 2, nothing written."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from metaprune_jax import config_check
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _digits_config():
+  spec = importlib.util.spec_from_file_location("_digits_cfg",
+                                                os.path.join(_ROOT, "configs", "digits.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _cli(workdir, *flags, devices=1):
+  env = dict(os.environ, PYTHONPATH=_ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.run([sys.executable, "-m", "metaprune_jax",
+                         f"--config={_ROOT}/configs/digits.py", f"--workdir={workdir}", *flags],
+                        env=env, cwd=_ROOT, capture_output=True, text=True, timeout=120)
+
+
+class CheckConfigTest(parameterized.TestCase):
+
+  def _check(self, devices=1, **overrides):
+    config = _digits_config()
+    for path, value in overrides.items():
+      *parents, key = path.split("__")
+      node = config
+      for p in parents:
+        node = node[p]
+      node[key] = value
+    config_check.check_config(config, num_devices=devices, num_local_devices=devices,
+                              num_processes=1)
+
+  def test_shipped_configs_pass(self):
+    for name in ("digits", "resnet56_cifar10", "vgg19_cifar100", "resnet50_imagenet"):
+      spec = importlib.util.spec_from_file_location(
+          f"_cfg_{name}", os.path.join(_ROOT, "configs", f"{name}.py"))
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      for devices in (1, 8):
+        config_check.check_config(module.get_config(), num_devices=devices,
+                                  num_local_devices=devices, num_processes=1)
+
+  @parameterized.parameters(
+      ("pretrain__batch_size", 0, "config.pretrain.batch_size=0: must be a positive integer"),
+      ("pretrain__epochs", -1, "config.pretrain.epochs=-1: must be a positive integer"),
+      ("generate__finetune__eval_batch_size", 0, "config.generate.finetune.eval_batch_size=0"),
+      ("finetune_after_pruning__epochs", 0, "config.finetune_after_pruning.epochs=0"),
+      ("meta_train__batch_size", 0, "config.meta_train.batch_size=0"),
+      ("meta_train__epochs", 0, "config.meta_train.epochs=0"),
+      ("mode", "nope", "config.mode='nope': unknown mode"),
+      ("dataset", "mnist", "config.dataset='mnist': unknown dataset"),
+      ("arch", "resnet57", "config.arch='resnet57': unknown architecture"),
+      ("pretrain__optimizer", "adam", "config.pretrain.optimizer='adam': unknown optimizer"),
+      ("generate__train__keep", "first", "config.generate.train.keep='first': unknown keep"),
+      ("prune__method", "magnitude", "config.prune.method='magnitude': unknown pruning method"),
+      ("pruning__method", "x", "config.pruning.method='x': unknown pruning method"),
+      ("meta_train__normalizer", "sum", "config.meta_train.normalizer='sum': unknown norm"),
+      ("visualize__criterion", "l1", "config.visualize.criterion='l1': unknown criterion"),
+      ("prune__normalizer", "l2", "config.prune.normalizer='l2': unknown normalizer"),
+  )
+  def test_invalid_field(self, field, value, message):
+    with self.assertRaises(config_check.ConfigError) as ctx:
+      self._check(**{field: value})
+    self.assertStartsWith(str(ctx.exception), message)
+    self.assertEqual(ctx.exception.field, field.replace("__", "."))
+    self.assertIsInstance(ctx.exception, ValueError)
+
+  @parameterized.parameters("metanet", "group_l2", "sl", "random")
+  def test_pruning_methods(self, method):
+    self._check(prune__method=method)
+
+  def test_batches_the_devices_do_not_divide(self):
+    self._check(devices=4)
+    with self.assertRaisesRegex(config_check.ConfigError,
+                                r"^config\.pretrain\.batch_size=30: must be divisible by the "
+                                r"global device count 4; use a multiple of 4 \(e\.g\. 28\)$"):
+      self._check(devices=4, pretrain__batch_size=30)
+    with self.assertRaisesRegex(config_check.ConfigError, "visualize.eval_batch_size=90"):
+      self._check(devices=4, visualize__eval_batch_size=90)
+    with self.assertRaisesRegex(config_check.ConfigError, "meta_train.models_per_step=3"):
+      self._check(devices=2, meta_train__models_per_step=3)
+
+  def test_generate_per_process_divides_by_local_devices(self):
+    config = _digits_config()
+    config.generate.train.batch_size = 8  # 2 processes x 4 devices: 8 global, 4 local
+    config.pretrain.batch_size = 8
+    config_check.check_config(config, num_devices=8, num_local_devices=4, num_processes=2)
+    config.generate.finetune.batch_size = 4
+    config_check.check_config(config, num_devices=8, num_local_devices=4, num_processes=2)
+    config.generate.per_process = False
+    with self.assertRaisesRegex(config_check.ConfigError, "generate.finetune.batch_size=4"):
+      config_check.check_config(config, num_devices=8, num_local_devices=4, num_processes=2)
+
+
+class CliTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      (("--config.pretrain.batch_size=0",), 1,
+       "config error: config.pretrain.batch_size=0: must be a positive integer"),
+      (("--config.generate.train.epochs=0",), 1,
+       "config error: config.generate.train.epochs=0: must be a positive integer"),
+      (("--config.pretrain.batch_size=33",), 2,
+       "config error: config.pretrain.batch_size=33: must be divisible by the global device "
+       "count 2; use a multiple of 2 (e.g. 32)"),
+      (("--config.mode=nope",), 1, "config error: config.mode='nope': unknown mode; choose"),
+      (("--config.dataset=mnist",), 1, "config error: config.dataset='mnist': unknown dataset"),
+      (("--config.prune.method=magnitude",), 1,
+       "config error: config.prune.method='magnitude': unknown pruning method"),
+      (("--config.pretrain.batch_size=abc",), 1, "config error: flag --config.pretrain.batch_"),
+      (("--config.no_such_field=1",), 1, "config error: a --config.<field> flag names no field"),
+      (("pretrain",), 1, "config error: unexpected arguments ['pretrain']"),
+  )
+  def test_exit_2_one_line_nothing_written(self, flags, devices, message):
+    workdir = os.path.join(tempfile.mkdtemp(), "w")
+    out = _cli(workdir, *flags, devices=devices)
+    self.assertEqual(out.returncode, 2, out.stderr)
+    self.assertEqual(out.stderr.count("\n"), 1, out.stderr)
+    self.assertStartsWith(out.stderr, message)
+    self.assertEqual(out.stdout, "")
+    self.assertFalse(os.path.exists(workdir))
+
+
+if __name__ == "__main__":
+  absltest.main()
