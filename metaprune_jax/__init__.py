@@ -5,7 +5,7 @@ interop) is imported with the package; the training runtime and the run modes (`
 `load_run`, `get_dataset`, `load_metanet`, `load_pruned`, ... and their modules) load on first
 use (PEP 562 `__getattr__`), so `import metaprune_jax` pulls in neither Orbax, Grain,
 tensorboardX, tqdm nor matplotlib. `__all__` lists the public names; every submodule stays
-reachable as `metaprune_jax.<module>`. See README.md and DESIGN.md.
+reachable as `metaprune_jax.<module>`. See README.md and docs/design.md.
 """
 
 # `python -m metaprune_jax`: restart with huge pages before the heavy imports (host_memory).

@@ -9,7 +9,8 @@ What is checked (the rest is left to the modes, which raise their own errors):
 
 * names: ``mode``, ``dataset``, ``arch``, every schedule's ``optimizer`` and ``keep``,
   ``prune.method`` (and its alias ``pruning.method``), the ``normalizer`` and ``criterion``
-  fields of ``meta_train``, ``visualize`` and ``prune``;
+  fields of ``meta_train``, ``visualize`` and ``prune``; with ``prune.method='sl'``, its
+  strength (> 0) and epochs (not 0, and equal to the transform budget every method gets);
 * sizes: ``epochs``, ``batch_size``, ``eval_batch_size`` of every schedule section (any section
   holding both ``epochs`` and ``batch_size``) and the other batch/step counts, positive integers;
 * sharding: the global batches of the data-parallel schedules (and the evaluation batches of
@@ -156,6 +157,18 @@ def check_config(config, *, num_devices: int | None = None,
   alias = _get(config, "pruning.method")
   if alias:
     _one_of("pruning.method", alias, PRUNE_METHODS + ("",), "pruning method")
+  if (alias or method) == "sl":  # sparse learning runs in the transform budget every method gets
+    reg = _get(config, "prune.sl.reg", 1e-2)
+    if not isinstance(reg, (int, float)) or not reg > 0:
+      raise ConfigError("prune.sl.reg", reg, "the sparse-learning strength must be > 0")
+    epochs = _get(config, "prune.sl.epochs", -1)
+    budget = _get(config, "finetune_after_metanet.epochs")
+    if epochs == 0:
+      raise ConfigError("prune.sl.epochs", epochs, "sparse learning needs epochs: -1 (the "
+                        "transform budget, finetune_after_metanet.epochs) or that budget")
+    if _is_int(epochs) and epochs > 0 and budget is not None and epochs != budget:
+      raise ConfigError("prune.sl.epochs", epochs, f"cannot be matched to the transform budget "
+                        f"every method gets (finetune_after_metanet.epochs={budget}); use -1")
 
   # The device counts: the last check, the only one that starts jax's backend.
   if num_devices is None or num_local_devices is None or num_processes is None:

@@ -78,6 +78,18 @@ class CheckConfigTest(parameterized.TestCase):
     self.assertEqual(ctx.exception.field, field.replace("__", "."))
     self.assertIsInstance(ctx.exception, ValueError)
 
+  @parameterized.parameters(
+      (dict(prune__sl__reg=0.0), "config.prune.sl.reg=0.0: the sparse-learning strength"),
+      (dict(prune__sl__reg=-1e-3), "config.prune.sl.reg=-0.001: the sparse-learning strength"),
+      (dict(prune__sl__epochs=0), "config.prune.sl.epochs=0: sparse learning needs epochs"),
+      (dict(prune__sl__epochs=3), "config.prune.sl.epochs=3: cannot be matched"),
+  )
+  def test_bad_sparse_learning(self, overrides, message):
+    with self.assertRaises(config_check.ConfigError) as ctx:
+      self._check(prune__method="sl", **overrides)
+    self.assertStartsWith(str(ctx.exception), message)
+    self._check(prune__method="group_l2", **overrides)  # only sl reads them
+
   @parameterized.parameters("metanet", "group_l2", "sl", "random")
   def test_pruning_methods(self, method):
     self._check(prune__method=method)
