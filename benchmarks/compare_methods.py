@@ -146,6 +146,7 @@ def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True
   results = {f"{t}": {m: {"values": [], "val_values": [], "speed_up": []} for m in methods}
              for t in targets}
   curves = {m: {"per_seed": {}} for m in methods}
+  epochs_used = {}
   importance = {m: {"under_0.1": [], "under_0.2": [], "under_0.1_before": []} for m in methods}
   t0 = time.time()
   total, done = len(seeds) * len(targets) * len(methods), 0
@@ -172,6 +173,9 @@ def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True
       say(f"seed {seed}: meta_train {c.meta_train.epochs} epochs")
       modes.get("meta_train")(c, sd)
       c.metanet_dir = sd
+      if int(c.prune.get("metanet_epoch", -1)) == 0:
+        say(f"seed {seed}: visualize (its validation curves choose the metanetwork epoch)")
+        modes.get("visualize")(c, sd)
     c.prune.stage_dir = os.path.join(sd, "stages")
     for method in methods:
       report = None
@@ -186,6 +190,8 @@ def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True
         r["values"].append(report["accuracy_after"])
         r["val_values"].append(report["val_accuracy_after"])
         r["speed_up"].append(report["speed_up"])
+        if method == "metanet":
+          epochs_used[f"{seed}"] = report["metanet_epoch"]
         done += 1
         say(f"seed {seed} {method:8s} @ {target:g}x: test {report['accuracy_after']:.4f} "
             f"(val {report['val_accuracy_after']:.4f}), reached {report['speed_up']:.3f}x "
@@ -222,7 +228,7 @@ def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True
         r[f"{key}mean"] = float(np.mean(vals))
         r[f"{key}std"] = float(np.std(vals))
   summary = {"settings": settings, "targets": results, "curves": curves, "importance": importance,
-             "wall_s": round(time.time() - t0, 1)}
+             "metanet_epochs": epochs_used, "wall_s": round(time.time() - t0, 1)}
   pipeline.write_json(path, summary)
   if plot:
     plot_comparison(summary, os.path.join(out, "compare.png"))

@@ -99,6 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.visualize = ml_collections.ConfigDict()
   config.visualize.enabled = True        # run it in mode `all`
   config.visualize.epochs = ()           # metanetwork epochs to plot (empty: every saved one)
+  config.visualize.every = 1             # with epochs empty: every N-th saved epoch (+ the last)
   config.visualize.data_model = 0        # which validation data model (0: the first)
   config.visualize.max_speed_up = 4.0    # curves stop at this overall speed-up
   config.visualize.steps = 200           # progressive pruning steps (the reference: 200)
@@ -116,7 +117,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.prune.target_speed_up = 3.0  # overall MACs speed-up vs the base network
   config.prune.initial_speed_up = 0.0  # before the metanetwork (0: generate.initial_speed_up);
                                        # finetuned with config.generate.finetune
-  config.prune.metanet_epoch = -1     # metanetwork checkpoint (epoch) to use; -1: the last
+  config.prune.metanet_epoch = -1     # metanetwork epoch: -1 the last; 0 the best on the
+                                      # validation curves of `visualize` (in metanet_dir)
   config.prune.steps = 200            # progressive pruning steps per pruning (reference: 200)
   config.prune.criterion = "l2"
   config.prune.normalizer = "max"

@@ -18,7 +18,8 @@ finetune has its own resumable ``fit`` run directory):
    metanetwork was trained on.
 2. ``transform``: the method's stage of ``config.finetune_after_metanet.epochs`` epochs, keeping
    the last epoch (the metanetwork of epoch ``config.prune.metanet_epoch`` applied once and
-   finetuned; sparse learning; or a plain finetune).
+   finetuned, where epoch 0 means the best on the validation curves ``visualize`` drew,
+   :func:`metaprune_jax.visualize.select_epoch`; sparse learning; or a plain finetune).
 3. ``prune``: a fresh progressive pruning to ``target / speed_up_so_far``, finetuned "after
    pruning" keeping the best *validation*-accuracy epoch (``config.finetune_after_pruning``),
    then materialised.
@@ -319,10 +320,16 @@ def prune(config, workdir: str) -> dict:
                      f"{shape}: even one channel per prunable group gives only {bound:.3f}x; "
                      "nothing was written")
   mn_root = pipeline.source_dir(config, "metanet_dir", workdir)
-  mn_epoch = None
+  mn_epoch, selection = None, None
   if method == "metanet":
-    mc, phi, mn_epoch = meta_modes.load_metanet(mn_root, int(pc.get("metanet_epoch", -1)),
-                                                arch=arch)
+    want = int(pc.get("metanet_epoch", -1))
+    if want == 0:  # chosen on the validation curves of `visualize`
+      from metaprune_jax import visualize  # pylint: disable=g-import-not-at-top
+      here = os.path.exists(os.path.join(workdir, visualize.DIRNAME, "curves.json"))
+      want, selection = visualize.select_epoch(workdir if here else mn_root)
+      logging.info("prune: metanetwork epoch %d chosen on validation curves: %s", want,
+                   selection)
+    mc, phi, mn_epoch = meta_modes.load_metanet(mn_root, want, arch=arch)
   plan = budget(config, method)
   val_fraction = dataset.num_val / max(dataset.num_val + dataset.num_train, 1)
   signature = pipeline.jsonable({
@@ -477,7 +484,7 @@ def prune(config, workdir: str) -> dict:
       "inference_speed_up": t_base / t_final, "base_latency_ms": 1e3 * t_base,
       "latency_ms": 1e3 * t_final, "latency_batch": batch, "latency_runs": runs,
       "device": f"{d.platform}:{getattr(d, 'device_kind', '')} x{jax.device_count()}",
-      "metanet_epoch": mn_epoch, "budget": plan,
+      "metanet_epoch": mn_epoch, "metanet_epoch_selection": selection, "budget": plan,
       "stage_dirs": {"initial": os.path.join(cache.dir("initial", k1), "finetune"),
                      "transform": d2, "final": d3},
       "split_sizes": {"train": dataset.num_train, "val": dataset.num_val,

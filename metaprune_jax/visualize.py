@@ -97,6 +97,48 @@ def accuracy_curve(arch, variables, evaluator: pipeline.MaskedEvaluator, shape,
   return out
 
 
+def curve_score(curve: dict, lo: float, hi: float, points: int = 50) -> float:
+  """Mean accuracy of a pruning curve on an even grid of speed-ups in ``[lo, hi]`` (each grid
+  point takes the accuracy of the last step not past it): the area under the curve, per unit."""
+  s, a = np.asarray(curve["speed_ups"]), np.asarray(curve["accuracies"])
+  grid = np.linspace(lo, hi, points)
+  idx = np.clip(np.searchsorted(s, grid, side="right") - 1, 0, len(a) - 1)
+  return float(np.mean(a[idx]))
+
+
+def select_epoch(workdir: str) -> tuple[int, dict]:
+  """The metanetwork epoch whose *validation* pruning curve (``visualize``) is best.
+
+  The score of a curve is its mean validation accuracy, without finetuning, over the speed-ups
+  from the data model's own to ``max_speed_up`` (:func:`curve_score`); the baseline's score
+  (no metanetwork) is returned beside the epochs' for comparison.
+
+  Args:
+    workdir: the run whose ``visualize/curves.json`` holds the curves.
+
+  Returns:
+    ``(epoch, {'scores': {key: score}, 'baseline': score, 'range': [lo, hi]})``.
+
+  Raises:
+    FileNotFoundError: no curves (run the ``visualize`` mode first).
+  """
+  path = os.path.join(os.path.abspath(workdir), DIRNAME, "curves.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"choosing the metanetwork epoch on validation needs {path}: run "
+                            "the `visualize` mode first (or set config.prune.metanet_epoch)")
+  stored = pipeline.read_json(path)
+  curves = stored["curves"]
+  lo = float(stored["data_model_speed_up"])
+  hi = min(float(c["speed_ups"][-1]) for c in curves.values())
+  scores = {k: curve_score(c, lo, hi) for k, c in curves.items()}
+  epochs = {k: int(c["epoch"]) for k, c in curves.items() if k != BASELINE}
+  if not epochs:
+    raise FileNotFoundError(f"{path} holds no metanetwork epoch's curve")
+  best = max(epochs, key=lambda k: (scores[k], -epochs[k]))
+  return epochs[best], {"scores": scores, "baseline": scores.get(BASELINE), "range": [lo, hi],
+                        "by": "mean validation accuracy of the no-finetune pruning curve"}
+
+
 def speed_up_at_accuracy(curve: dict, threshold: float) -> float:
   """The speed-up of the last point before accuracy first falls below ``threshold``."""
   best = float("nan")
@@ -207,7 +249,9 @@ def visualize(config, workdir: str) -> dict:
   out_dir = os.path.join(os.path.abspath(workdir), DIRNAME)
   dm = held_out_model(config, dm_root)
   available = meta_modes.metanet_epochs(mn_root)
-  epochs = [int(e) for e in (vc.get("epochs", ()) or ())] or available
+  every = int(vc.get("every", 1) or 1)
+  epochs = [int(e) for e in (vc.get("epochs", ()) or ())] or sorted(
+      set(available[every - 1::every]) | set(available[-1:]))
   if not available:
     raise train_lib.ckpt_lib.CheckpointError(
         f"no metanetwork checkpoint in {os.path.join(mn_root, meta_modes.META_DIR)}; run "

@@ -227,6 +227,24 @@ class PipelineTest(absltest.TestCase):
       best = max(range(len(hist)), key=lambda i: (hist[i]["val_accuracy"], -i))
       self.assertEqual(r["stages"]["after_pruning"]["best_epoch"], best)
 
+  def test_metanet_epoch_chosen_on_validation_curves(self):
+    from metaprune_jax import visualize  # pylint: disable=g-import-not-at-top
+    epoch, sel = visualize.select_epoch(self.workdir)
+    self.assertEqual(epoch, 1)  # the only epoch of the tiny run
+    self.assertEqual(sorted(sel["scores"]), ["baseline", "epoch_001"])
+    curves = pipeline.read_json(os.path.join(self.workdir, "visualize", "curves.json"))["curves"]
+    lo, hi = sel["range"]
+    for k, c in curves.items():  # the score is the curve's mean validation accuracy on [lo, hi]
+      grid = np.linspace(lo, hi, 50)
+      idx = [max(i for i, x in enumerate(c["speed_ups"]) if x <= g) for g in grid]
+      self.assertAlmostEqual(sel["scores"][k], float(np.mean([c["accuracies"][i] for i in idx])))
+    work, rep = self._method_run("metanet", **{"prune.metanet_epoch": 0,
+                                               "metanet_dir": self.workdir})
+    self.assertEqual(rep["metanet_epoch"], 1)
+    self.assertEqual(rep["metanet_epoch_selection"]["scores"], sel["scores"])
+    with self.assertRaisesRegex(FileNotFoundError, "run the `visualize` mode first"):
+      visualize.select_epoch(work)
+
   def test_bad_method_settings_write_nothing(self):
     before = _snapshot(self.workdir)
     cases = [({"prune.method": "magnitude"}, "unknown; choose from"),
