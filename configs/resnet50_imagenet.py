@@ -56,4 +56,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.visualize.max_speed_up = 3.0
   config.visualize.accuracy_threshold = 0.0
   config.prune.target_speed_up = 2.3095
+  config.prune.metanet_epoch = -1     # the reference: the user picks it from the curves (-1: last;
+  config.visualize.every = 1          # 0: the best validation curve, as configs/digits.py)
   return config

@@ -70,4 +70,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.visualize.accuracy_threshold = 0.925  # the reference's optional metric
   config.visualize.eval_batch_size = 512  # divisible by 8 devices
   config.prune.target_speed_up = 2.3
+  config.prune.metanet_epoch = -1     # the reference: the user picks it from the curves (-1: last;
+  config.visualize.every = 1          # 0: the best validation curve, as configs/digits.py)
   return config

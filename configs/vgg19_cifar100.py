@@ -36,4 +36,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.visualize.max_speed_up = 10.0
   config.visualize.accuracy_threshold = 0.68
   config.prune.target_speed_up = 8.95
+  config.prune.metanet_epoch = -1     # the reference: the user picks it from the curves (-1: last;
+  config.visualize.every = 1          # 0: the best validation curve, as configs/digits.py)
   return config
