@@ -1,0 +1,423 @@
+"""Tests of metaprune_jax.trace: the Arch of a user's flax.linen CNN, derived by tracing.
+
+The networks are written here, in plain flax.linen, not taken from the package.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metaprune_jax import cnn, groups, macs, masks as masks_lib, pruning
+from metaprune_jax.arch import Arch
+from metaprune_jax.trace import TraceError, from_flax, to_flax_variables
+
+KEY = jax.random.key(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+# ---------------------------------------------------------------------------------------------
+class Block(nn.Module):
+  """A basic residual block; a 1x1 projection shortcut when the shape changes."""
+
+  inner: int
+  out: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.Conv(self.inner, (3, 3), self.stride, padding=1, use_bias=False, name="conv1")(x)
+    y = nn.BatchNorm(use_running_average=True, name="bn1")(y)
+    y = nn.relu(y)
+    y = nn.Conv(self.out, (3, 3), padding=1, use_bias=False, name="conv2")(y)
+    y = nn.BatchNorm(use_running_average=True, name="bn2")(y)
+    if x.shape[-1] != self.out or self.stride != 1:
+      x = nn.Conv(self.out, (1, 1), self.stride, padding=0, use_bias=False, name="proj")(x)
+      x = nn.BatchNorm(use_running_average=True, name="proj_bn")(x)
+    return nn.relu(x + y)  # shortcut first: the tracer must find the main branch itself
+
+
+class ResNet(nn.Module):
+  """Stem + residual blocks ((inner, out, stride), ...) + global average pool + dense."""
+
+  stem: int = 8
+  blocks: Sequence[tuple] = ((8, 8, 1), (16, 16, 2), (16, 16, 1))
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(self.stem, (3, 3), padding=1, use_bias=False, name="stem")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=True, name="stem_bn")(x))
+    for i, (inner, out, stride) in enumerate(self.blocks):
+      x = Block(inner, out, stride, name=f"block{i}")(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+class VGGish(nn.Module):
+  """Biased convs + BN, a bias-free conv + BN, max pooling, avg_pool over the whole map,
+  a flatten, a hidden dense layer."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 3), padding=1, name="c1")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=True, name="n1")(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.Conv(12, (3, 3), padding=1, use_bias=False, name="c2")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=True, name="n2")(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.relu(nn.Conv(16, (3, 3), padding=1, name="c3")(x))  # conv + bias, no BN
+    x = nn.avg_pool(x, (4, 4))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(24, name="fc1")(x))
+    return nn.Dense(5, name="fc2")(x)
+
+
+class TorchBN(nn.Module):
+  """A PyTorch-style BatchNorm: own names, epsilon 1e-3, a division by the std."""
+
+  eps: float = 1e-3
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    w = self.param("weight", nn.initializers.ones, (c,))
+    b = self.param("bias", nn.initializers.zeros, (c,))
+    m = self.variable("batch_stats", "running_mean", jnp.zeros, (c,))
+    v = self.variable("batch_stats", "running_var", jnp.ones, (c,))
+    return (x - m.value) / jnp.sqrt(v.value + self.eps) * w + b
+
+
+class Mixed(nn.Module):
+  """Kernel sizes 7, 5, 3 and 1, a padded max pool, a PyTorch-style BN."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (7, 7), 2, padding=3, use_bias=False, name="stem")(x)
+    x = nn.relu(TorchBN(name="stem_bn")(x))
+    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    y = nn.Conv(6, (5, 5), padding=2, use_bias=False, name="c5")(x)
+    y = nn.relu(TorchBN(eps=1e-5, name="bn5")(y))
+    y = nn.Conv(8, (1, 1), use_bias=False, name="c1")(y)
+    y = TorchBN(name="bn1")(y)
+    x = nn.relu(y + x)
+    x = nn.Conv(10, (3, 3), 2, padding=1, name="c3")(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(4, name="fc")(x)
+
+
+def _randomize(variables, key=KEY):
+  """Random values everywhere (positive variances), so nothing coincides by init."""
+  leaves, tree = jax.tree_util.tree_flatten_with_path(variables)
+  out = []
+  for i, (path, a) in enumerate(leaves):
+    k = jax.random.fold_in(key, i)
+    name = str(path[-1])
+    if "var" in name:
+      out.append(jax.random.uniform(k, a.shape, a.dtype, 0.5, 2.0))
+    else:
+      out.append(0.3 * jax.random.normal(k, a.shape, a.dtype))
+  return jax.tree_util.tree_unflatten(tree, out)
+
+
+def _setup(module, hw=16, c=3):
+  x = jax.random.normal(jax.random.key(1), (2, hw, hw, c))
+  v = _randomize(module.init(KEY, x))
+  return x, v
+
+
+NETS = {"resnet": ResNet, "vggish": VGGish, "mixed": Mixed}
+
+
+def _snapshot(tree):
+  return jax.tree_util.tree_map(lambda a: np.array(a), tree)
+
+
+def _same(a, b):
+  la, ta = jax.tree_util.tree_flatten(a)
+  lb, tb = jax.tree_util.tree_flatten(b)
+  return ta == tb and all(np.array_equal(np.asarray(p), np.asarray(q)) for p, q in zip(la, lb))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_traced_outputs_equal_module(net):
+  m = NETS[net]()
+  x, v = _setup(m, hw=32 if net == "mixed" else 16)
+  before = _snapshot(v)
+  arch, ours = from_flax(m, v, x)
+  assert _same(v, before)  # nothing modified
+  np.testing.assert_allclose(cnn.apply_model(arch, ours, x), m.apply(v, x), atol=1e-5, rtol=1e-5)
+  # the same arrays (no copies), except a BN's variance at another epsilon
+  assert ours["params"][arch.layers[0].name]["kernel"] is jax.tree_util.tree_leaves(
+      v["params"][arch.layers[0].ref.split(".")[0]])[0] or net != "resnet"
+  # round trip through JSON
+  assert Arch.from_json(arch.to_json()) == arch
+
+
+def test_resnet_description():
+  arch, _ = from_flax(ResNet(), *_setup(ResNet())[::-1])
+  lm = arch.layer_map
+  assert lm["block1_proj"].shortcut and lm["block1_proj_bn"].shortcut
+  assert not lm["block1_conv2"].shortcut
+  # residual joins: the stem, block0's output; block1/2's outputs
+  assert lm["stem"].out_space == lm["block0_conv2"].out_space
+  assert lm["block1_conv2"].out_space == lm["block1_proj"].out_space == \
+      lm["block2_conv2"].out_space
+  assert lm["block0_conv1"].out_space not in (lm["stem"].out_space,)
+  adds = [o for o in arch.ops if o.op == "add"]
+  producer = {o.output: o for o in arch.ops}
+  for a in adds:  # main branch first: a BN after a 3x3 conv2
+    bn = producer[a.inputs[0]]
+    assert bn.op == "bn" and arch.layer(bn.layer).name.endswith("bn2")
+  assert (arch.node_style, arch.edge_style) == ("resnet", "single")
+  assert [s for s, _ in arch.widths][0] == "input" and arch.spaces[-1] == "classes"
+  assert len(groups.pruning_groups(arch)) == 5  # stem stage, 3 inner, stage 2
+
+
+def test_vggish_description():
+  m = VGGish()
+  x, v = _setup(m)
+  arch, _ = from_flax(m, v, x)
+  kinds = [o.op for o in arch.ops]
+  assert kinds == ["conv", "bn", "relu", "maxpool", "conv", "bn", "relu", "maxpool", "conv",
+                   "relu", "gap", "dense", "relu", "dense"]
+  lm = arch.layer_map
+  assert lm["c1"].bias and not lm["c2"].bias and lm["c3"].bias and lm["fc1"].bias
+  assert (arch.node_style, arch.edge_style) == ("vgg", "single")
+
+
+def test_mixed_description_and_epsilon():
+  m = Mixed()
+  x, v = _setup(m, hw=32)
+  arch, ours = from_flax(m, v, x)
+  lm = arch.layer_map
+  assert [(lm[n].kernel, lm[n].stride, lm[n].padding) for n in ("stem", "c5", "c1", "c3")] == \
+      [(7, 2, 3), (5, 1, 2), (1, 1, 0), (3, 2, 1)]
+  pool = [o for o in arch.ops if o.op == "maxpool"][0]
+  assert (pool.window, pool.stride, pool.padding) == (3, 2, 1)
+  assert arch.edge_style == "multi"
+  # epsilon 1e-3 folded into the variance; 1e-5 kept as is
+  np.testing.assert_allclose(ours["batch_stats"]["stem_bn"]["var"],
+                             v["batch_stats"]["stem_bn"]["running_var"] + (1e-3 - 1e-5),
+                             rtol=1e-6)
+  assert ours["batch_stats"]["bn5"]["var"] is v["batch_stats"]["bn5"]["running_var"]
+  assert ours["params"]["stem_bn"]["scale"] is v["params"]["stem_bn"]["weight"]
+
+
+def test_macs_closed_form():
+  m = VGGish()
+  x, v = _setup(m)
+  arch, _ = from_flax(m, v, x)
+  h = 16
+  conv = lambda k, ci, co, hw, b: k * k * ci * co * hw * hw + (co * hw * hw if b else 0)
+  expect = (conv(3, 3, 8, h, True) + 2 * 8 * h * h + 8 * h * h + 8 * h * h  # c1 bn relu pool
+            + conv(3, 8, 12, h // 2, False) + 2 * 12 * 64 + 12 * 64 + 12 * 64
+            + conv(3, 12, 16, h // 4, True) + 16 * 16 + 16 * 16  # c3, relu, gap
+            + 16 * 24 + 24 + 24 + 24 * 5 + 5)  # fc1, relu, fc2
+  params = (3 * 3 * 3 * 8 + 8 + 16 + 3 * 3 * 8 * 12 + 24 + 3 * 3 * 12 * 16 + 16
+            + 16 * 24 + 24 + 24 * 5 + 5)
+  assert macs.count_macs(arch, (1, 3, h, h)) == (expect, params)
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_masked_equals_materialized_and_pruning(net):
+  m = NETS[net]()
+  hw = 32 if net == "mixed" else 16
+  x, v = _setup(m, hw=hw)
+  arch, ours = from_flax(m, v, x)
+  res = pruning.prune_to_target(arch, ours, 1.5, (1, 3, hw, hw))
+  assert res.speed_up >= 1.5
+  masked = masks_lib.mask_variables(arch, ours, res.masks)
+  y_masked = cnn.apply_model(arch, masked, x, masks=res.masks)
+  small, sv = masks_lib.materialize(arch, masked, res.masks)
+  np.testing.assert_allclose(cnn.apply_model(small, sv, x), y_masked, atol=1e-5, rtol=1e-5)
+  full, _ = macs.count_macs(arch, (1, 3, hw, hw))
+  cut, _ = macs.count_macs(small, (1, 3, hw, hw))
+  assert full / cut >= 1.5
+  assert groups.group_importance(arch, ours)
+
+
+def test_to_flax_variables_round_trip():
+  for net in sorted(NETS):
+    m = NETS[net]()
+    x, v = _setup(m, hw=32 if net == "mixed" else 16)
+    before = _snapshot(v)
+    arch, ours = from_flax(m, v, x)
+    back = to_flax_variables(arch, ours, like=v)
+    np.testing.assert_allclose(
+        np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(back)]),
+        np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(v)]), rtol=1e-6)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(v)
+    assert _same(v, before)
+
+
+def test_pruned_weights_back_into_the_users_module():
+  m = ResNet()
+  x, v = _setup(m)
+  arch, ours = from_flax(m, v, x)
+  res = pruning.prune_to_target(arch, ours, 2.0, (1, 3, 16, 16))
+  small, sv = masks_lib.materialize(arch, masks_lib.mask_variables(arch, ours, res.masks),
+                                    res.masks)
+  w = lambda layer: small.width(small.layer(layer).out_space)
+  m2 = ResNet(stem=w("stem"), blocks=tuple(
+      (w(f"block{i}_conv1"), w(f"block{i}_conv2"), s) for i, s in enumerate((1, 2, 1))))
+  tree = to_flax_variables(small, sv, like=v)
+  np.testing.assert_allclose(m2.apply(tree, x), cnn.apply_model(small, sv, x), atol=1e-5,
+                             rtol=1e-5)
+  # and traced again, the small module gives the small description
+  small2, _ = from_flax(m2, tree, x)
+  assert small2.widths == small.widths
+
+
+# ---------------------------------------------------------------------------------------------
+# Unsupported operations: each named, with its source line and module path
+# ---------------------------------------------------------------------------------------------
+def _head(x):
+  return nn.Dense(3, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+class Concat(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    a = nn.Conv(4, (3, 3), padding=1, name="a")(x)
+    b = nn.Conv(4, (3, 3), padding=1, name="b")(x)
+    return _head(jnp.concatenate([a, b], -1))
+
+
+class Depthwise(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), padding=1, name="a")(x)
+    x = nn.Conv(4, (3, 3), padding=1, feature_group_count=4, name="dw")(x)
+    return _head(x)
+
+
+class Grouped(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), padding=1, name="a")(x)
+    x = nn.Conv(8, (3, 3), padding=1, feature_group_count=2, name="grouped")(x)
+    return _head(x)
+
+
+class Flatten(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), padding=1, name="a")(x)
+    return nn.Dense(3, name="head")(x.reshape((x.shape[0], -1)))
+
+
+class Attention(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    q = nn.Conv(4, (1, 1), name="q")(x)
+    k = nn.Conv(4, (1, 1), name="k")(x)
+    att = jax.nn.softmax(jnp.einsum("bhwc,bijc->bhwij", q, k).reshape(x.shape[:3] + (-1,)))
+    return _head(att)
+
+
+class Gelu(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return _head(nn.gelu(nn.Conv(4, (3, 3), padding=1, name="a")(x)))
+
+
+class Same(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return _head(nn.Conv(4, (3, 3), 2, padding="SAME", name="a")(x))
+
+
+class AvgPool(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return _head(nn.avg_pool(nn.Conv(4, (3, 3), padding=1, name="a")(x), (2, 2), (2, 2)))
+
+
+@pytest.mark.parametrize("cls, words", [
+    (Concat, "concatenation"), (Depthwise, "depthwise convolution"),
+    (Grouped, "grouped convolution"), (Flatten, "flatten"),
+    (Attention, "product of two activations"), (Gelu, "activation"),
+    (Same, "padding ((0, 1), (0, 1))"), (AvgPool, "average pooling")])
+def test_unsupported_operations_named(cls, words):
+  m = cls()
+  x, v = _setup(m, hw=8)
+  before = _snapshot(v)
+  with pytest.raises(TraceError) as e:
+    from_flax(m, v, x)
+  msg = str(e.value)
+  assert words in msg, msg
+  assert "trace_test.py:" in msg, msg  # the user's source line
+  assert "module " in msg, msg
+  assert _same(v, before)
+
+
+def test_error_names_module_path():
+  m = Depthwise()
+  x, v = _setup(m, hw=8)
+  with pytest.raises(TraceError, match="module dw"):
+    from_flax(m, v, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+class TrainBN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.BatchNorm(use_running_average=False, name="bn")(nn.Conv(4, (3, 3), name="a")(x))
+    return _head(x)
+
+
+class Drop(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Dropout(0.5, deterministic=not train)(nn.Conv(4, (3, 3), name="a")(x))
+    return _head(x)
+
+
+def test_bad_input_mutable_and_rng():
+  x = jnp.ones((1, 8, 8, 3))
+  m = TrainBN()
+  v = m.init(KEY, x)
+  with pytest.raises(TraceError, match="writes a variable collection"):
+    from_flax(m, v, x)
+  m = Drop()
+  v = m.init(KEY, x, train=False)
+  with pytest.raises(TraceError, match="needs an RNG"):
+    from_flax(m, v, x)
+  arch, _ = from_flax(m, v, x, train=False)  # deterministic: fine
+  assert [o.op for o in arch.ops] == ["conv", "gap", "dense"]
+
+
+def test_bad_input_rank_and_variables():
+  m = ResNet()
+  x, v = _setup(m)
+  before = _snapshot(v)
+  with pytest.raises(TraceError, match="NHWC"):
+    from_flax(m, v, x[0])
+  bad = copy.deepcopy(jax.tree_util.tree_map(lambda a: a, v))
+  bad["params"]["stem"]["kernel"] = jnp.zeros((3, 3, 3, 5))
+  with pytest.raises(TraceError, match="do not match"):
+    from_flax(m, bad, x)
+  missing = jax.tree_util.tree_map(lambda a: a, v)
+  del missing["params"]["head"]
+  with pytest.raises(TraceError, match="do not match"):
+    from_flax(m, missing, x)
+  extra = jax.tree_util.tree_map(lambda a: a, v)
+  extra["params"]["unused"] = {"kernel": jnp.zeros((2, 2))}
+  with pytest.raises(TraceError, match="never read"):
+    from_flax(m, extra, x)
+  with pytest.raises(TraceError, match="'params'"):
+    from_flax(m, {"batch_stats": v["batch_stats"]}, x)
+  assert _same(v, before)
