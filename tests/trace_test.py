@@ -421,3 +421,80 @@ def test_bad_input_rank_and_variables():
   with pytest.raises(TraceError, match="'params'"):
     from_flax(m, {"batch_stats": v["batch_stats"]}, x)
   assert _same(v, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph, metanetwork
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_graph_round_trip_and_metanet(net):
+  from metaprune_jax import graph, metanet  # pylint: disable=g-import-not-at-top
+  m = NETS[net]()
+  hw = 32 if net == "mixed" else 16
+  x, v = _setup(m, hw=hw)
+  arch, ours = from_flax(m, v, x)
+  g = graph.to_graph(arch, ours)
+  back = graph.from_graph(arch, g)
+  assert _same(back, {"params": ours["params"], "batch_stats": ours["batch_stats"]})
+  config = metanet.make_metanet_config(2, 8, graph.node_dim(arch), graph.edge_kinds(arch), 0.1,
+                                       0.1)
+  params = metanet.init_metanet(config, KEY)
+  out = metanet.transform(config, params, arch, ours)
+  y = cnn.apply_model(arch, out, x)
+  assert y.shape == (2, arch.num_classes) and bool(jnp.all(jnp.isfinite(y)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The zoo, derived the same way: tracing cnn.CNN(arch) gives back the hand-written arch
+# ---------------------------------------------------------------------------------------------
+def _zoo(name):
+  from metaprune_jax import zoo  # pylint: disable=g-import-not-at-top
+  if name == "vgg19":  # structure only: narrow channels keep the test cheap
+    a = zoo.get_arch(name, 10)
+    return a.with_widths({s: 8 for s in a.prunable_spaces})
+  if name == "resnet50":
+    return zoo.get_arch(name, 10, width_mult=0.125)
+  return zoo.get_arch(name, 10)
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "resnet20", "resnet56", "vgg19", "resnet26",
+                                  "resnet50"])
+def test_zoo_traced_equals_hand_written(name):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  from metaprune_jax import graph, xla_hints  # pylint: disable=g-import-not-at-top
+  a = _zoo(name)
+  v = _randomize(cnn.init_variables(a, KEY, (32, 32)))
+  x = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
+  # cnn.CNN's residual joins divide by a data-dependent 1.0 (an XLA scheduling hint)
+  with mock.patch.object(xla_hints, "materialize", lambda y: y):
+    t, ours = from_flax(cnn.CNN(a), v, x, name=a.name)
+  # spaces: one bijection maps the traced names to the zoo's
+  ren = {}
+  for l1, l2 in zip(a.layers, t.layers):
+    for s1, s2 in ((l1.in_space, l2.in_space), (l1.out_space, l2.out_space)):
+      if s1 is not None:
+        assert ren.setdefault(s2, s1) == s1
+  assert len(set(ren.values())) == len(ren) == len(a.widths)
+  assert {ren[s]: w for s, w in t.widths} == dict(a.widths)
+  # layers (the zoo's ref is the PyTorch name; ours the flax path) and ops
+  assert [dataclasses.replace(l, ref=l1.ref, in_space=ren.get(l.in_space),
+                              out_space=ren[l.out_space]) for l, l1 in zip(t.layers, a.layers)] \
+      == list(a.layers)
+  # relus: Torch-Pruning counts nn.ReLU modules only; a flax trace cannot tell them apart
+  assert [dataclasses.replace(o, counted=False) for o in t.ops] == \
+      [dataclasses.replace(o, counted=False) for o in a.ops]
+  assert (t.node_style, t.edge_style, t.num_classes) == (a.node_style, a.edge_style,
+                                                         a.num_classes)
+  counted = dataclasses.replace(a, ops=tuple(dataclasses.replace(o, counted=True)
+                                             for o in a.ops))
+  assert macs.count_macs(t) == macs.count_macs(counted)
+  gt, ga = groups.pruning_groups(t), groups.pruning_groups(a)
+  assert [(ren[g.space], [m_.layer for m_ in g.members]) for g in gt] == \
+      [(g.space, [m_.layer for m_ in g.members]) for g in ga]
+  # the same graph, bit for bit
+  g1, g2 = graph.to_graph(t, ours), graph.to_graph(a, v)
+  for f1, f2 in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+    np.testing.assert_array_equal(np.asarray(f1), np.asarray(f2))
+  np.testing.assert_allclose(cnn.apply_model(t, ours, x), cnn.apply_model(a, v, x), atol=1e-5,
+                             rtol=1e-5)
