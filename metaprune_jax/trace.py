@@ -139,7 +139,8 @@ def _where(eqn, prefix: str) -> str:
 class _Tracer:
   """Walks one jaxpr and accumulates layers, ops, spaces and the variable mapping."""
 
-  def __init__(self, leaf_paths, leaf_values, count_relu: bool):
+  def __init__(self, leaf_paths, leaf_values, count_relu: bool, ref_fn=None):
+    self.ref_fn = ref_fn or ".".join
     self.leaf_paths = leaf_paths
     self.leaf_values = leaf_values  # path -> np.ndarray
     self.count_relu = count_relu
@@ -194,7 +195,7 @@ class _Tracer:
     if any(l.name == name for l in self.layers):
       raise TraceError(f"module {'/'.join(module)} is used as a layer twice (weight sharing "
                        f"or a repeated call) at {where}; the Arch has one use per layer")
-    return name, ".".join(module)
+    return name, self.ref_fn(tuple(module))
 
   def take(self, path, coll, layer, leaf, shift=0.0):
     self.read.add(path)
@@ -684,8 +685,8 @@ def _flat_leaves(variables) -> dict:
 
 def from_flax(module: nn.Module, variables: Mapping, example_input, *, name: str | None = None,
               count_relu: bool = True, node_style: str | None = None,
-              edge_style: str | None = None, init: str = "resnet",
-              **apply_kwargs) -> tuple[Arch, dict]:
+              edge_style: str | None = None, init: str = "resnet", ref_name: str | None = None,
+              ref_fn=None, **apply_kwargs) -> tuple[Arch, dict]:
   """Derives the :class:`Arch` of a flax.linen CNN by tracing its inference forward pass.
 
   Args:
@@ -700,6 +701,9 @@ def from_flax(module: nn.Module, variables: Mapping, example_input, *, name: str
     node_style, edge_style: the graph family (default: chosen from the layers found, see
       :func:`graph_styles`).
     init: the Arch's init style for fresh variables (``"resnet"`` or ``"vgg"``).
+    ref_name: the Arch's ``ref_name`` (default: ``name``).
+    ref_fn: ``module path (tuple of str) -> ref`` (the layer's name in a PyTorch twin, used by
+      the reference import/export); default: the path joined with dots.
     **apply_kwargs: passed to ``module.apply`` (e.g. ``train=False``).
 
   Returns:
@@ -753,7 +757,7 @@ def from_flax(module: nn.Module, variables: Mapping, example_input, *, name: str
                      f"{[tuple(a.shape) for a in out_shapes]}")
   flat_paths = list(_flat_leaves(variables).keys())
   leaf_values = {p: np.asarray(a) for p, a in leaves.items()}
-  tr = _Tracer(flat_paths, leaf_values, count_relu)
+  tr = _Tracer(flat_paths, leaf_values, count_relu, ref_fn)
   input_space = tr.new_space(shape[3], INPUT)
   args = [_Param(leaf_values[p], frozenset([p]), p) for p in flat_paths]
   args.append(_Act("x", input_space, shape))
@@ -770,12 +774,13 @@ def from_flax(module: nn.Module, variables: Mapping, example_input, *, name: str
   if unread:
     raise TraceError(f"variables never read by the forward pass (or read in a way the Arch does "
                      f"not describe): {unread}")
-  arch, ours = _assemble(tr, out, shape, variables, leaves, name or type(module).__name__.lower(),
-                         init, node_style, edge_style)
+  name = name or type(module).__name__.lower()
+  arch, ours = _assemble(tr, out, shape, variables, leaves, name, ref_name or name, init,
+                         node_style, edge_style)
   return arch, ours
 
 
-def _assemble(tr, out, shape, variables, leaves, name, init, node_style, edge_style):
+def _assemble(tr, out, shape, variables, leaves, name, ref_name, init, node_style, edge_style):
   roots = {}
   cls_root = tr.find(out.space)
   in_root = tr.find(0)
@@ -832,7 +837,7 @@ def _assemble(tr, out, shape, variables, leaves, name, init, node_style, edge_st
       origin.append((coll, layer, leaf, tuple(path), float(shift)))
     ours[coll].setdefault(layer, {})[leaf] = a
   ns, es = graph_styles(layers)
-  arch = Arch(name=name, ref_name=name, num_classes=num_classes, layers=tuple(layers), ops=ops,
+  arch = Arch(name=name, ref_name=ref_name, num_classes=num_classes, layers=tuple(layers), ops=ops,
               widths=tuple((s, widths[s]) for s in order), node_style=node_style or ns,
               edge_style=edge_style or es, init=init, origin=tuple(origin))
   try:

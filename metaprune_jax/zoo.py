@@ -175,3 +175,17 @@ def resnet50(num_classes: int = 1000, width_mult: float = 1.0) -> Arch:
 @register("resnet26")
 def resnet26(num_classes: int = 10, width_mult: float = 1.0) -> Arch:
   return bottleneck_resnet((2, 2, 2, 2), num_classes, "resnet26", "resnet26", width_mult)
+
+
+# --------------------------------------------------------------------------------------------
+# Traced from a plain flax.linen module (metaprune_jax.flax_resnet), not written op by op.
+def _traced_resnet(name):
+  def build(num_classes: int = 1000, width_mult: float = 1.0) -> Arch:
+    from metaprune_jax import flax_resnet  # pylint: disable=g-import-not-at-top
+    return flax_resnet.traced_arch(name, num_classes, width_mult)
+  build.__doc__ = f"torchvision {name} (basic blocks), traced from flax_resnet.ResNet."
+  return build
+
+
+for _n in ("resnet18", "resnet34"):
+  register(_n)(_traced_resnet(_n))

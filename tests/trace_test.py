@@ -498,3 +498,21 @@ def test_zoo_traced_equals_hand_written(name):
     np.testing.assert_array_equal(np.asarray(f1), np.asarray(f2))
   np.testing.assert_allclose(cnn.apply_model(t, ours, x), cnn.apply_model(a, v, x), atol=1e-5,
                              rtol=1e-5)
+
+
+def test_zoo_resnet18_34_are_traced():
+  from metaprune_jax import flax_resnet, zoo  # pylint: disable=g-import-not-at-top
+  for name, blocks in (("resnet18", 8), ("resnet34", 16)):
+    a = zoo.get_arch(name, 10, width_mult=0.125)
+    assert a.name == name and not a.origin and (a.node_style, a.edge_style) == ("resnet",
+                                                                                "multi")
+    assert a.layer("layer2_0_downsample_0").ref == "layer2.0.downsample.0"
+    assert a.layer("layer2_0_downsample_1").shortcut
+    assert len(groups.pruning_groups(a)) == blocks + 4
+    # parameter count against the flax module's own variables
+    m = flax_resnet.ResNet(flax_resnet.STAGES[name], 10, 0.125)
+    v = jax.eval_shape(m.init, KEY, jnp.zeros((1, 32, 32, 3)))
+    n = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(v["params"]))
+    assert macs.count_macs(a)[1] == n
+  full = zoo.get_arch("resnet18", 1000)
+  assert macs.count_macs(full, (1, 3, 224, 224))[1] == 11689512  # torchvision's resnet18
