@@ -292,9 +292,7 @@ class _Tracer:
     coef, off = np.ones(c), np.zeros(c)
     leaves, eps, role_hint = set(), {}, {}
     for op, p, _ in a.pend:
-      v = np.broadcast_to(np.asarray(p.val, np.float64).reshape(-1)
-                          if np.size(p.val) in (1, c) else np.nan, (c,)) \
-          if np.size(p.val) in (1, c) else None
+      v = np.broadcast_to(np.asarray(p.val, np.float64).reshape(-1), (c,))  # per channel
       leaves |= set(p.leaves)
       eps.update(dict(p.eps))
       if op == "add":
@@ -614,8 +612,9 @@ class _Tracer:
     old = act.shape
     if new == old:
       return act
-    if [d for d in old if d != 1][1:] == [d for d in new if d != 1][1:] and \
-        old[0] == new[0] and old[-1] == new[-1] and len(new) in (2, 4):
+    # only unit spatial axes come and go: [B, 1, 1, C] <-> [B, C]
+    if old[0] == new[0] and old[-1] == new[-1] and all(d == 1 for d in old[1:-1]) and \
+        all(d == 1 for d in new[1:-1]) and len(new) in (2, 4):
       return dataclasses.replace(act, shape=new)
     if len(old) == 4 and len(new) == 2 and new[1] == old[1] * old[2] * old[3]:
       raise TraceError(f"a flatten of a {old[1]}x{old[2]}x{old[3]} feature map into {new[1]} "

@@ -516,3 +516,29 @@ def test_zoo_resnet18_34_are_traced():
     assert macs.count_macs(a)[1] == n
   full = zoo.get_arch("resnet18", 1000)
   assert macs.count_macs(full, (1, 3, 224, 224))[1] == 11689512  # torchvision's resnet18
+
+
+class PreAct(nn.Module):
+  """A pre-activation block (BN -> ReLU -> conv): an Arch, but no graph family fits it."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 3), padding=1, use_bias=False, name="stem")(x)
+    y = nn.relu(nn.BatchNorm(use_running_average=True, name="bn1")(x))
+    y = nn.Conv(8, (3, 3), padding=1, use_bias=False, name="conv1")(y)
+    y = nn.relu(nn.BatchNorm(use_running_average=True, name="bn2")(y))
+    y = nn.Conv(8, (3, 3), padding=1, use_bias=False, name="conv2")(y)
+    x = x + y
+    x = nn.relu(nn.BatchNorm(use_running_average=True, name="bn_out")(x))
+    return nn.Dense(3, name="head")(x.mean(axis=(1, 2), keepdims=True).reshape((x.shape[0], -1)))
+
+
+def test_preactivation_arch_without_graph():
+  from metaprune_jax import graph  # pylint: disable=g-import-not-at-top
+  m = PreAct()
+  x, v = _setup(m, hw=8)
+  arch, ours = from_flax(m, v, x)
+  np.testing.assert_allclose(cnn.apply_model(arch, ours, x), m.apply(v, x), atol=1e-5, rtol=1e-5)
+  assert len(groups.pruning_groups(arch)) == 2
+  with pytest.raises(ValueError, match="does not directly follow a conv"):
+    graph.to_graph(arch, ours)
