@@ -442,6 +442,13 @@ def test_graph_round_trip_and_metanet(net):
   out = metanet.transform(config, params, arch, ours)
   y = cnn.apply_model(arch, out, x)
   assert y.shape == (2, arch.num_classes) and bool(jnp.all(jnp.isfinite(y)))
+  if net == "resnet":  # the regulariser and one meta-training gradient
+    from metaprune_jax import metatrain  # pylint: disable=g-import-not-at-top
+    from metaprune_jax.regularizer import regularizer  # pylint: disable=g-import-not-at-top
+    r = jax.grad(lambda p: regularizer(arch, {"params": p}))(ours["params"])
+    assert jax.tree_util.tree_structure(r) == jax.tree_util.tree_structure(ours["params"])
+    grads = metatrain.meta_train_grads(config, params, arch, ours, x, jnp.array([0, 1]))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
 
 
 # ---------------------------------------------------------------------------------------------
