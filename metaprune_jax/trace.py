@@ -45,6 +45,8 @@ spatial map into the classifier, or float types other than float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import itertools
 import os
 from typing import Any, Mapping
@@ -898,4 +900,37 @@ def to_flax_variables(arch: Arch, variables: Mapping, like: Mapping) -> dict:
   return out
 
 
-__all__ = ["TraceError", "from_flax", "to_flax_variables", "graph_styles"]
+@functools.lru_cache(maxsize=32)
+def arch_from_factory(spec: str, num_classes: int) -> Arch:
+  """The traced Arch of ``"package.module:factory"`` (what ``--config.arch=`` accepts).
+
+  ``factory(num_classes)`` returns a flax module, ``(module, example_input)`` or ``(module,
+  example_input, apply_kwargs)``; the example input defaults to ``[1, 32, 32, 3]`` zeros. The
+  module is initialised with ``module.init(PRNGKey(0), example_input, **apply_kwargs)`` and
+  traced with :func:`from_flax` (its name: the factory's).
+
+  Raises:
+    ValueError: a malformed spec, a module or factory that cannot be imported.
+    TraceError: as :func:`from_flax`.
+  """
+  mod_name, _, fn_name = spec.partition(":")
+  if not mod_name or not fn_name:
+    raise ValueError(f"architecture {spec!r}: expected 'package.module:factory'")
+  try:
+    factory = getattr(importlib.import_module(mod_name), fn_name)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"architecture {spec!r}: cannot import the factory ({e})") from None
+  made = factory(num_classes)
+  made = made if isinstance(made, tuple) else (made,)
+  module = made[0]
+  x = made[1] if len(made) > 1 else jnp.zeros((1, 32, 32, 3), jnp.float32)
+  kwargs = dict(made[2]) if len(made) > 2 else {}
+  variables = jax.jit(lambda k, x: module.init(k, x, **kwargs))(jax.random.key(0), x)
+  arch, _ = from_flax(module, variables, x, name=fn_name, **kwargs)
+  if arch.num_classes != num_classes:
+    raise TraceError(f"architecture {spec!r}: the module has {arch.num_classes} outputs, the "
+                     f"dataset {num_classes} classes")
+  return arch
+
+
+__all__ = ["TraceError", "from_flax", "to_flax_variables", "graph_styles", "arch_from_factory"]

@@ -549,3 +549,20 @@ def test_preactivation_arch_without_graph():
   assert len(groups.pruning_groups(arch)) == 2
   with pytest.raises(ValueError, match="does not directly follow a conv"):
     graph.to_graph(arch, ours)
+
+
+def small_resnet(num_classes):
+  """A factory for ``--config.arch=trace_test:small_resnet`` (zoo.get_arch)."""
+  return ResNet(num_classes=num_classes), jnp.zeros((1, 8, 8, 3))
+
+
+def test_arch_from_factory_via_zoo():
+  from metaprune_jax import zoo  # pylint: disable=g-import-not-at-top
+  a = zoo.get_arch(f"{__name__}:small_resnet", 7)
+  assert a.name == "small_resnet" and a.num_classes == 7
+  b = zoo.get_arch(f"{__name__}:small_resnet", 7, widths={a.layer("stem").out_space: 4})
+  assert b.width(b.layer("stem").out_space) == 4
+  v = cnn.init_variables(a, KEY, (8, 8))
+  assert cnn.apply_model(a, v, jnp.zeros((1, 8, 8, 3))).shape == (1, 7)
+  with pytest.raises(ValueError, match="cannot import"):
+    zoo.get_arch(f"{__name__}:no_such_factory", 7)
