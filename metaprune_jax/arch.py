@@ -100,7 +100,8 @@ class Arch:
     widths: ``((space, width), ...)``: channel count of every space, ``input`` and ``classes``
       included. Use :meth:`width` / :attr:`width_map`.
     node_style: ``"resnet"`` (8 node-feature columns: bn, downsample bn) or ``"vgg"`` (5: bn,
-      conv bias), DESIGN.md section 3.
+      conv bias), DESIGN.md section 3; ``"full"`` (9: bn, downsample bn, conv/dense bias) for
+      traced networks that need both.
     edge_style: ``"single"`` (every edge a 3x3 slice, 1x1 at the centre, dense identity blocks)
       or ``"multi"`` (edge kinds by kernel area, diagonal reversed identity edges).
     init: ``"resnet"`` (kaiming fan-out convs, PyTorch-default Linear) or ``"vgg"``

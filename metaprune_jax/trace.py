@@ -852,13 +852,15 @@ def graph_styles(layers) -> tuple[str, str]:
   """The graph family that fits ``layers``: ``(node_style, edge_style)``.
 
   ``vgg`` node features (bn + conv bias) unless a projection shortcut has a BatchNorm (then
-  ``resnet``: bn + downsample bn); ``single`` edges (3x3 slots) when every kernel is 1x1 or 3x3,
-  else ``multi`` (one edge kind per kernel area). A network with both conv biases and
-  shortcut BatchNorms fits neither node family (to_graph raises on it).
+  ``resnet``: bn + downsample bn; ``full``, 9 columns, when conv biases come too); ``single``
+  edges (3x3 slots) when every kernel is 1x1 or 3x3, else ``multi`` (one edge kind per kernel
+  area, any size).
   """
   ds_bn = any(l.shortcut and l.kind == "bn" for l in layers)
+  conv_bias = any(l.bias and l.kind == "conv" for l in layers)
   ks = {l.kernel for l in layers if l.kind == "conv"}
-  return ("resnet" if ds_bn else "vgg"), ("single" if ks <= {1, 3} else "multi")
+  node = ("full" if conv_bias else "resnet") if ds_bn else "vgg"
+  return node, ("single" if ks <= {1, 3} else "multi")
 
 
 def to_flax_variables(arch: Arch, variables: Mapping, like: Mapping) -> dict:

@@ -566,3 +566,34 @@ def test_arch_from_factory_via_zoo():
   assert cnn.apply_model(a, v, jnp.zeros((1, 8, 8, 3))).shape == (1, 7)
   with pytest.raises(ValueError, match="cannot import"):
     zoo.get_arch(f"{__name__}:no_such_factory", 7)
+
+
+class BiasedResNet(nn.Module):
+  """Conv biases *and* projection-shortcut BatchNorms: the 9-column "full" node family."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.BatchNorm(use_running_average=True, name="bn0")(
+        nn.Conv(6, (3, 3), padding=1, name="stem")(x)))
+    y = nn.relu(nn.BatchNorm(use_running_average=True, name="bn1")(
+        nn.Conv(5, (3, 3), 2, padding=1, name="conv1")(x)))
+    y = nn.BatchNorm(use_running_average=True, name="bn2")(
+        nn.Conv(8, (5, 5), padding=2, name="conv2")(y))
+    s = nn.BatchNorm(use_running_average=True, name="proj_bn")(
+        nn.Conv(8, (1, 1), 2, use_bias=False, name="proj")(x))
+    return nn.Dense(3, name="head")(jnp.mean(nn.relu(y + s), axis=(1, 2)))
+
+
+def test_full_node_family_graph_round_trip():
+  from metaprune_jax import graph, metanet  # pylint: disable=g-import-not-at-top
+  m = BiasedResNet()
+  x, v = _setup(m, hw=8)
+  arch, ours = from_flax(m, v, x)
+  assert (arch.node_style, arch.edge_style) == ("full", "multi")
+  np.testing.assert_allclose(cnn.apply_model(arch, ours, x), m.apply(v, x), atol=1e-5, rtol=1e-5)
+  g = graph.to_graph(arch, ours)
+  assert g.nodes.shape[1] == 9
+  assert _same(graph.from_graph(arch, g), ours)
+  config = metanet.make_metanet_config(1, 8, 9, graph.edge_kinds(arch), 0.1, 0.1)
+  out = metanet.transform(config, metanet.init_metanet(config, KEY), arch, ours)
+  assert bool(jnp.all(jnp.isfinite(cnn.apply_model(arch, out, x))))
