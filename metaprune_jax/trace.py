@@ -108,6 +108,7 @@ class _Act:
   pend: tuple = ()
   fresh: str | None = None
   pool: int = 0
+  flat: bool = False  # a [B, C] tensor of the Arch (after gap/dense), whatever its shape here
 
 
 _NOOP_UNARY = ("copy", "copy_p", "optimization_barrier")
@@ -158,6 +159,7 @@ class _Tracer:
     self.flushed: dict[int, _Act] = {}
     self.producer: dict[str, Op] = {}
     self.conv_depth: dict[str, int] = {"x": 0}
+    self.modules: dict[str, tuple] = {}
 
   # --------------------------------------------------------------------------- bookkeeping
   def new_space(self, width: int, writer: str | None) -> int:
@@ -194,6 +196,10 @@ class _Tracer:
       raise TraceError(f"a variable at the top level ({'/'.join(path)}) used as a layer "
                        f"parameter at {where}: layers must be submodules")
     name = "_".join(module)
+    other = self.modules.setdefault(name, module)
+    if other != module:
+      raise TraceError(f"modules {'/'.join(other)} and {'/'.join(module)} both give the layer "
+                       f"name {name!r} (at {where}); rename one of them")
     if any(l.name == name for l in self.layers):
       raise TraceError(f"module {'/'.join(module)} is used as a layer twice (weight sharing "
                        f"or a repeated call) at {where}; the Arch has one use per layer")
@@ -380,7 +386,7 @@ class _Tracer:
     op = self.ops.pop()
     at = next((i + 1 for i, o in enumerate(self.ops) if o.output == a.tensor), 0)
     self.ops.insert(at, op)
-    out = _Act(y, a.space, a.shape)
+    out = _Act(y, a.space, a.shape, flat=a.flat)
     self.flushed[key] = (a, out)
     return out
 
@@ -392,9 +398,9 @@ class _Tracer:
                        f"{where}")
     x = self.flush(x, where)
     p = eqn.params
-    if len(x.shape) != 4 or x.pool:
-      raise TraceError(f"a convolution over a tensor of shape {x.shape} at {where}; the Arch's "
-                       "convolutions read [B, H, W, C] feature maps")
+    if len(x.shape) != 4 or x.pool or x.flat:
+      raise TraceError(f"a convolution over a pooled tensor of shape {x.shape} at {where}; the "
+                       "Arch's convolutions read [B, H, W, C] feature maps")
     dn = jax.lax.conv_dimension_numbers(x.shape, np.shape(w.val), ("NHWC", "HWIO", "NHWC"))
     if tuple(p["dimension_numbers"]) != tuple(dn):
       raise TraceError(f"a convolution with dimension numbers {p['dimension_numbers']} at "
@@ -434,10 +440,11 @@ class _Tracer:
       raise TraceError(f"a product of two activations (attention or gating) at {where}")
     x = self.flush(x, where)
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    if len(x.shape) == 4 and x.shape[1:3] != (1, 1):
+    if len(x.shape) == 4 and (x.shape[1:3] != (1, 1) or not x.flat):
       raise TraceError(f"a dense layer over a [B, H, W, C] = {x.shape} feature map at "
                        f"{where}; the Arch's dense layers read pooled [B, C] features")
-    if len(x.shape) != 2 or tuple(lc) != (1,) or tuple(rc) != (0,) or lb or rb:
+    last = len(x.shape) - 1  # [B, C], or [B, 1, 1, C] after pooling with kept axes
+    if tuple(lc) != (last,) or tuple(rc) != (0,) or lb or rb or np.ndim(w.val) != 2:
       raise TraceError(f"a dot_general with dimension numbers {eqn.params['dimension_numbers']}"
                        f" on {x.shape} at {where}; the Arch's dense layers are [B, C] x [C, O]")
     path = self.leaf_of(w, "dense kernel", where, 2)
@@ -449,7 +456,7 @@ class _Tracer:
     self.take(path, "params", name, "kernel")
     y = self.tmp()
     self.emit(Op("dense", (x.tensor,), y, layer=name))
-    return _Act(y, out_space, tuple(eqn.outvars[0].aval.shape), fresh=name)
+    return _Act(y, out_space, tuple(eqn.outvars[0].aval.shape), fresh=name, flat=True)
 
   def _affine(self, eqn, ins, where, op):
     a, b = ins
@@ -473,7 +480,7 @@ class _Tracer:
         if np.isclose(f if op == "mul" else 1.0 / f, 1.0 / act.pool, rtol=1e-6):
           y = self.tmp()
           self.emit(Op("gap", (act.tensor,), y))
-          return _Act(y, act.space, tuple(eqn.outvars[0].aval.shape))
+          return _Act(y, act.space, tuple(eqn.outvars[0].aval.shape), flat=True)
       raise TraceError(f"a whole-image sum followed by {op} at {where} is not an average")
     if not p.leaves:  # constants: only exact identities pass
       v = np.asarray(p.val)
@@ -525,7 +532,7 @@ class _Tracer:
     self.mark_shortcut(a.tensor, b.tensor)
     y = self.tmp()
     self.emit(Op("add", (a.tensor, b.tensor), y))
-    return _Act(y, s, a.shape)
+    return _Act(y, s, a.shape, flat=a.flat)
 
   def ancestors(self, t):
     seen, stack = set(), [t]
@@ -566,14 +573,14 @@ class _Tracer:
     act = self.flush(act, where)
     y = self.tmp()
     self.emit(Op("relu", (act.tensor,), y, counted=self.count_relu))
-    return _Act(y, act.space, act.shape)
+    return _Act(y, act.space, act.shape, flat=act.flat)
 
   def p_reduce_window_max(self, eqn, ins, where):
     (act,) = ins
     act = self.flush(act, where)
     p = eqn.params
     win, st, pad = p["window_dimensions"], p["window_strides"], tuple(map(tuple, p["padding"]))
-    if (len(win) != 4 or win[0] != 1 or win[3] != 1 or st[0] != 1 or st[3] != 1 or
+    if act.flat or (len(win) != 4 or win[0] != 1 or win[3] != 1 or st[0] != 1 or st[3] != 1 or
         win[1] != win[2] or st[1] != st[2] or pad[0] != (0, 0) or pad[3] != (0, 0) or
         pad[1] != pad[2] or pad[1][0] != pad[1][1] or
         any(d != 1 for d in tuple(p["base_dilation"]) + tuple(p["window_dilation"]))):
@@ -591,7 +598,7 @@ class _Tracer:
     act = self.flush(act, where)
     p = eqn.params
     h, w = act.shape[1:3] if len(act.shape) == 4 else (0, 0)
-    if (tuple(p["window_dimensions"]) != (1, h, w, 1) or
+    if (act.flat or tuple(p["window_dimensions"]) != (1, h, w, 1) or
         any(q != (0, 0) for q in map(tuple, p["padding"]))):
       raise TraceError(f"an average pooling with window {p['window_dimensions'][1:3]} over a "
                        f"{h}x{w} map at {where}; the Arch has max pooling and global average "
@@ -602,7 +609,7 @@ class _Tracer:
     (act,) = ins
     act = self.flush(act, where)
     axes = tuple(sorted(eqn.params["axes"]))
-    if len(act.shape) != 4 or axes != (1, 2):
+    if len(act.shape) != 4 or axes != (1, 2) or act.flat:
       raise TraceError(f"a sum over axes {axes} of a {act.shape} tensor at {where}; only a "
                        "mean over the spatial axes (global average pooling) is supported")
     return _Act(act.tensor, act.space, tuple(eqn.outvars[0].aval.shape),

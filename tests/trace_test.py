@@ -597,3 +597,33 @@ def test_full_node_family_graph_round_trip():
   config = metanet.make_metanet_config(1, 8, 9, graph.edge_kinds(arch), 0.1, 0.1)
   out = metanet.transform(config, metanet.init_metanet(config, KEY), arch, ours)
   assert bool(jnp.all(jnp.isfinite(cnn.apply_model(arch, out, x))))
+
+
+class KeepDimsHead(nn.Module):
+  """avg_pool to 1x1 with the axes kept, Dense on [B, 1, 1, C], a reshape at the end."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), padding=1, name="a")(x))
+    x = nn.avg_pool(x, x.shape[1:3])
+    x = nn.relu(nn.Dense(6, name="hidden")(x))
+    return nn.Dense(3, name="head")(x).reshape((x.shape[0], -1))
+
+
+class ConvAfterPool(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.mean(nn.Conv(4, (3, 3), padding=1, name="a")(x), axis=(1, 2), keepdims=True)
+    return nn.Dense(3, name="head")(nn.Conv(4, (1, 1), name="b")(x).reshape((x.shape[0], -1)))
+
+
+def test_pooled_heads():
+  m = KeepDimsHead()
+  x, v = _setup(m, hw=8)
+  arch, ours = from_flax(m, v, x)
+  assert [o.op for o in arch.ops] == ["conv", "relu", "gap", "dense", "relu", "dense"]
+  np.testing.assert_allclose(cnn.apply_model(arch, ours, x), m.apply(v, x), atol=1e-5, rtol=1e-5)
+  m = ConvAfterPool()
+  x, v = _setup(m, hw=8)
+  with pytest.raises(TraceError, match="convolution over a pooled tensor"):
+    from_flax(m, v, x)
