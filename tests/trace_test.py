@@ -627,3 +627,35 @@ def test_pooled_heads():
   x, v = _setup(m, hw=8)
   with pytest.raises(TraceError, match="convolution over a pooled tensor"):
     from_flax(m, v, x)
+
+
+class PlainBN(nn.Module):
+  """flax BatchNorms without scale, without bias, and at epsilon 1e-3 (TF's default)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), padding=1, use_bias=False, name="a")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=True, use_scale=False, name="n_a")(x))
+    x = nn.Conv(5, (3, 3), padding=1, use_bias=False, name="b")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=True, use_bias=False, epsilon=1e-3,
+                             name="n_b")(x))
+    return _head(x)
+
+
+def test_batchnorm_variants():
+  m = PlainBN()
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  for v in (m.init(KEY, x), _randomize(m.init(KEY, x))):  # fresh (ambiguous values) and random
+    arch, ours = from_flax(m, v, x)
+    assert [o.op for o in arch.ops] == ["conv", "bn", "relu", "conv", "bn", "relu", "gap",
+                                        "dense"]
+    np.testing.assert_allclose(cnn.apply_model(arch, ours, x), m.apply(v, x), atol=1e-5,
+                               rtol=1e-5)
+    np.testing.assert_array_equal(ours["params"]["n_a"]["scale"], np.ones(4))
+    np.testing.assert_array_equal(ours["params"]["n_b"]["bias"], np.zeros(5))
+    assert ours["params"]["n_b"]["scale"] is v["params"]["n_b"]["scale"]
+    assert ours["batch_stats"]["n_a"]["mean"] is v["batch_stats"]["n_a"]["mean"]
+    back = to_flax_variables(arch, ours, like=v)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(v)
+    np.testing.assert_allclose(back["batch_stats"]["n_b"]["var"], v["batch_stats"]["n_b"]["var"],
+                               rtol=1e-6)
