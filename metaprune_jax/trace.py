@@ -191,19 +191,19 @@ class _Tracer:
     self.conv_depth[op.output] = d + (1 if op.op in ("conv", "dense") else 0)
 
   def layer_name(self, path: tuple, where: str) -> tuple[str, str]:
-    module = path[1:-1]
+    module = tuple(str(k) for k in path[1:-1])
     if not module:
-      raise TraceError(f"a variable at the top level ({'/'.join(path)}) used as a layer "
+      raise TraceError(f"a variable at the top level ({_p(path)}) used as a layer "
                        f"parameter at {where}: layers must be submodules")
     name = "_".join(module)
     other = self.modules.setdefault(name, module)
     if other != module:
-      raise TraceError(f"modules {'/'.join(other)} and {'/'.join(module)} both give the layer "
+      raise TraceError(f"modules {_p(other)} and {_p(module)} both give the layer "
                        f"name {name!r} (at {where}); rename one of them")
     if any(l.name == name for l in self.layers):
-      raise TraceError(f"module {'/'.join(module)} is used as a layer twice (weight sharing "
+      raise TraceError(f"module {_p(module)} is used as a layer twice (weight sharing "
                        f"or a repeated call) at {where}; the Arch has one use per layer")
-    return name, self.ref_fn(tuple(module))
+    return name, self.ref_fn(module)
 
   def take(self, path, coll, layer, leaf, shift=0.0):
     self.read.add(path)
@@ -275,13 +275,13 @@ class _Tracer:
 
   def leaf_of(self, p, what, where, ndim=None) -> tuple:
     if not isinstance(p, _Param) or p.pure is None:
-      leaves = sorted("/".join(l) for l in getattr(p, "leaves", ()))
+      leaves = sorted(_p(l) for l in getattr(p, "leaves", ()))
       raise TraceError(f"the {what} at {where} is not a variable leaf but a value computed from "
                        f"{leaves or 'constants'}; the Arch needs the parameter itself")
     if ndim is not None and np.ndim(p.val) != ndim:
       raise TraceError(f"the {what} at {where} has shape {np.shape(p.val)}")
     if self.leaf_values[p.pure].shape != np.shape(p.val):
-      raise TraceError(f"the {what} at {where} reshapes variable {'/'.join(p.pure)} "
+      raise TraceError(f"the {what} at {where} reshapes variable {_p(p.pure)} "
                        f"{self.leaf_values[p.pure].shape} -> {np.shape(p.val)}")
     return p.pure
 
@@ -316,8 +316,8 @@ class _Tracer:
       elif op == "div":
         coef, off = coef / v, off / v
     where0 = a.pend[0][2]
-    leaves = sorted(leaves)
-    desc = ", ".join("/".join(l) for l in leaves) or "constants only"
+    leaves = sorted(leaves, key=_p)
+    desc = ", ".join(_p(l) for l in leaves) or "constants only"
     var = [l for l in leaves if l in eps]
     if len(var) != 1 or len(leaves) < 2 or len(leaves) > 4:
       raise TraceError(
@@ -330,7 +330,7 @@ class _Tracer:
     vals = {l: np.asarray(self.leaf_values[l], np.float64).reshape(-1) for l in leaves}
     for l in leaves:
       if vals[l].shape != (c,):
-        raise TraceError(f"BatchNorm at {where0}: variable {'/'.join(l)} has shape "
+        raise TraceError(f"BatchNorm at {where0}: variable {_p(l)} has shape "
                          f"{self.leaf_values[l].shape}, expected ({c},)")
 
     def fits(assign):
@@ -355,9 +355,9 @@ class _Tracer:
         candidates.append(assign)
     if len(candidates) > 1:  # same numbers (e.g. fresh init): use the names
       named = [c_ for c_ in candidates
-               if all(r in l[-1].lower() or (r == "scale" and l[-1] in ("weight", "gamma")) or
-                      (r == "bias" and l[-1] == "beta") or
-                      (r == "mean" and "mean" in l[-1].lower())
+               if all(r in str(l[-1]).lower() or
+                      (r == "scale" and l[-1] in ("weight", "gamma")) or
+                      (r == "bias" and l[-1] == "beta")
                       for r, l in c_.items())]
       candidates = named or candidates[:1]
     if not candidates:
@@ -681,12 +681,17 @@ def _describe(name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
+def _p(path) -> str:
+  return "/".join(str(k) for k in path)
+
+
 def _flat_leaves(variables) -> dict:
+  """``{path: leaf}``; a path is a tuple of dict keys (str, or int for nnx lists)."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
     key = []
     for k in path:
-      key.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+      key.append(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
     out[tuple(key)] = leaf
   return out
 
@@ -724,6 +729,71 @@ def from_flax(module: nn.Module, variables: Mapping, example_input, *, name: str
       path), a forward pass that needs a mutable collection or an RNG, an input of the wrong
       rank, variables that do not match the module.
   """
+  shape = _check_input(example_input)
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    raise TraceError("variables must be a mapping with a 'params' collection (as returned by "
+                     "module.init)")
+  leaves = _flat_leaves(variables)
+  def fwd(v, x):
+    return module.apply(v, x, **apply_kwargs)
+  return _trace(fwd, variables, leaves, shape, name or type(module).__name__.lower(),
+                count_relu, node_style, edge_style, init, ref_name, ref_fn)
+
+
+def from_nnx(model, example_input, *, name: str | None = None, count_relu: bool = True,
+             node_style: str | None = None, edge_style: str | None = None, init: str = "resnet",
+             ref_name: str | None = None, ref_fn=None, **call_kwargs) -> tuple[Arch, dict]:
+  """:func:`from_flax` for a ``flax.nnx`` module: traces ``model(x, **call_kwargs)``.
+
+  The model must be in inference mode (``model.eval()``: BatchNorm on running averages, dropout
+  off). Its ``nnx.Param`` and ``nnx.BatchStat`` variables are read as the pure dicts
+  :func:`nnx_variables` returns (``{'params': ..., 'batch_stats': ...}``, keyed by attribute
+  path): pass that as ``like`` to :func:`to_flax_variables`, and put the result back with
+  ``nnx.replace_by_pure_dict`` + ``nnx.update`` (or :func:`update_nnx`). Layers are named after
+  attribute paths (``blocks/0/conv`` -> ``blocks_0_conv``). The model is not modified.
+
+  Raises:
+    TraceError: as :func:`from_flax`; a BatchNorm not on running averages, an active dropout.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  shape = _check_input(example_input)
+  for path, m in nnx.iter_graph(model):
+    if isinstance(m, nnx.BatchNorm) and not m.use_running_average:
+      raise TraceError(f"BatchNorm {_p(path)} normalises with batch statistics and updates its "
+                       "running averages (a mutable collection); call model.eval() first")
+    if isinstance(m, nnx.Dropout) and not m.deterministic and m.rate > 0:
+      raise TraceError(f"Dropout {_p(path)} is active and needs an RNG; call model.eval() first")
+  graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  variables = nnx_variables(model)
+  leaves = _flat_leaves(variables)
+
+  def fwd(v, x):
+    p = jax.tree_util.tree_map(lambda a: a, params)
+    st = jax.tree_util.tree_map(lambda a: a, stats)
+    nnx.replace_by_pure_dict(p, v["params"])
+    nnx.replace_by_pure_dict(st, v["batch_stats"])
+    return nnx.merge(graphdef, p, st, rest)(x, **call_kwargs)
+  return _trace(fwd, variables, leaves, shape, name or type(model).__name__.lower(),
+                count_relu, node_style, edge_style, init, ref_name, ref_fn)
+
+
+def nnx_variables(model) -> dict:
+  """``{'params': pure dict of nnx.Param, 'batch_stats': pure dict of nnx.BatchStat}``."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  _, params, stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  return {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
+
+
+def update_nnx(model, tree: Mapping) -> None:
+  """Writes ``tree`` (:func:`to_flax_variables` of an nnx trace) into ``model``'s variables."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  nnx.replace_by_pure_dict(params, tree["params"])
+  nnx.replace_by_pure_dict(stats, tree["batch_stats"])
+  nnx.update(model, params, stats)
+
+
+def _check_input(example_input) -> tuple:
   shape = tuple(np.shape(example_input))
   if len(shape) != 4:
     raise TraceError(f"example_input must be an NHWC image batch [B, H, W, C]; got shape "
@@ -731,18 +801,17 @@ def from_flax(module: nn.Module, variables: Mapping, example_input, *, name: str
   dtype = getattr(example_input, "dtype", np.float32)
   if dtype != jnp.float32:
     raise TraceError(f"example_input must be float32, got {dtype}")
-  if not isinstance(variables, Mapping) or "params" not in variables:
-    raise TraceError("variables must be a mapping with a 'params' collection (as returned by "
-                     "module.init)")
-  leaves = _flat_leaves(variables)
+  return shape
+
+
+def _trace(fwd, variables, leaves, shape, name, count_relu, node_style, edge_style, init,
+           ref_name, ref_fn):
+  """Traces ``fwd(variables, x)`` and derives the Arch (from_flax / from_nnx)."""
   for path, leaf in leaves.items():
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-      raise TraceError(f"variable {'/'.join(path)} is not an array ({type(leaf).__name__})")
+      raise TraceError(f"variable {_p(path)} is not an array ({type(leaf).__name__})")
   x_spec = jax.ShapeDtypeStruct(shape, jnp.float32)
   v_spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
-
-  def fwd(v, x):
-    return module.apply(v, x, **apply_kwargs)
   try:
     closed = jax.make_jaxpr(fwd)(v_spec, x_spec)
   except flax.errors.FlaxError as e:
@@ -777,12 +846,11 @@ def from_flax(module: nn.Module, variables: Mapping, example_input, *, name: str
   if not tr.ops or tr.ops[-1].output != out.tensor or tr.ops[-1].op != "dense":
     raise TraceError("the module's output must be the output of its last dense layer (the "
                      "classifier)")
-  unread = sorted("/".join(p) for p in flat_paths if p not in tr.read
+  unread = sorted(_p(p) for p in flat_paths if p not in tr.read
                   and p[0] in ("params", "batch_stats"))
   if unread:
     raise TraceError(f"variables never read by the forward pass (or read in a way the Arch does "
                      f"not describe): {unread}")
-  name = name or type(module).__name__.lower()
   arch, ours = _assemble(tr, out, shape, variables, leaves, name, ref_name or name, init,
                          node_style, edge_style)
   return arch, ours
@@ -903,7 +971,7 @@ def to_flax_variables(arch: Arch, variables: Mapping, like: Mapping) -> dict:
     node = out
     for k in path[:-1]:
       if k not in node:
-        raise ValueError(f"{arch.name}: 'like' has no {'/'.join(path)}")
+        raise ValueError(f"{arch.name}: 'like' has no {_p(path)}")
       node = node[k]
     node[path[-1]] = a
   return out
@@ -942,4 +1010,5 @@ def arch_from_factory(spec: str, num_classes: int) -> Arch:
   return arch
 
 
-__all__ = ["TraceError", "from_flax", "to_flax_variables", "graph_styles", "arch_from_factory"]
+__all__ = ["TraceError", "from_flax", "from_nnx", "to_flax_variables", "nnx_variables",
+           "update_nnx", "graph_styles", "arch_from_factory"]

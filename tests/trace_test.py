@@ -659,3 +659,73 @@ def test_batchnorm_variants():
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(v)
     np.testing.assert_allclose(back["batch_stats"]["n_b"]["var"], v["batch_stats"]["n_b"]["var"],
                                rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# flax.nnx
+# ---------------------------------------------------------------------------------------------
+def _nnx_net():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class NBlock(nnx.Module):
+
+    def __init__(self, cin, cout, stride, rngs):
+      self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, padding=1, use_bias=False,
+                            rngs=rngs)
+      self.bn1 = nnx.BatchNorm(cout, rngs=rngs)
+      self.conv2 = nnx.Conv(cout, cout, (3, 3), padding=1, use_bias=False, rngs=rngs)
+      self.bn2 = nnx.BatchNorm(cout, rngs=rngs)
+      if stride != 1 or cin != cout:
+        self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+        self.proj_bn = nnx.BatchNorm(cout, rngs=rngs)
+      else:
+        self.proj = self.proj_bn = None
+
+    def __call__(self, x):
+      y = nnx.relu(self.bn1(self.conv1(x)))
+      y = self.bn2(self.conv2(y))
+      if self.proj is not None:
+        x = self.proj_bn(self.proj(x))
+      return nnx.relu(x + y)
+
+  class NNet(nnx.Module):
+
+    def __init__(self, rngs):
+      self.stem = nnx.Conv(3, 8, (3, 3), padding=1, use_bias=False, rngs=rngs)
+      self.bn = nnx.BatchNorm(8, rngs=rngs)
+      self.blocks = nnx.List([NBlock(8, 8, 1, rngs), NBlock(8, 16, 2, rngs)])
+      self.drop = nnx.Dropout(0.5, rngs=rngs)
+      self.fc = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+      x = nnx.relu(self.bn(self.stem(x)))
+      for b in self.blocks:
+        x = b(x)
+      return self.fc(self.drop(x.mean((1, 2))))
+  return NNet(nnx.Rngs(0))
+
+
+def test_nnx_module():
+  from metaprune_jax import trace  # pylint: disable=g-import-not-at-top
+  m = _nnx_net()
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  with pytest.raises(TraceError, match="model.eval"):
+    trace.from_nnx(m, x)
+  m.eval()
+  trace.update_nnx(m, _randomize(trace.nnx_variables(m)))
+  before = _snapshot(trace.nnx_variables(m))
+  arch, ours = trace.from_nnx(m, x)
+  assert _same(trace.nnx_variables(m), before)
+  assert arch.layer("blocks_1_proj").shortcut and arch.layer("blocks_1_proj").ref == \
+      "blocks.1.proj"
+  np.testing.assert_allclose(cnn.apply_model(arch, ours, x), m(x), atol=1e-5, rtol=1e-5)
+  # pruned, materialised, written back: the tree has the pruned shapes under nnx's keys
+  res = pruning.prune_to_target(arch, ours, 1.5, (1, 3, 8, 8))
+  small, sv = masks_lib.materialize(arch, masks_lib.mask_variables(arch, ours, res.masks),
+                                    res.masks)
+  tree = to_flax_variables(small, sv, like=trace.nnx_variables(m))
+  assert tree["params"]["blocks"][1]["conv1"]["kernel"].shape == \
+      sv["params"]["blocks_1_conv1"]["kernel"].shape
+  # unpruned, it goes back into the model exactly
+  trace.update_nnx(m, to_flax_variables(arch, ours, like=trace.nnx_variables(m)))
+  assert _same(trace.nnx_variables(m), before)
