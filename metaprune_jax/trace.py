@@ -675,6 +675,8 @@ def _describe(name: str) -> str:
             "activation is relu)")
   if name in ("dot_general",):
     return " (attention)"
+  if "random" in name or "threefry" in name:
+    return " (random numbers: the inference forward pass must be deterministic)"
   return ""
 
 
