@@ -333,6 +333,10 @@ class _Tracer:
         raise TraceError(f"BatchNorm at {where0}: variable {_p(l)} has shape "
                          f"{self.leaf_values[l].shape}, expected ({c},)")
 
+    if np.any(vals[var] + e <= 0):
+      raise TraceError(f"the BatchNorm reading {desc} at {where0}: variance {_p(var)} + "
+                       f"epsilon {e:g} is not positive everywhere")
+
     def fits(assign):
       m = vals[assign["mean"]]
       s = vals[assign["scale"]] if assign.get("scale") else 1.0
@@ -359,7 +363,14 @@ class _Tracer:
                       (r == "scale" and l[-1] in ("weight", "gamma")) or
                       (r == "bias" and l[-1] == "beta")
                       for r, l in c_.items())]
-      candidates = named or candidates[:1]
+      if len(named) != 1:
+        opts = "; ".join(", ".join(f"{r}={_p(l)}" for r, l in sorted(c_.items()))
+                         for c_ in candidates)
+        raise TraceError(
+            f"the BatchNorm reading {desc} at {where0}: its variables' values do not tell which "
+            f"is which (equally consistent: {opts}), nor do their names. Trace it with trained "
+            "or random values, or name them scale/bias/mean/var")
+      candidates = named
     if not candidates:
       raise TraceError(
           f"a per-channel affine transform reading {desc} at {where0} does not compute "

@@ -732,3 +732,39 @@ def test_nnx_module():
   # unpruned, it goes back into the model exactly
   trace.update_nnx(m, to_flax_variables(arch, ours, like=trace.nnx_variables(m)))
   assert _same(trace.nnx_variables(m), before)
+
+
+class FoldedBNLayer(nn.Module):
+  """A BatchNorm folded into one multiply-add, with names that say nothing."""
+
+  @nn.compact
+  def __call__(self, x):
+    g = self.param("g", nn.initializers.ones, (4,))
+    b = self.param("b", nn.initializers.zeros, (4,))
+    m = self.variable("batch_stats", "m", jnp.zeros, (4,)).value
+    v = self.variable("batch_stats", "v", jnp.ones, (4,)).value
+    a = g * jax.lax.rsqrt(v + 1e-5)
+    return x * a + (b - m * a)
+
+
+class FoldedBN(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), padding=1, use_bias=False, name="a")(x)
+    return _head(nn.relu(FoldedBNLayer(name="fbn")(x)))
+
+
+def test_folded_batchnorm_roles_from_values_never_guessed():
+  m = FoldedBN()
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  v = m.init(KEY, x)
+  with pytest.raises(TraceError, match="do not tell which is which"):
+    from_flax(m, v, x)  # fresh values: mean 0 = bias 0, nothing to tell them apart
+  v = _randomize(v)
+  v["batch_stats"]["fbn"]["v"] = jnp.abs(v["batch_stats"]["fbn"]["v"]) + 0.5
+  arch, ours = from_flax(m, v, x)
+  np.testing.assert_allclose(cnn.apply_model(arch, ours, x), m.apply(v, x), atol=1e-5, rtol=1e-5)
+  assert ours["params"]["fbn"]["scale"] is v["params"]["fbn"]["g"]
+  assert ours["params"]["fbn"]["bias"] is v["params"]["fbn"]["b"]
+  assert ours["batch_stats"]["fbn"]["mean"] is v["batch_stats"]["fbn"]["m"]
