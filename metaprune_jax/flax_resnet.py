@@ -73,7 +73,8 @@ class ResNet(nn.Module):
 
 
 def torchvision_ref(path: tuple) -> str:
-  """Module path -> torchvision name: ``('layer1_0', 'downsample_0')`` -> ``layer1.0.downsample.0``."""
+  """Module path -> torchvision name (``('layer1_0', 'downsample_0')`` ->
+  ``layer1.0.downsample.0``)."""
   parts = [re.sub(r"^(layer\d+|downsample)_(\d+)$", r"\1.\2", p) for p in path]
   return ".".join(parts)
 

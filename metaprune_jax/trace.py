@@ -111,7 +111,6 @@ class _Act:
   flat: bool = False  # a [B, C] tensor of the Arch (after gap/dense), whatever its shape here
 
 
-_NOOP_UNARY = ("copy", "copy_p", "optimization_barrier")
 _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
           "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
           "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
@@ -807,7 +806,7 @@ def update_nnx(model, tree: Mapping) -> None:
 
 
 def _check_input(example_input) -> tuple:
-  shape = tuple(np.shape(example_input))
+  shape = tuple(getattr(example_input, "shape", None) or np.shape(example_input))
   if len(shape) != 4:
     raise TraceError(f"example_input must be an NHWC image batch [B, H, W, C]; got shape "
                      f"{shape}")
