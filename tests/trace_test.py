@@ -768,3 +768,144 @@ def test_folded_batchnorm_roles_from_values_never_guessed():
   assert ours["params"]["fbn"]["scale"] is v["params"]["fbn"]["g"]
   assert ours["params"]["fbn"]["bias"] is v["params"]["fbn"]["b"]
   assert ours["batch_stats"]["fbn"]["mean"] is v["batch_stats"]["fbn"]["m"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The zoo again, from independent plain-flax modules written like the reference's PyTorch ones
+# ---------------------------------------------------------------------------------------------
+def _torch_ref(path):
+  import re  # pylint: disable=g-import-not-at-top
+  return ".".join(re.sub(r"^(layer\d+|downsample|block\d+)_(\d+)$", r"\1.\2", p) for p in path)
+
+
+def _bn(name):
+  return nn.BatchNorm(use_running_average=True, epsilon=1e-5, name=name)
+
+
+class CifarBlock(nn.Module):
+  planes: int
+  stride: int
+  project: bool
+
+  @nn.compact
+  def __call__(self, x):
+    out = nn.relu(_bn("bn1")(nn.Conv(self.planes, (3, 3), self.stride, padding=1,
+                                     use_bias=False, name="conv1")(x)))
+    out = _bn("bn2")(nn.Conv(self.planes, (3, 3), padding=1, use_bias=False, name="conv2")(out))
+    if self.project:
+      x = _bn("downsample_1")(nn.Conv(self.planes, (1, 1), self.stride, use_bias=False,
+                                      name="downsample_0")(x))
+    return nn.relu(out + x)
+
+
+class CifarResNet(nn.Module):
+  depth: int
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    n = (self.depth - 2) // 6
+    x = nn.relu(_bn("bn1")(nn.Conv(16, (3, 3), padding=1, use_bias=False, name="conv1")(x)))
+    inp = 16
+    for i, planes in enumerate((16, 32, 64)):
+      for j in range(n):
+        stride = 2 if i > 0 and j == 0 else 1
+        x = CifarBlock(planes, stride, inp != planes, name=f"layer{i + 1}_{j}")(x)
+        inp = planes
+    return nn.Dense(self.num_classes, name="fc")(jnp.mean(x, axis=(1, 2)))
+
+
+class Bottleneck(nn.Module):
+  planes: int
+  stride: int
+  project: bool
+
+  @nn.compact
+  def __call__(self, x):
+    out = nn.relu(_bn("bn1")(nn.Conv(self.planes, (1, 1), use_bias=False, name="conv1")(x)))
+    out = nn.relu(_bn("bn2")(nn.Conv(self.planes, (3, 3), self.stride, padding=1,
+                                     use_bias=False, name="conv2")(out)))
+    out = _bn("bn3")(nn.Conv(self.planes * 4, (1, 1), use_bias=False, name="conv3")(out))
+    if self.project:
+      x = _bn("downsample_1")(nn.Conv(self.planes * 4, (1, 1), self.stride, use_bias=False,
+                                      name="downsample_0")(x))
+    return nn.relu(out + x)
+
+
+class BottleneckResNet(nn.Module):
+  blocks: Sequence[int]
+  num_classes: int = 10
+  width_mult: float = 1.0
+
+  @nn.compact
+  def __call__(self, x):
+    planes = [max(1, int(round(p * self.width_mult))) for p in (64, 128, 256, 512)]
+    x = nn.relu(_bn("bn1")(nn.Conv(planes[0], (7, 7), 2, padding=3, use_bias=False,
+                                   name="conv1")(x)))
+    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    for i, nb in enumerate(self.blocks):
+      for j in range(nb):
+        x = Bottleneck(planes[i], 2 if i > 0 and j == 0 else 1, j == 0,
+                       name=f"layer{i + 1}_{j}")(x)
+    return nn.Dense(self.num_classes, name="fc")(jnp.mean(x, axis=(1, 2)))
+
+
+class VGG19(nn.Module):
+  width: int = 8  # every conv's channels (the structure is what is compared)
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    for bi, n in enumerate((2, 2, 4, 4, 4)):
+      for j in range(n):
+        x = nn.Conv(self.width, (3, 3), padding=1, name=f"block{bi}_{3 * j}")(x)
+        x = nn.relu(_bn(f"block{bi}_{3 * j + 1}")(x))
+      if bi < 3:
+        x = nn.max_pool(x, (2, 2), (2, 2))
+    return nn.Dense(self.num_classes, name="classifier")(jnp.mean(x, axis=(1, 2)))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet56", "vgg19", "resnet26", "resnet50"])
+def test_zoo_equals_trace_of_an_independent_flax_module(name):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from metaprune_jax import graph  # pylint: disable=g-import-not-at-top
+  from metaprune_jax import zoo  # pylint: disable=g-import-not-at-top
+  a = zoo.get_arch(name, 10, width_mult=0.125) if name == "resnet26" else _zoo(name)
+  if name in ("resnet20", "resnet56"):
+    m = CifarResNet(int(name[6:]))
+  elif name == "vgg19":
+    m = VGG19()
+  else:
+    m = BottleneckResNet((2, 2, 2, 2) if name == "resnet26" else (3, 4, 6, 3), 10, 0.125)
+  x = jnp.zeros((1, 32, 32, 3))
+  v = _randomize(jax.jit(m.init)(KEY, x))
+  t, ours = from_flax(m, v, x, name=a.name, ref_name=a.ref_name, ref_fn=_torch_ref,
+                      init=a.init)
+  ren = {}
+  for l1, l2 in zip(a.layers, t.layers):
+    for s1, s2 in ((l1.in_space, l2.in_space), (l1.out_space, l2.out_space)):
+      if s1 is not None:
+        assert ren.setdefault(s2, s1) == s1
+  assert len(set(ren.values())) == len(ren) == len(a.widths)
+  # the same layers, PyTorch names included, and the same ops (ReLU MAC counting aside)
+  assert [dataclasses.replace(l, in_space=ren.get(l.in_space), out_space=ren[l.out_space])
+          for l in t.layers] == list(a.layers)
+  assert [dataclasses.replace(o, counted=False) for o in t.ops] == \
+      [dataclasses.replace(o, counted=False) for o in a.ops]
+  assert (t.node_style, t.edge_style) == (a.node_style, a.edge_style)
+  counted = dataclasses.replace(a, ops=tuple(dataclasses.replace(o, counted=True)
+                                             for o in a.ops))
+  assert macs.count_macs(t) == macs.count_macs(counted)
+  assert [(ren[g.space], g.root, [m_.layer for m_ in g.members])
+          for g in groups.pruning_groups(t)] == \
+      [(g.space, g.root, [m_.layer for m_ in g.members]) for g in groups.pruning_groups(a)]
+  # ours in the zoo's arch: the same graph, bit for bit, as ours in the traced arch
+  renamed = dataclasses.replace(
+      t, layers=tuple(dataclasses.replace(l, in_space=ren.get(l.in_space),
+                                          out_space=ren[l.out_space]) for l in t.layers),
+      widths=tuple((ren[s], w) for s, w in t.widths))
+  g1, g2 = graph.to_graph(t, ours), graph.to_graph(a.with_widths(renamed.width_map), ours)
+  for f1, f2 in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+    np.testing.assert_array_equal(np.asarray(f1), np.asarray(f2))
+  xr = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
+  np.testing.assert_allclose(cnn.apply_model(a, ours, xr), m.apply(v, xr), atol=1e-4, rtol=1e-4)
