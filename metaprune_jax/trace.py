@@ -620,8 +620,10 @@ class _Tracer:
     act = self.flush(act, where)
     axes = tuple(sorted(eqn.params["axes"]))
     if len(act.shape) != 4 or axes != (1, 2) or act.flat:
-      raise TraceError(f"a sum over axes {axes} of a {act.shape} tensor at {where}; only a "
-                       "mean over the spatial axes (global average pooling) is supported")
+      what = (" (a normalisation or softmax over channels: LayerNorm, GroupNorm, ...)"
+              if len(act.shape) - 1 in axes else "")
+      raise TraceError(f"a sum over axes {axes} of a {act.shape} tensor{what} at {where}; only "
+                       "a mean over the spatial axes (global average pooling) is supported")
     return _Act(act.tensor, act.space, tuple(eqn.outvars[0].aval.shape),
                 pool=act.shape[1] * act.shape[2])
 

@@ -248,6 +248,15 @@ def test_masked_equals_materialized_and_pruning(net):
   cut, _ = macs.count_macs(small, (1, 3, hw, hw))
   assert full / cut >= 1.5
   assert groups.group_importance(arch, ours)
+  if net == "resnet":  # adaptive pruning against the full network's predictions
+    ref = jnp.argmax(cnn.apply_model(arch, ours, x), -1)
+
+    def agreement(mk):
+      y = cnn.apply_model(arch, masks_lib.mask_variables(arch, ours, mk), x, masks=mk)
+      return float(jnp.mean(jnp.argmax(y, -1) == ref))
+    mk, speed_up, history = pruning.adaptive_prune(arch, ours, agreement, 0.5, (1, 3, hw, hw),
+                                                   max_speed_up=2.0, steps=20)
+    assert speed_up > 1.0 and history and agreement(mk) >= 0.5
 
 
 def test_to_flax_variables_round_trip():
@@ -909,3 +918,24 @@ def test_zoo_equals_trace_of_an_independent_flax_module(name):
     np.testing.assert_array_equal(np.asarray(f1), np.asarray(f2))
   xr = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
   np.testing.assert_allclose(cnn.apply_model(a, ours, xr), m.apply(v, xr), atol=1e-4, rtol=1e-4)
+
+
+class GroupNormNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return _head(nn.GroupNorm(num_groups=2, name="gn")(nn.Conv(4, (3, 3), name="a")(x)))
+
+
+class LayerNormNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return _head(nn.LayerNorm(name="ln")(nn.Conv(4, (3, 3), name="a")(x)))
+
+
+def test_other_normalisations_named():
+  for cls, words in ((GroupNormNet, "channel-mixing reshape .* module gn"),
+                     (LayerNormNet, "operation .square. .* module ln")):
+    m = cls()
+    x, v = _setup(m, hw=8)
+    with pytest.raises(TraceError, match=words):
+      from_flax(m, v, x)
