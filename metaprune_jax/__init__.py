@@ -54,6 +54,14 @@ _LAZY = {
   "metanet_epochs": ("meta_modes", "metanet_epochs"),
   # The final network (issue 8).
   "load_pruned": ("prune_mode", "load_pruned"),
+  # Your own Flax network: the architecture description derived by tracing.
+  "from_flax": ("trace", "from_flax"),
+  "to_flax_variables": ("trace", "to_flax_variables"),
+  "from_nnx": ("trace", "from_nnx"),
+  "nnx_variables": ("trace", "nnx_variables"),
+  "update_nnx": ("trace", "update_nnx"),
+  "TraceError": ("trace", "TraceError"),
+  "arch_from_factory": ("trace", "arch_from_factory"),
 }
 
 # Submodules reachable as `metaprune_jax.<name>` without an import statement (as before the
@@ -63,6 +71,7 @@ _SUBMODULES = frozenset((
   "groups", "host_memory", "macs", "masks", "meta_modes", "metanet", "metanet_blocks",
   "metatrain", "metric_writers", "modes", "optim", "pipeline", "prune_mode", "pruning",
   "reference", "sharding", "state", "steps", "train", "version", "visualize", "xla_hints", "zoo",
+  "trace", "flax_resnet",
 ))
 
 __all__ = [

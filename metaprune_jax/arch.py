@@ -100,11 +100,17 @@ class Arch:
     widths: ``((space, width), ...)``: channel count of every space, ``input`` and ``classes``
       included. Use :meth:`width` / :attr:`width_map`.
     node_style: ``"resnet"`` (8 node-feature columns: bn, downsample bn) or ``"vgg"`` (5: bn,
-      conv bias), docs/design.md section 3.
+      conv bias), docs/design.md section 3; ``"full"`` (9: bn, downsample bn, conv/dense bias)
+      for traced networks that need both.
     edge_style: ``"single"`` (every edge a 3x3 slice, 1x1 at the centre, dense identity blocks)
       or ``"multi"`` (edge kinds by kernel area, diagonal reversed identity edges).
     init: ``"resnet"`` (kaiming fan-out convs, PyTorch-default Linear) or ``"vgg"``
       (N(0, sqrt(2/(k*k*out))) convs with zero bias, N(0, 0.01) Linear with zero bias).
+    origin: for a traced network (:func:`metaprune_jax.trace.from_flax`), where each of our
+      variable leaves lives in the user's tree: ``((collection, layer, leaf, user_path,
+      shift), ...)``; ``user_path`` is a tuple of keys (empty: a leaf the user's module lacks)
+      and ``shift`` a constant added to it (BatchNorm variances at another epsilon). Empty for
+      the zoo; left out of :meth:`to_json` when empty.
   """
 
   name: str
@@ -116,6 +122,7 @@ class Arch:
   node_style: str = "resnet"
   edge_style: str = "single"
   init: str = "resnet"
+  origin: tuple = ()
 
   # An Arch is a static argument and a cache key everywhere (jit, lru_cache): its hash, a walk
   # over every layer and op, was ~1 ms of each ResNet-50 from_graph call. Computed once per
@@ -242,7 +249,10 @@ class Arch:
 
   # ----------------------------------------------------------------------------------------
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self))
+    d = dataclasses.asdict(self)
+    if not d["origin"]:
+      del d["origin"]
+    return json.dumps(d)
 
   @classmethod
   def from_json(cls, text: str) -> "Arch":
@@ -250,6 +260,7 @@ class Arch:
     d["layers"] = tuple(Layer(**l) for l in d["layers"])
     d["ops"] = tuple(Op(**{**o, "inputs": tuple(o["inputs"])}) for o in d["ops"])
     d["widths"] = tuple((s, int(n)) for s, n in d["widths"])
+    d["origin"] = tuple((c, l, f, tuple(p), float(sh)) for c, l, f, p, sh in d.get("origin", ()))
     return cls(**d)
 
 

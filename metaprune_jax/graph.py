@@ -185,7 +185,7 @@ def edge_kinds(arch: Arch) -> tuple:
 
 
 def node_dim(arch: Arch) -> int:
-  return 8 if arch.node_style == "resnet" else 5
+  return {"resnet": 8, "vgg": 5, "full": 9}[arch.node_style]
 
 
 def _trace(arch: Arch):
@@ -301,6 +301,8 @@ def _build_layout(arch, keep, pad_to) -> GraphLayout:
     g = np.empty((c, dn), np.int64)
     if arch.node_style == "resnet":
       g[:] = [one, zero, zero, one, one, zero, zero, one]
+    elif arch.node_style == "full":  # traced networks with conv biases and shortcut BNs
+      g[:] = [one, zero, zero, one, one, zero, zero, one, zero]
     else:
       g[:] = [one, zero, zero, one, zero]
     s = np.full((c, dn), nowrite, np.int64)
@@ -313,14 +315,14 @@ def _build_layout(arch, keep, pad_to) -> GraphLayout:
       for col, key in enumerate([(b, "scale"), (b, "bias"), (b, "mean"), (b, "var")]):
         put(col, key)
     if ns["ds_bn"] is not None:
-      if arch.node_style != "resnet":
+      if arch.node_style == "vgg":
         raise ValueError(f"{arch.name}: VGG-style node features have no downsample columns")
       b = ns["ds_bn"]
       for col, key in enumerate([(b, "scale"), (b, "bias"), (b, "mean"), (b, "var")]):
         put(4 + col, key)
     if ns["bias"] is not None:
       is_class = layers[ns["bias"]].kind == "dense"
-      col = (1 if is_class else None) if arch.node_style == "resnet" else 4
+      col = {"resnet": 1 if is_class else None, "vgg": 4, "full": 8}[arch.node_style]
       if col is None:
         raise ValueError(f"{arch.name}: ResNet-style node features have no conv-bias column "
                          f"({layers[ns['bias']].ref})")

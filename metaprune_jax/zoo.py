@@ -37,7 +37,9 @@ def get_arch(name: str, num_classes: int, widths: Mapping[str, int] | None = Non
 
   Args:
     name: a zoo name, any case (``resnet20/32/56/110``, ``resnet8``/``resnet_tiny``, ``vgg19``,
-      ``resnet50``, ``resnet26``) or a reference name (``VGG19``).
+      ``resnet50``, ``resnet26``, ``resnet18/34``), a reference name (``VGG19``), or
+      ``"package.module:factory"``: a flax module traced by
+      :func:`metaprune_jax.trace.arch_from_factory`.
     num_classes: number of classes.
     widths: optional per-space widths (see the module docstring).
     **kw: builder options (``width_mult`` for CIFAR ResNets, ``input_size`` for VGG).
@@ -45,6 +47,10 @@ def get_arch(name: str, num_classes: int, widths: Mapping[str, int] | None = Non
   Raises:
     ValueError: unknown name (the message lists the known ones) or widths that do not fit.
   """
+  if ":" in name:  # "package.module:factory": a flax module, traced (metaprune_jax.trace)
+    from metaprune_jax import trace  # pylint: disable=g-import-not-at-top
+    arch = trace.arch_from_factory(name, num_classes, **kw)
+    return (arch.with_widths(widths) if widths else arch).validate()
   key = name.lower()
   if key not in _REGISTRY:
     raise ValueError(f"unknown architecture {name!r}; known: {', '.join(names())}")
@@ -175,3 +181,17 @@ def resnet50(num_classes: int = 1000, width_mult: float = 1.0) -> Arch:
 @register("resnet26")
 def resnet26(num_classes: int = 10, width_mult: float = 1.0) -> Arch:
   return bottleneck_resnet((2, 2, 2, 2), num_classes, "resnet26", "resnet26", width_mult)
+
+
+# --------------------------------------------------------------------------------------------
+# Traced from a plain flax.linen module (metaprune_jax.flax_resnet), not written op by op.
+def _traced_resnet(name):
+  def build(num_classes: int = 1000, width_mult: float = 1.0) -> Arch:
+    from metaprune_jax import flax_resnet  # pylint: disable=g-import-not-at-top
+    return flax_resnet.traced_arch(name, num_classes, width_mult)
+  build.__doc__ = f"torchvision {name} (basic blocks), traced from flax_resnet.ResNet."
+  return build
+
+
+for _n in ("resnet18", "resnet34"):
+  register(_n)(_traced_resnet(_n))
