@@ -413,7 +413,8 @@ def prune(config, workdir: str) -> dict:
     if kind == "metanet+finetune":
       vt = metanet_lib.transform(mc, phi, small, v, reference_compat=compat)
       rec2.update(metanet_epoch=mn_epoch, accuracy_metanet_output=small_test(vt)["accuracy"],
-                  val_accuracy_metanet_output=small_val(vt)["accuracy"])
+                  val_accuracy_metanet_output=small_val(vt)["accuracy"],
+                  importance_metanet_output=importance_shares(small, vt))
     ft = train_lib.fit(pipeline.with_keep(config.finetune_after_metanet, "last"), small, vt,
                        None, dataset, d2, seed=seed, config=config,
                        signature={"stage": "transform", "kind": kind},
