@@ -123,16 +123,15 @@ _THIS_FILE = os.path.abspath(__file__)
 
 def _where(eqn, prefix: str) -> str:
   """``"<file>:<line>, module <path>"`` of a jaxpr equation (the user's frame)."""
-  from jax._src import source_info_util  # pylint: disable=g-import-not-at-top
   line = "unknown line"
-  try:
-    skip = (os.path.dirname(flax.__file__), os.path.dirname(jax.__file__), _THIS_FILE)
-    for f in source_info_util.user_frames(eqn.source_info.traceback):
-      if not os.path.abspath(f.file_name).startswith(skip):
-        line = f"{f.file_name}:{f.start_line}"
-        break
-  except Exception:  # pylint: disable=broad-except
-    pass
+  skip = (os.path.dirname(flax.__file__), os.path.dirname(jax.__file__), _THIS_FILE)
+  traceback = eqn.source_info.traceback  # jaxlib's Traceback (public: .frames), or None
+  for f in (traceback.frames if traceback is not None else ()):
+    name = os.path.abspath(f.file_name)
+    # the first frame outside jax, flax and this module, skipping the tracer's own python frames
+    if not name.startswith(skip) and "site-packages" not in name and not name.startswith("<"):
+      line = f"{f.file_name}:{f.line_num}"
+      break
   stack = "/".join(s for s in (prefix, str(eqn.source_info.name_stack)) if s)
   path = "/".join(stack.split("/")[1:]) or "(top level)"
   return f"{line}, module {path}"
