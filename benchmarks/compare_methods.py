@@ -52,7 +52,7 @@ _TARGETS = flags.DEFINE_list("targets", ["3.0", "6.0", "10.0"], "Overall MACs sp
 _METHODS = flags.DEFINE_list("methods", ["metanet", "group_l2", "sl", "random"], "Methods.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
 _CONFIG = flags.DEFINE_string("config", os.path.join(ROOT, "configs", "digits.py"),
-                              "Config file (the shipped recipe by default).")
+                              "Config file, or file:arg (the shipped recipe by default).")
 _REUSE = flags.DEFINE_string("reuse", "", "A folder whose seed_<s>/ hold finished pretrain runs "
                              "and data models of the same settings, to reuse.")
 _CURVE_MAX = flags.DEFINE_float("curve_max", 0.0, "No-finetune curves stop at this speed-up "
@@ -63,11 +63,14 @@ _PLOT = flags.DEFINE_bool("plot", True, "Write compare.png.")
 
 
 def load_config(path: str):
-  """``get_config()`` of a config file given by path."""
+  """``get_config(arg)`` of a config file given as ``path`` or ``path:arg``."""
+  arg = None
+  if ":" in path and not os.path.exists(path):
+    path, arg = path.rsplit(":", 1)
   spec = importlib.util.spec_from_file_location("_compare_config", os.path.abspath(path))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config()
+  return mod.get_config(arg)
 
 
 def smoke(config):

@@ -3,8 +3,8 @@ r"""The meta-training recipe search, on validation and on seeds the final compar
   python benchmarks/recipe_search.py --out=/tmp/recipes --seeds=100 \
       --recipes=v1_ref_long,v2_balanced,v3_strong --targets=3.0,6.0,10.0
 
-Each recipe is a config file in ``benchmarks/recipes/`` (``configs/digits.py`` plus the
-overrides its docstring states). For every search seed the base network and the data models are
+Each recipe is a key of ``benchmarks/recipes.py`` (``configs/digits.py`` plus the overrides
+written there). For every search seed the base network and the data models are
 made once (``<out>/shared/seed_<s>``, reused by every recipe), then
 ``benchmarks/compare_methods.py``'s ``run`` compares the recipe's metanetwork against the
 baselines (``group_l2``, ``sl``, ``random``, run once with the shared settings) through the same
@@ -34,13 +34,13 @@ import compare_methods  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # --out, --seeds (search seeds: never the final run's 0-4) and --targets are compare_methods'.
 _OUT, _SEEDS, _TARGETS = compare_methods._OUT, compare_methods._SEEDS, compare_methods._TARGETS  # pylint: disable=protected-access
-_RECIPES = flags.DEFINE_list("recipes", ["v0_shipped", "v1_ref_long", "v2_balanced",
-                                         "v3_strong"], "Recipe files in benchmarks/recipes/.")
+_RECIPES = flags.DEFINE_list("recipes", ["v2_balanced", "v5_early_decay", "v4_gentle",
+                                         "v1_ref_long"], "Keys of benchmarks/recipes.py.")
 _BASELINES = flags.DEFINE_list("baselines", ["group_l2", "sl", "random"], "Baselines.")
 
 
 def _recipe(name):
-  return compare_methods.load_config(os.path.join(ROOT, "benchmarks", "recipes", f"{name}.py"))
+  return compare_methods.load_config(os.path.join(ROOT, "benchmarks", "recipes.py") + f":{name}")
 
 
 def summarise(rows: dict) -> dict:
