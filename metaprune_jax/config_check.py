@@ -131,17 +131,19 @@ def check_config(config, *, num_devices: int | None = None,
         if key in section and (not _is_int(section[key]) or section[key] < 0):
           raise ConfigError(f"{path}.{key}", section[key], "must be an integer >= 0")
 
-  for field in ("meta_train.batches_per_model", "meta_train.chunk_size",
+  for field in ("meta_train.chunk_size",
                 "meta_train.eval_batch_size", "visualize.steps", "visualize.eval_batch_size",
                 "prune.steps", "prune.latency_batch", "prune.latency_runs",
                 "generate.num_models"):
     value = _get(config, field)
     if value is not None:
       _positive(field, value)
-  for field in ("meta_train.models_per_step", "meta_train.val_batches"):
+  for field in ("meta_train.models_per_step", "meta_train.val_batches",
+                "meta_train.batches_per_model"):
     value = _get(config, field)
     if value is not None and (not _is_int(value) or value < 0):
-      raise ConfigError(field, value, "must be an integer >= 0 (0: the default)")
+      raise ConfigError(field, value, "must be an integer >= 0 (0: the default; "
+                        "batches_per_model 0: the whole training split)")
 
   for section in ("meta_train", "visualize", "prune"):
     value = _get(config, f"{section}.normalizer")

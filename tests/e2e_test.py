@@ -56,7 +56,7 @@ class EndToEndTest(absltest.TestCase):
                    capture_output=True)
     self.assertTrue(os.path.exists(os.path.join(full, "pretrain.json")))
     _, arch, ref, ref_step = train.load_run(full)
-    self.assertEqual(ref_step, 3 * 89)
+    self.assertEqual(ref_step, 3 * 71)
 
     # SIGKILL mid-run, then SIGTERM during the resumed run (a last save, exit 143), then finish.
     workdir = os.path.join(tmp, "interrupted")
