@@ -1,7 +1,6 @@
 """benchmarks/compare_methods.py at its smallest settings: the schema external checks read, and
 its bad-input errors (nothing written)."""
 
-import hashlib
 import os
 import shutil
 import sys
@@ -14,15 +13,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(_ROOT, "benchmarks"))
 
 import compare_methods  # noqa: E402  pylint: disable=g-import-not-at-top
-
-
-def _snapshot(root):
-  out = {}
-  for d, _, files in os.walk(root):
-    for f in files:
-      with open(os.path.join(d, f), "rb") as fh:
-        out[os.path.relpath(os.path.join(d, f), root)] = hashlib.sha1(fh.read()).hexdigest()
-  return out
+from _files import snapshot as _snapshot  # noqa: E402
 
 
 @pytest.mark.xdist_group("CompareMethodsTest")

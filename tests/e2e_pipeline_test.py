@@ -6,7 +6,6 @@ check the report, the saved materialised network, resuming, and the bad-input er
 which must leave every existing file as it was).
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,8 @@ from metaprune_jax import pipeline
 from metaprune_jax import prune_mode
 from metaprune_jax import reference
 from metaprune_jax import zoo
+
+from _files import snapshot as _snapshot
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,17 +66,6 @@ def tiny_config() -> ml_collections.ConfigDict:
   c.prune.latency_runs = 2
   c.lock()
   return c
-
-
-def _snapshot(root):
-  """{relative path: sha1} of every file under root."""
-  out = {}
-  for d, _, files in os.walk(root):
-    for f in files:
-      p = os.path.join(d, f)
-      with open(p, "rb") as fh:
-        out[os.path.relpath(p, root)] = hashlib.sha1(fh.read()).hexdigest()
-  return out
 
 
 @pytest.mark.xdist_group("PipelineTest")
