@@ -64,6 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.metanet.hidden = 16
   config.metanet.node_res_ratio = 0.01
   config.metanet.edge_res_ratio = 0.01
+  # matmul precision (metanet.matmul_precision): 'highest' where parity with the reference is
+  # checked, 'default' (the backend's: bfloat16/TF32 passes on TPUs and TF32 GPUs) otherwise
+  config.metanet.precision = "default"
 
   # ---- meta_train (DESIGN.md section 5) ----
   config.metanet_dir = ""  # another run's workdir holding meta_train/ ('' = this one)

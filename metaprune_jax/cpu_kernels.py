@@ -20,7 +20,8 @@ CPU kind): ``$METAPRUNE_JAX_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/metaprune_jax
 so concurrent processes (test workers, hosts of one job) never load a partial file.
 
 Everything else keeps XLA: the GPU/TPU path is the XLA path of ``metanet_blocks``, and so is
-the CPU path when the kernels are off (``METAPRUNE_JAX_CPU_KERNELS=0``) or cannot be built (no
+the CPU path when the kernels are off (``METAPRUNE_JAX_CPU_KERNELS=0``, or all XLA:CPU settings
+off with ``METAPRUNE_JAX_BACKEND_TUNING=none``: see ``xla_hints``) or cannot be built (no
 C++ compiler: one warning, then XLA). The two paths compute the same maths in float32 with
 sums in different orders (tests check the kernels against a direct statement of the maths and
 the XLA path). The kernels run vmapped (meta-training's lanes: every operand then has the lane
@@ -43,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+
+from metaprune_jax import xla_hints
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "grid_cpu.cc")
 _LFWD, _LFWD_NO_COUNTS, _LBWD = ("metaprune_layer_fwd", "metaprune_layer_fwd_no_counts",
@@ -132,9 +135,10 @@ def available() -> bool:
 def use_for(*arrays) -> bool:
   """Whether ``metanet_blocks`` runs its grid groups here: the kernels are available, the
   default backend is the CPU (a jit then compiles for the CPU; on a GPU/TPU host the XLA path
-  runs) and every operand is float32."""
-  return (jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays)
-          and available())
+  runs), the XLA:CPU settings are on (``xla_hints.cpu_tuning``: not with
+  ``METAPRUNE_JAX_BACKEND_TUNING=none``) and every operand is float32."""
+  return (jax.default_backend() == "cpu" and xla_hints.cpu_tuning("cpu")
+          and all(a.dtype == jnp.float32 for a in arrays) and available())
 
 
 def _check_f32(name, arrays):
