@@ -41,6 +41,7 @@ from metaprune_jax import checkpoint as ckpt_lib
 from metaprune_jax import cnn
 from metaprune_jax import data as data_lib
 from metaprune_jax import groups as groups_lib
+from metaprune_jax import inference
 from metaprune_jax import macs as macs_lib
 from metaprune_jax import masks as masks_lib
 from metaprune_jax import meta_modes
@@ -97,8 +98,19 @@ def max_speed_up(arch: Arch, shape) -> float:
   return base / least
 
 
-def inference_seconds(arch: Arch, variables, image_hw, batch: int = 128, runs: int = 20) -> float:
-  """Median wall-clock seconds of one jitted eval-mode forward pass at ``batch`` images."""
+def inference_seconds(arch: Arch, variables, image_hw, batch: int = 128, runs: int = 20,
+                      fold: bool = True) -> float:
+  """Median wall-clock seconds of one jitted eval-mode forward pass at ``batch`` images.
+
+  With ``fold`` (the default) the network is timed in its inference form, BatchNorm folded into
+  the convolutions (``inference.fold_batchnorm``; networks without a foldable BatchNorm are timed
+  as they are), as ``benchmarks/pruning.py`` times it.
+  """
+  if fold:
+    try:
+      arch, variables = inference.fold_batchnorm(arch, variables)
+    except ValueError:  # nothing to fold, or a BatchNorm not after a conv: time it as it is
+      pass
   fn = jax.jit(lambda v, x: cnn.apply_model(arch, v, x),
                compiler_options=xla_hints.conv_compiler_options())
   v = jax.device_put({"params": variables["params"], "batch_stats": variables["batch_stats"]})
@@ -151,7 +163,7 @@ def _table(report: dict) -> str:
           ("inference speed-up (wall clock)",
            f"{report['inference_speed_up']:.3f}x (batch {report['latency_batch']}: "
            f"{report['base_latency_ms']:.3f} ms -> {report['latency_ms']:.3f} ms, "
-           f"{report['device']})")]
+           f"{report['device']}, BatchNorm folded)")]
   for name, st in report["stages"].items():
     if "accuracy" in st:
       rows.append((f"  stage {name}", f"accuracy {st['accuracy']:.4f}" +
@@ -307,11 +319,15 @@ def prune(config, workdir: str) -> dict:
       "mac_input_shape": list(shape), "widths": dict(final_arch.widths),
       "inference_speed_up": t_base / t_final, "base_latency_ms": 1e3 * t_base,
       "latency_ms": 1e3 * t_final, "latency_batch": batch, "latency_runs": runs,
+      "inference_form": "BatchNorm folded into the convolutions (fold_batchnorm), both networks",
       "device": f"{d.platform}:{getattr(d, 'device_kind', '')} x{jax.device_count()}",
       "metanet_epoch": st.get("metanet", {}).get("epoch"),
       "stages": {k: {kk: vv for kk, vv in r.items() if kk != "keep"} for k, r in st.items()},
       "saved": {"orbax": os.path.join(out, "final"),
-                "state_dict_npz": os.path.join(out, "final_state_dict.npz")},
+                "state_dict_npz": os.path.join(out, "final_state_dict.npz"),
+                # the saved network keeps its BatchNorm layers (trainable, reference layout)
+                "fast_form": "metaprune_jax.inference.fold_batchnorm("
+                             "*metaprune_jax.prune_mode.load_pruned(workdir))"},
   }
   # every process takes part in the Orbax save (it writes from process 0)
   save_pruned(os.path.join(out, "final"), final_arch, final_vars,
