@@ -8,6 +8,8 @@ when the backend that runs the program is the CPU, and GPUs and TPUs run plain J
 setting                        lives in / decided by           CPU backend / other backends
 =============================  ==============================  ==================================
 convolution VJP                :func:`conv2d` here             hand-written / ``lax`` conv's own
+narrow-conv inference kernel   :func:`conv2d` asks             C++ direct conv / ``lax`` conv
+                               ``cpu_kernels.conv_use_for``
 materialise by division        :func:`materialize`,            ``y / ones`` / identity
                                :func:`materialize_cotangent`
 conv compiler options          :func:`conv_compiler_options`   no YNNPACK convs / ``{}``
@@ -298,7 +300,18 @@ def _conv2d_cpu(x, w, strides, padding):
   feature axis. XLA:CPU rewrites its own weight-gradient convolution into that form only
   outside loops; inside a ``lax.scan``/``while`` body (meta-training over many data batches)
   it falls back to a direct convolution that was ~20x slower (ResNet-20, 4 scanned batches of
-  10 images: 2.2 s a step). Written out, every context gets the fast form."""
+  10 images: 2.2 s a step). Written out, every context gets the fast form.
+
+  Not differentiated (inference, evaluation), a narrow convolution (at most
+  ``cpu_kernels.CONV_MAX_OUT`` output channels) runs in the direct C++ kernel
+  ``cpu_kernels.conv_nhwc``: XLA:CPU's convolution costs about the same per pixel whatever the
+  channel count below ~16, so a pruned network's narrow layers did not get faster (measured in
+  ``docs/performance_speed.md``). Under differentiation the forward is XLA's (the same numbers
+  up to rounding)."""
+  from metaprune_jax import cpu_kernels  # pylint: disable=g-import-not-at-top (cycle)
+  if padding[0][0] == padding[0][1] and padding[1][0] == padding[1][1] and \
+      cpu_kernels.conv_use_for(x, w):
+    return cpu_kernels.conv_nhwc(x, w, strides, padding)
   return _conv_forward(x, w, strides, padding)
 
 

@@ -194,3 +194,31 @@ def test_precision_is_a_config_value():
     outs.append(metanet_lib.apply_metanet(mc, phi, graph, plan=metanet_lib.block_plan(arch)))
   # XLA:CPU computes float32 products at either precision
   _close(outs[1].nodes, outs[0].nodes, 1e-6)
+
+
+@pytest.mark.skipif(not cpu_kernels.conv_available(), reason="the CPU kernels cannot be built")
+@pytest.mark.parametrize("shape,stride,pad", [((2, 9, 9, 5, 7), 1, 1), ((2, 10, 10, 3, 16), 2, 1),
+                                              ((1, 8, 8, 16, 40), 1, 1), ((2, 8, 8, 6, 16), 2, 0),
+                                              ((3, 5, 7, 4, 64), 1, 2)])
+def test_conv_kernel_equals_xla(shape, stride, pad):
+  b, h, w_, c, o = shape
+  k = 3 if pad else 1
+  x = jax.random.normal(jax.random.PRNGKey(0), (b, h, w_, c))
+  w = jax.random.normal(jax.random.PRNGKey(1), (k, k, c, o))
+  bias = jax.random.normal(jax.random.PRNGKey(2), (o,))
+  padding = ((pad, pad), (pad, pad))
+  want = jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  got = jax.jit(lambda x, w: cpu_kernels.conv_nhwc(x, w, (stride, stride), padding))(x, w)
+  _close(got, want, 1e-5)
+  res = jax.random.normal(jax.random.PRNGKey(3), want.shape)
+  got = jax.jit(lambda x, w, bias, res: cpu_kernels.conv_nhwc(
+      x, w, (stride, stride), padding, bias, res, relu=True))(x, w, bias, res)
+  _close(got, jnp.maximum(want + bias + res, 0.0), 1e-5)
+  # inference (not differentiated) takes the kernel for narrow layers; the gradient XLA's conv
+  f = jax.jit(lambda x, w: mp.cnn.conv2d(x, w, (stride, stride), padding))
+  assert ("custom_call" in f.lower(x, w).as_text()) == (o <= cpu_kernels.CONV_MAX_OUT)
+  _close(f(x, w), want, 1e-5)
+  with xla_hints.backend_tuning("none"):
+    assert "custom_call" not in jax.jit(lambda x, w: mp.cnn.conv2d(
+        x, w, (stride, stride), padding)).lower(x, w).as_text()
