@@ -199,7 +199,8 @@ def test_precision_is_a_config_value():
 @pytest.mark.skipif(not cpu_kernels.conv_available(), reason="the CPU kernels cannot be built")
 @pytest.mark.parametrize("shape,stride,pad", [((2, 9, 9, 5, 7), 1, 1), ((2, 10, 10, 3, 16), 2, 1),
                                               ((1, 8, 8, 16, 40), 1, 1), ((2, 8, 8, 6, 16), 2, 0),
-                                              ((3, 5, 7, 4, 64), 1, 2)])
+                                              ((3, 5, 7, 4, 64), 1, 2), ((2, 9, 9, 15, 1), 1, 1),
+                                              ((2, 9, 8, 20, 2), 2, 1), ((1, 6, 6, 3, 2), 1, 0)])
 def test_conv_kernel_equals_xla(shape, stride, pad):
   b, h, w_, c, o = shape
   k = 3 if pad else 1
