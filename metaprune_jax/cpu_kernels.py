@@ -50,7 +50,11 @@ from metaprune_jax import xla_hints
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "grid_cpu.cc")
 _CONV_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "conv_cpu.cc")
 _CONV = "metaprune_conv_nhwc"
-CONV_MAX_OUT = 16  # narrow layers: the direct kernel wins there (docs/performance_speed.md)
+# narrow layers: the direct kernel wins where a layer reads at most CONV_MAX_IN channels
+# (benchmarks/pruned_profile.py: 15 -> 7 at 32x32 2.5x faster than XLA, 9 -> 32 at 16x16 1.5x;
+# 32 -> 9 and 64 -> 24 slower), up to the kernel's 64 output channels
+CONV_MAX_IN = 16
+CONV_MAX_OUT = 64
 _LFWD, _LFWD_NO_COUNTS, _LBWD = ("metaprune_layer_fwd", "metaprune_layer_fwd_no_counts",
                                  "metaprune_layer_bwd")
 _ENV_SWITCH = "METAPRUNE_JAX_CPU_KERNELS"
@@ -160,11 +164,12 @@ def conv_available() -> bool:
 def conv_use_for(x, w) -> bool:
   """Whether :func:`conv_nhwc` runs the convolution of ``x`` [B, H, W, C] and ``w``
   [kh, kw, C, O] here: the CPU backend with its settings on (``xla_hints.cpu_tuning``), float32,
-  at most :data:`CONV_MAX_OUT` output channels (the narrow layers, where XLA:CPU's convolution
-  costs per pixel rather than per MAC) and the kernel built."""
+  at most :data:`CONV_MAX_IN` input and :data:`CONV_MAX_OUT` output channels (the narrow
+  layers, where XLA:CPU's convolution costs per pixel rather than per MAC) and the kernel
+  built."""
   return (jax.default_backend() == "cpu" and xla_hints.cpu_tuning("cpu")
           and x.dtype == jnp.float32 and w.dtype == jnp.float32 and x.ndim == 4
-          and w.shape[-1] <= CONV_MAX_OUT and conv_available())
+          and w.shape[-2] <= CONV_MAX_IN and w.shape[-1] <= CONV_MAX_OUT and conv_available())
 
 
 def conv_nhwc(x, w, strides, padding, bias=None, residual=None, relu: bool = False):

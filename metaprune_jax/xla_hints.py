@@ -303,7 +303,7 @@ def _conv2d_cpu(x, w, strides, padding):
   10 images: 2.2 s a step). Written out, every context gets the fast form.
 
   Not differentiated (inference, evaluation), a narrow convolution (at most
-  ``cpu_kernels.CONV_MAX_OUT`` output channels) runs in the direct C++ kernel
+  ``cpu_kernels.CONV_MAX_IN`` input channels) runs in the direct C++ kernel
   ``cpu_kernels.conv_nhwc``: XLA:CPU's convolution costs about the same per pixel whatever the
   channel count below ~16, so a pruned network's narrow layers did not get faster (measured in
   ``docs/performance_speed.md``). Under differentiation the forward is XLA's (the same numbers

@@ -198,7 +198,7 @@ def test_precision_is_a_config_value():
 
 @pytest.mark.skipif(not cpu_kernels.conv_available(), reason="the CPU kernels cannot be built")
 @pytest.mark.parametrize("shape,stride,pad", [((2, 9, 9, 5, 7), 1, 1), ((2, 10, 10, 3, 16), 2, 1),
-                                              ((1, 8, 8, 16, 40), 1, 1), ((2, 8, 8, 6, 16), 2, 0),
+                                              ((1, 8, 8, 16, 40), 1, 1), ((1, 6, 6, 20, 9), 1, 1), ((2, 8, 8, 6, 16), 2, 0),
                                               ((3, 5, 7, 4, 64), 1, 2), ((2, 9, 9, 15, 1), 1, 1),
                                               ((2, 9, 8, 20, 2), 2, 1), ((1, 6, 6, 3, 2), 1, 0)])
 def test_conv_kernel_equals_xla(shape, stride, pad):
@@ -218,7 +218,7 @@ def test_conv_kernel_equals_xla(shape, stride, pad):
   _close(got, jnp.maximum(want + bias + res, 0.0), 1e-5)
   # inference (not differentiated) takes the kernel for narrow layers; the gradient XLA's conv
   f = jax.jit(lambda x, w: mp.cnn.conv2d(x, w, (stride, stride), padding))
-  assert ("custom_call" in f.lower(x, w).as_text()) == (o <= cpu_kernels.CONV_MAX_OUT)
+  assert ("custom_call" in f.lower(x, w).as_text()) == (c <= cpu_kernels.CONV_MAX_IN)
   _close(f(x, w), want, 1e-5)
   with xla_hints.backend_tuning("none"):
     assert "custom_call" not in jax.jit(lambda x, w: mp.cnn.conv2d(
