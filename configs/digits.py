@@ -49,6 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.arch = "resnet8"      # a zoo name (CIFAR-style ResNet-8, 16/32/64 channels)
   config.widths = ml_collections.ConfigDict()  # optional {space: width} overrides
   config.log_compiles = False  # log every XLA compilation
+  config.data_workers = 0      # grain worker processes decoding/augmenting training batches
+                               # (0: one prefetch thread; see benchmarks/input_pipeline.py)
   config.pretrain = schedule()
 
   # ---- generate: the data-model set (docs/design.md section 2) ----
@@ -70,6 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.metanet.hidden = 16
   config.metanet.node_res_ratio = 0.1     # the reference: 0.01 (ResNet-56), 0.05 (VGG-19)
   config.metanet.edge_res_ratio = 0.1
+  # matmul precision (metanet.matmul_precision): 'highest' where parity with the reference is
+  # checked, 'default' (the backend's: bfloat16/TF32 passes on TPUs and TF32 GPUs) otherwise
+  config.metanet.precision = "default"
 
   # ---- meta_train (docs/design.md section 5) ----
   config.metanet_dir = ""  # another run's workdir holding meta_train/ ('' = this one)
@@ -126,6 +131,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.prune.steps = 200            # progressive pruning steps per pruning (reference: 200)
   config.prune.criterion = "l2"
   config.prune.normalizer = "max"
+  config.prune.round_to = 1           # kept channel counts rounded to multiples of this in the
+                                      # final pruning (1: the reference's decisions; 8: faster)
   config.prune.base_state_dict = ""   # optional: a reference state dict (.npz/.pth) as the base
   config.prune.latency_batch = 128    # wall-clock inference timing: batch and runs (median)
   config.prune.latency_runs = 20

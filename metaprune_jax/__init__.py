@@ -21,6 +21,7 @@ from metaprune_jax.cnn import apply_model, init_variables  # noqa: E402
 from metaprune_jax.graph import (from_graph, graph_from_reference_arrays,  # noqa: E402
                                  graph_layout, graph_to_reference_arrays, reference_edge_order,
                                  to_graph)
+from metaprune_jax.inference import fold_batchnorm  # noqa: E402
 from metaprune_jax.groups import Group, Member, group_importance, pruning_groups  # noqa: E402
 from metaprune_jax.macs import count_macs  # noqa: E402
 from metaprune_jax.masks import embed, full_masks, mask_variables, materialize  # noqa: E402
@@ -62,6 +63,9 @@ _LAZY = {
   "update_nnx": ("trace", "update_nnx"),
   "TraceError": ("trace", "TraceError"),
   "arch_from_factory": ("trace", "arch_from_factory"),
+  # Backend-specific tuning (XLA:CPU settings; applied on the CPU backend only).
+  "backend_tuning": ("xla_hints", "backend_tuning"),
+  "cpu_tuning": ("xla_hints", "cpu_tuning"),
 }
 
 # Submodules reachable as `metaprune_jax.<name>` without an import statement (as before the
@@ -71,12 +75,13 @@ _SUBMODULES = frozenset((
   "groups", "host_memory", "macs", "masks", "meta_modes", "metanet", "metanet_blocks",
   "metatrain", "metric_writers", "modes", "optim", "pipeline", "prune_mode", "pruning",
   "reference", "sharding", "state", "steps", "train", "version", "visualize", "xla_hints", "zoo",
-  "trace", "flax_resnet",
+  "trace", "flax_resnet", "inference",
 ))
 
 __all__ = [
   # Architectures and networks.
   "Arch", "Layer", "Op", "get_arch", "apply_model", "init_variables", "count_macs",
+  "fold_batchnorm",
   # Graphs of networks.
   "to_graph", "from_graph", "graph_layout", "reference_edge_order",
   "graph_to_reference_arrays", "graph_from_reference_arrays",

@@ -10,11 +10,13 @@ matching the reference (docs/design.md section 7): explicit symmetric conv paddi
 BatchNorm normalising with the biased batch variance while its running variance takes the
 unbiased one, momentum 0.1 in torch terms, eps 1e-5; max-pool pads with -inf.
 
-Residual joins go through :func:`xla_hints.materialize` (an exact division by 1.0). Without it,
-XLA:CPU fuses the whole elementwise residual stream of a stage (BN, add, ReLU of every earlier
-block) into each transpose that the weight-gradient convolutions need, recomputing it from the
-stage's start for every layer: quadratic work that made a ResNet-56 train step 1.6x slower
-(2.7 s against 1.65 s at batch 128, ``benchmarks/train_step.py``).
+Residual joins go through :func:`xla_hints.materialize` (on the CPU backend, an exact division
+by 1.0; elsewhere the identity). Without it, XLA:CPU fuses the whole elementwise residual stream
+of a stage (BN, add, ReLU of every earlier block) into each transpose that the weight-gradient
+convolutions need, recomputing it from the stage's start for every layer: quadratic work that
+made a ResNet-56 train step 1.6x slower (2.7 s against 1.65 s at batch 128,
+``benchmarks/train_step.py``). Convolutions go through :func:`xla_hints.conv2d` (a hand-written
+backward on the CPU backend only). ``xla_hints`` is the one place for these XLA:CPU settings.
 
 Masks: ``masks[space]`` is a ``[width]`` float vector (1 keep, 0 pruned). Every conv and BN
 output in a space is multiplied by its mask, so a pruned channel is an exact zero everywhere it
@@ -24,7 +26,6 @@ computes.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Mapping
 
@@ -35,27 +36,17 @@ import jax.numpy as jnp
 from metaprune_jax import xla_hints
 from metaprune_jax.arch import Arch
 
-_DN = ("NHWC", "HWIO", "NHWC")
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # PyTorch convention: new = (1 - m) * running + m * batch
 
 
-def _conv_forward(x, w, strides, padding):
-  return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple) -> jax.Array:
   """2-D convolution ``[B, H, W, C] x [kh, kw, C, O] -> [B, Ho, Wo, O]`` (NHWC, HWIO).
 
-  The same numbers as ``lax.conv_general_dilated`` and its own VJP (tested bit for bit), with
-  the backward pass written as two forward-form convolutions: ``dx`` a convolution of the
-  (stride-dilated) cotangent with the flipped kernel, ``dw`` a convolution in which the batch
-  is the contracted feature axis. XLA:CPU rewrites its own weight-gradient convolution into
-  that form only outside loops; inside a ``lax.scan``/``while`` body (meta-training over many
-  data batches) it falls back to a direct convolution that was ~20x slower (ResNet-20, 4
-  scanned batches of 10 images: 2.2 s a step). Written out, every context gets the fast form.
+  :func:`metaprune_jax.xla_hints.conv2d`: ``lax.conv_general_dilated`` with its own gradient,
+  except on the CPU backend, where the backward pass is hand-written (the same numbers; see
+  ``xla_hints`` for why and for the switch).
 
   Args:
     x: ``[B, H, W, C]``.
@@ -63,36 +54,7 @@ def conv2d(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple) -> jax.Ar
     strides: ``(sh, sw)``.
     padding: ``((top, bottom), (left, right))``.
   """
-  return _conv_forward(x, w, strides, padding)
-
-
-def _conv2d_fwd(x, w, strides, padding):
-  # x and dy (below) materialised: the weight gradient's transposes then read buffers instead
-  # of re-evaluating the fused BatchNorm + ReLU producer per element (~10% of a train step)
-  x = xla_hints.materialize(x)
-  return _conv_forward(x, w, strides, padding), (x, w)
-
-
-def _conv2d_bwd(strides, padding, res, dy):
-  x, w = res
-  dy = xla_hints.materialize(dy)
-  kh, kw = w.shape[:2]
-  size = (x.shape[1], x.shape[2])
-  # dx: pad so the (stride-dilated) cotangent covers every input position once
-  pad_dx = tuple((k - 1 - lo, k - 1 - hi + (n + lo + hi - k) % s)
-                 for k, n, s, (lo, hi) in zip((kh, kw), size, strides, padding))
-  w_t = jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2))
-  dx = jax.lax.conv_general_dilated(dy, w_t, (1, 1), pad_dx, lhs_dilation=strides,
-                                    dimension_numbers=_DN)
-  # dw: [C, H, W, B] * [Ho, Wo, B, O] -> [C, kh(+r), kw(+r), O]
-  x_t = jnp.transpose(x, (3, 1, 2, 0))
-  dy_t = jnp.transpose(dy, (1, 2, 0, 3))
-  dw = jax.lax.conv_general_dilated(x_t, dy_t, (1, 1), padding, rhs_dilation=strides,
-                                    dimension_numbers=_DN)
-  return dx, jnp.transpose(dw[:, :kh, :kw, :], (1, 2, 0, 3))
-
-
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+  return xla_hints.conv2d(x, w, strides, padding)
 
 
 def _flax_conv(x, w, strides, padding, lhs_dilation=None, rhs_dilation=None,

@@ -7,11 +7,11 @@ is written, and prints a :class:`ConfigError` as one line on stderr (exit status
 
 What is checked (the rest is left to the modes, which raise their own errors):
 
-* names: ``mode``, ``dataset``, ``arch``, every schedule's ``optimizer`` and ``keep``,
+* names: ``mode``, ``dataset``, ``arch``, ``metanet.precision``, every schedule's ``optimizer`` and ``keep``,
   ``prune.method`` (and its alias ``pruning.method``), the ``normalizer`` and ``criterion``
   fields of ``meta_train``, ``visualize`` and ``prune``; with ``prune.method='sl'``, its
   strength (> 0) and epochs (not 0, and equal to the transform budget every method gets);
-* sizes: ``epochs``, ``batch_size``, ``eval_batch_size`` of every schedule section (any section
+* sizes: ``prune.round_to`` (>= 1), ``data_workers`` (>= 0), ``epochs``, ``batch_size``, ``eval_batch_size`` of every schedule section (any section
   holding both ``epochs`` and ``batch_size``) and the other batch/step counts, positive integers;
 * sharding: the global batches of the data-parallel schedules (and the evaluation batches of
   ``visualize`` and ``finetune_after_pruning``, ``meta_train.models_per_step``) divisible by the
@@ -27,6 +27,8 @@ OPTIMIZERS = ("sgd", "adamw")
 KEEP = ("last", "best")
 CRITERIA = ("l2", "random")
 NORMALIZERS = ("max", "mean", "none")
+PRECISIONS = ("default", "high", "highest", "fastest", "bfloat16", "tensorfloat32", "float32")
+# (jax.lax.Precision's names, as metanet.PRECISIONS; config_check does not import jax)
 
 # The schedule sections that `train.fit` runs data parallel over a mesh, by path.
 _FIT_SCHEDULES = ("pretrain", "generate.train", "generate.finetune", "finetune_after_metanet",
@@ -145,6 +147,17 @@ def check_config(config, *, num_devices: int | None = None,
       raise ConfigError(field, value, "must be an integer >= 0 (0: the default; "
                         "batches_per_model 0: the whole training split)")
 
+  value = _get(config, "prune.round_to")
+  if value is not None:
+    _positive("prune.round_to", value)
+  value = _get(config, "data_workers")
+  if value is not None and (not _is_int(value) or value < 0):
+    raise ConfigError("data_workers", value, "must be an integer >= 0 (0: prefetch in a thread "
+                      "of this process; N: N grain worker processes)")
+  value = _get(config, "metanet.precision")
+  if value is not None:
+    if not isinstance(value, str) or value.lower() not in PRECISIONS:
+      _one_of("metanet.precision", value, PRECISIONS, "matmul precision")
   for section in ("meta_train", "visualize", "prune"):
     value = _get(config, f"{section}.normalizer")
     if value is not None:

@@ -20,7 +20,8 @@ CPU kind): ``$METAPRUNE_JAX_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/metaprune_jax
 so concurrent processes (test workers, hosts of one job) never load a partial file.
 
 Everything else keeps XLA: the GPU/TPU path is the XLA path of ``metanet_blocks``, and so is
-the CPU path when the kernels are off (``METAPRUNE_JAX_CPU_KERNELS=0``) or cannot be built (no
+the CPU path when the kernels are off (``METAPRUNE_JAX_CPU_KERNELS=0``, or all XLA:CPU settings
+off with ``METAPRUNE_JAX_BACKEND_TUNING=none``: see ``xla_hints``) or cannot be built (no
 C++ compiler: one warning, then XLA). The two paths compute the same maths in float32 with
 sums in different orders (tests check the kernels against a direct statement of the maths and
 the XLA path). The kernels run vmapped (meta-training's lanes: every operand then has the lane
@@ -44,7 +45,16 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from metaprune_jax import xla_hints
+
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "grid_cpu.cc")
+_CONV_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "conv_cpu.cc")
+_CONV = "metaprune_conv_nhwc"
+# narrow layers: the direct kernel wins where a layer reads at most CONV_MAX_IN channels
+# (benchmarks/pruned_profile.py: 15 -> 7 at 32x32 2.5x faster than XLA, 9 -> 32 at 16x16 1.5x;
+# 32 -> 9 and 64 -> 24 slower), up to the kernel's 64 output channels
+CONV_MAX_IN = 16
+CONV_MAX_OUT = 64
 _LFWD, _LFWD_NO_COUNTS, _LBWD = ("metaprune_layer_fwd", "metaprune_layer_fwd_no_counts",
                                  "metaprune_layer_bwd")
 _ENV_SWITCH = "METAPRUNE_JAX_CPU_KERNELS"
@@ -68,13 +78,17 @@ def _cpu_flags() -> str:
   return lines[0].split(":", 1)[1].strip() if lines else platform.processor()
 
 
-def _compile_command(compiler: str, out: str) -> list:
+def _compile_command(compiler: str, out: str, source: str = _SOURCE) -> list:
   return [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-          "-I", jax.ffi.include_dir(), _SOURCE, "-o", out]
+          "-I", jax.ffi.include_dir(), source, "-o", out]
 
 
-def build(compiler: str | None = None) -> str:
+def build(compiler: str | None = None, source_path: str = _SOURCE) -> str:
   """Compiles the kernels (or finds the cached build); returns the shared library's path.
+
+  Args:
+    compiler: the C++ compiler (default ``$CXX`` or ``g++``).
+    source_path: the kernels' source (``csrc/grid_cpu.cc``, or ``csrc/conv_cpu.cc``).
 
   Raises:
     RuntimeError: no C++ compiler, or the compiler failed (its output included).
@@ -82,24 +96,25 @@ def build(compiler: str | None = None) -> str:
   compiler = compiler or os.environ.get("CXX", "g++")
   if shutil.which(compiler) is None:
     raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
-  with open(_SOURCE, "rb") as f:
+  with open(source_path, "rb") as f:
     source = f.read()
   key = hashlib.sha256(b"\0".join([
-      source, " ".join(_compile_command(compiler, "OUT")).encode(),
+      source, " ".join(_compile_command(compiler, "OUT", source_path)).encode(),
       jaxlib.__version__.encode(), jax.__version__.encode(), platform.machine().encode(), _cpu_flags().encode(),
   ])).hexdigest()[:16]
-  folder = os.path.join(_cache_dir(), f"grid_cpu-{key}")
-  path = os.path.join(folder, "grid_cpu.so")
+  stem = os.path.splitext(os.path.basename(source_path))[0]
+  folder = os.path.join(_cache_dir(), f"{stem}-{key}")
+  path = os.path.join(folder, f"{stem}.so")
   if os.path.exists(path):
     return path
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
   os.close(fd)
   try:
-    proc = subprocess.run(_compile_command(compiler, tmp), capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(_compile_command(compiler, tmp, source_path), capture_output=True,
+                          text=True, check=False)
     if proc.returncode != 0:
-      raise RuntimeError(f"building {_SOURCE} failed ({compiler}, exit {proc.returncode}):\n"
+      raise RuntimeError(f"building {source_path} failed ({compiler}, exit {proc.returncode}):\n"
                          f"{proc.stderr[-4000:]}")
     os.replace(tmp, path)
   finally:
@@ -129,12 +144,69 @@ def available() -> bool:
   return True
 
 
+@functools.cache
+def conv_available() -> bool:
+  """Whether the direct convolution kernel (``csrc/conv_cpu.cc``) is built and registered.
+
+  False when ``METAPRUNE_JAX_CPU_KERNELS=0`` or when the build fails (logged once).
+  """
+  if os.environ.get(_ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    return False
+  try:
+    lib = ctypes.cdll.LoadLibrary(build(source_path=_CONV_SOURCE))
+  except (RuntimeError, OSError) as e:
+    logging.warning("metaprune_jax: CPU convolution kernel unavailable, using XLA's: %s", e)
+    return False
+  jax.ffi.register_ffi_target(_CONV, jax.ffi.pycapsule(lib.MetapruneConvNhwc), platform="cpu")
+  return True
+
+
+def conv_use_for(x, w) -> bool:
+  """Whether :func:`conv_nhwc` runs the convolution of ``x`` [B, H, W, C] and ``w``
+  [kh, kw, C, O] here: the CPU backend with its settings on (``xla_hints.cpu_tuning``), float32,
+  at most :data:`CONV_MAX_IN` input and :data:`CONV_MAX_OUT` output channels (the narrow
+  layers, where XLA:CPU's convolution costs per pixel rather than per MAC) and the kernel
+  built."""
+  return (jax.default_backend() == "cpu" and xla_hints.cpu_tuning("cpu")
+          and x.dtype == jnp.float32 and w.dtype == jnp.float32 and x.ndim == 4
+          and w.shape[-2] <= CONV_MAX_IN and w.shape[-1] <= CONV_MAX_OUT and conv_available())
+
+
+def conv_nhwc(x, w, strides, padding, bias=None, residual=None, relu: bool = False):
+  """``lax.conv_general_dilated(x, w, strides, padding, ('NHWC', 'HWIO', 'NHWC'))`` by the
+  direct kernel (forward only; sums in another order: equal up to float rounding), with an
+  optional epilogue in the same pass: ``+ bias``, ``+ residual``, ReLU.
+
+  Args:
+    x: [B, H, W, C] float32; w: [kh, kw, C, O] float32, O <= 64.
+    strides: (sh, sw); padding: ((top, bottom), (left, right)), symmetric.
+    bias: optional [O] float32.
+    residual: optional [B, Ho, Wo, O] float32 (the output's shape).
+    relu: apply ReLU last.
+  """
+  (pt, pb), (pl, pr) = padding
+  if pt != pb or pl != pr:
+    raise ValueError(f"conv_nhwc takes symmetric padding only, got {padding}")
+  b, h, wd, _ = x.shape
+  kh, kw, _, o = w.shape
+  ho = (h + 2 * pt - kh) // strides[0] + 1
+  wo = (wd + 2 * pl - kw) // strides[1] + 1
+  if o > 64:
+    raise ValueError(f"conv_nhwc takes at most 64 output channels, got {o}")
+  out = jax.ShapeDtypeStruct((b, ho, wo, o), jnp.float32)
+  empty = jnp.zeros((0,), jnp.float32)
+  return jax.ffi.ffi_call(_CONV, out, vmap_method="sequential")(
+      x, w, empty if bias is None else bias, empty if residual is None else residual,
+      geom=np.asarray([strides[0], strides[1], pt, pl, int(bool(relu))], np.int64))
+
+
 def use_for(*arrays) -> bool:
   """Whether ``metanet_blocks`` runs its grid groups here: the kernels are available, the
   default backend is the CPU (a jit then compiles for the CPU; on a GPU/TPU host the XLA path
-  runs) and every operand is float32."""
-  return (jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays)
-          and available())
+  runs), the XLA:CPU settings are on (``xla_hints.cpu_tuning``: not with
+  ``METAPRUNE_JAX_BACKEND_TUNING=none``) and every operand is float32."""
+  return (jax.default_backend() == "cpu" and xla_hints.cpu_tuning("cpu")
+          and all(a.dtype == jnp.float32 for a in arrays) and available())
 
 
 def _check_f32(name, arrays):

@@ -27,12 +27,12 @@ permutation (``DatasetSpec.val_fraction``: digits 20%, CIFAR/SVHN 10%, ImageNet 
 ``val_fraction`` overrides it): selections are made on it, the test split is only reported.
 """
 
-import concurrent.futures
 import dataclasses
 import functools
 from collections.abc import Iterator
 from typing import Any
 
+from absl import flags
 import grain
 import jax
 import numpy as np
@@ -360,21 +360,31 @@ class Dataset:
     return self._epoch_dataset(seed, epoch, local_batch)[i * count + index]
 
   def train_batches(self, global_batch: int, seed: int, start_step: int = 0,
-                    num_steps: int | None = None, prefetch: int = 2) -> Iterator[Batch]:
+                    num_steps: int | None = None, prefetch: int = 2,
+                    num_workers: int = 0) -> Iterator[Batch]:
     """Yields `train_batch(global_batch, seed, s)` for s = start_step, start_step + 1, ...
 
-    Batches are built `prefetch` steps ahead in a background thread. Infinite when
-    `num_steps` is None.
+    A grain pipeline over the step numbers: batches are built `prefetch` steps ahead, in a
+    background thread of this process (`num_workers=0`) or in `num_workers` worker processes
+    (grain's `mp_prefetch`; the order is kept, each worker builds whole batches, so decoding and
+    augmentation scale with the workers). Infinite when `num_steps` is None.
     """
-    end = None if num_steps is None else start_step + num_steps
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      pending = []
-      step = start_step
-      while end is None or step < end or pending:
-        while len(pending) <= prefetch and (end is None or step < end):
-          pending.append(pool.submit(self.train_batch, global_batch, seed, step))
-          step += 1
-        yield pending.pop(0).result()
+    if int(num_workers) < 0:
+      raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    # decided here, not in the workers (which may not know the process layout)
+    local_batch, count, index = self._local_batch(global_batch)
+    spe = self.steps_per_epoch(global_batch)
+    end = start_step + num_steps if num_steps is not None else 2**62
+    ds = grain.MapDataset.range(start_step, end).map(functools.partial(
+        _batch_at_step, self, local_batch, count, index, spe, seed))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(
+        1, prefetch)))
+    if num_workers:
+      if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags: take the defaults
+        flags.FLAGS.mark_as_parsed()
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers),
+                                                       per_worker_buffer_size=max(1, prefetch)))
+    yield from it
 
   def _eval_source(self, split: str):
     if split == "test":
@@ -410,6 +420,12 @@ class Dataset:
         "label": np.stack([r["label"] for r in records]).astype(np.int32),
         "mask": valid.astype(np.float32),
       }
+
+
+def _batch_at_step(ds, local_batch, count, index, steps_per_epoch, seed, step):
+  """`Dataset.train_batch` with the process layout given (grain workers of `train_batches`)."""
+  epoch, i = divmod(step, steps_per_epoch)
+  return ds._epoch_dataset(seed, epoch, local_batch)[i * count + index]  # pylint: disable=protected-access
 
 
 def _train_transform_rm(record, rng, spec):

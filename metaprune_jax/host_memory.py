@@ -24,8 +24,14 @@ yourself (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python my_script.py``) or call
 
 Nothing happens (and nothing is needed) off Linux/glibc, with glibc < 2.35, where transparent
 huge pages are ``never`` (the kernel would ignore the advice), when the user already chose a
-``glibc.malloc.hugetlb`` value, or with ``METAPRUNE_HUGE_PAGES=0`` (opt out). On GPUs and TPUs
-device memory is XLA's own; this only speeds up host-side buffers there.
+``glibc.malloc.hugetlb`` value, or with ``METAPRUNE_HUGE_PAGES=0`` (opt out).
+
+Huge pages are one of the XLA:CPU settings of ``metaprune_jax.xla_hints`` (its docstring lists
+them all) and follow its switch, ``METAPRUNE_JAX_BACKEND_TUNING``: with ``none`` nothing
+restarts, and with ``auto`` (the default) nothing restarts where an accelerator is likely to run
+the work (:func:`accelerator_likely`: ``JAX_PLATFORMS`` names another platform first, or a GPU or
+TPU device file exists). This is decided before jax is imported, so it cannot ask jax for the
+backend; on GPUs and TPUs device memory is XLA's own and malloc only serves host-side buffers.
 
 This module imports nothing beyond the standard library (it runs before jax is imported).
 """
@@ -41,6 +47,41 @@ TUNABLE = "glibc.malloc.hugetlb"
 SETTING = f"{TUNABLE}=1"
 OPT_OUT = "METAPRUNE_HUGE_PAGES"  # "0": never restart
 _THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+TUNING_ENV = "METAPRUNE_JAX_BACKEND_TUNING"  # see metaprune_jax.xla_hints
+TUNING_MODES = ("auto", "cpu", "none")
+# device files of accelerators jax can use: NVIDIA, AMD (ROCm), TPU VMs
+_ACCELERATOR_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/accel0", "/dev/vfio/0")
+
+
+def tuning_env_mode(environ: Mapping[str, str] = os.environ) -> str:
+  """``METAPRUNE_JAX_BACKEND_TUNING`` in ``environ`` (``'auto'`` when unset or empty).
+
+  Raises:
+    ValueError: a value other than ``auto``, ``cpu`` or ``none`` (named in the message).
+  """
+  mode = environ.get(TUNING_ENV, "").strip().lower() or "auto"
+  if mode not in TUNING_MODES:
+    raise ValueError(f"{TUNING_ENV}={environ.get(TUNING_ENV)!r} is not a backend tuning mode; "
+                     f"choose from {TUNING_MODES}")
+  return mode
+
+
+def accelerator_likely(environ: Mapping[str, str] = os.environ,
+                       files: tuple = _ACCELERATOR_FILES) -> bool:
+  """Whether jax will probably run on a GPU or TPU here (decided without importing jax).
+
+  ``JAX_PLATFORMS`` decides when set (its first platform); otherwise an accelerator's device
+  file (``/dev/nvidiactl``, ``/dev/kfd``, ``/dev/accel0``, ...) does.
+  """
+  platforms = environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip().lower() != "cpu"
+  return any(os.path.exists(f) for f in files)
+
+
+def _cpu_settings_wanted(environ: Mapping[str, str]) -> bool:
+  mode = tuning_env_mode(environ)
+  return mode == "cpu" or (mode == "auto" and not accelerator_likely(environ))
 
 
 def thp_mode(path: str = _THP_ENABLED) -> Optional[str]:
@@ -118,15 +159,16 @@ def set_for_subprocesses(environ: MutableMapping[str, str] = os.environ) -> bool
 def restart_with_huge_pages(argv: Optional[list] = None) -> None:
   """Re-executes this process (same PID, same command line) with huge pages, if useful.
 
-  Returns normally (doing nothing) where huge pages are active already or cannot help: see the
-  module docstring. Otherwise it does not return. Call it before any work (and before threads
-  are started): ``exec`` replaces the process.
+  Returns normally (doing nothing) where huge pages are active already, cannot help, or are
+  not wanted (backend tuning ``none``, or an accelerator: see the module docstring). Otherwise
+  it does not return. Call it before any work (and before threads are started): ``exec``
+  replaces the process.
 
   Args:
     argv: the command line to run again; default ``sys.orig_argv`` (interpreter options and
       ``-m``/``-c`` included).
   """
-  if not huge_pages_possible() or huge_pages_active():
+  if not huge_pages_possible() or huge_pages_active() or not _cpu_settings_wanted(os.environ):
     return
   env = environ_with_huge_pages(os.environ)
   if env is None:

@@ -69,8 +69,27 @@ _DEFAULTS = {
 }
 
 
+# jax.lax.Precision's names (its enum values and their aliases)
+PRECISIONS = ("default", "high", "highest", "fastest", "bfloat16", "tensorfloat32", "float32")
+
+
+def matmul_precision(name: str) -> jax.lax.Precision:
+  """The ``jax.lax.Precision`` named ``name`` (``config.metanet.precision``).
+
+  ``'highest'`` (float32 products on every backend) where parity with the reference is checked;
+  ``'default'`` lets the backend choose (on the CPU the same float32 products; on TPUs and on
+  GPUs with TF32, bfloat16/TF32 passes, several times faster).
+
+  Raises:
+    ValueError: a name XLA does not know (the message names it and lists the known ones).
+  """
+  if not isinstance(name, str) or name.lower() not in PRECISIONS:
+    raise ValueError(f"unknown metanetwork matmul precision {name!r}; XLA knows {PRECISIONS}")
+  return jax.lax.Precision(name.lower())
+
+
 def make_metanet_config(num_layers, hidden, node_dim, edge_dims, node_res_ratio,
-                        edge_res_ratio) -> ml_collections.ConfigDict:
+                        edge_res_ratio, precision: str = "default") -> ml_collections.ConfigDict:
   """Builds a metanetwork config block.
 
   Args:
@@ -81,10 +100,16 @@ def make_metanet_config(num_layers, hidden, node_dim, edge_dims, node_res_ratio,
       ``(49, 9, 1)``.
     node_res_ratio: scale of the node decoder's output added to the input node features.
     edge_res_ratio: same for the edges.
+    precision: the metanetwork's matmul precision (:func:`matmul_precision`): ``'highest'``
+      where parity with the reference is checked, ``'default'`` (the backend's) otherwise.
 
   Returns:
     An ``ml_collections.ConfigDict`` with those fields.
+
+  Raises:
+    ValueError: an unknown precision name.
   """
+  matmul_precision(precision)
   return ml_collections.ConfigDict({
       "num_layers": int(num_layers),
       "hidden": int(hidden),
@@ -92,6 +117,7 @@ def make_metanet_config(num_layers, hidden, node_dim, edge_dims, node_res_ratio,
       "edge_dims": tuple(int(d) for d in edge_dims),
       "node_res_ratio": float(node_res_ratio),
       "edge_res_ratio": float(edge_res_ratio),
+      "precision": str(precision).lower(),
   })
 
 
@@ -121,12 +147,15 @@ class _Spec(NamedTuple):
   edge_dims: Tuple[int, ...]
   node_res_ratio: float
   edge_res_ratio: float
+  precision: str = "default"
 
 
 def _spec(config) -> _Spec:
+  precision = str(config.get("precision", "default")).lower()
+  matmul_precision(precision)
   return _Spec(int(config.num_layers), int(config.hidden), int(config.node_dim),
                tuple(int(d) for d in config.edge_dims), float(config.node_res_ratio),
-               float(config.edge_res_ratio))
+               float(config.edge_res_ratio), precision)
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,13 +175,14 @@ def _torch_uniform(fan_in):
 class _Linear(nn.Module):
   """Dense layer with PyTorch's default init. Params: kernel [in, out], bias [out]."""
   features: int
+  precision: str = "default"
 
   @nn.compact
   def __call__(self, x):
     fan_in = x.shape[-1]
     kernel = self.param("kernel", _torch_uniform(fan_in), (fan_in, self.features))
     bias = self.param("bias", _torch_uniform(fan_in), (self.features,))
-    return jnp.dot(x, kernel, precision=jax.lax.Precision.HIGHEST) + bias
+    return jnp.dot(x, kernel, precision=matmul_precision(self.precision)) + bias
 
 
 def _layer_norm(x):
@@ -167,11 +197,12 @@ class _Decoder(nn.Module):
   """LN -> Dense(h, h) -> SiLU -> Dense(h, out)."""
   hidden: int
   out: int
+  precision: str = "default"
 
   @nn.compact
   def __call__(self, x):
-    x = _Linear(self.hidden, name="dense1")(_layer_norm(x))
-    return _Linear(self.out, name="dense2")(nn.silu(x))
+    x = _Linear(self.hidden, self.precision, name="dense1")(_layer_norm(x))
+    return _Linear(self.out, self.precision, name="dense2")(nn.silu(x))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -234,16 +265,17 @@ class _Conv(nn.Module):
   receiver-sorted order; the other arguments are broadcast.
   """
   hidden: int
+  precision: str = "default"
 
   @nn.compact
   def __call__(self, carry, senders, receivers, inv, count_r, count_s):
     node_h, edge_h = carry
     x = _layer_norm(node_h)
-    a1 = nn.silu(_Linear(self.hidden, name="lin1")(x))
-    a2 = nn.silu(_Linear(self.hidden, name="lin2")(x))
-    a3 = nn.silu(_Linear(self.hidden, name="lin3")(x))
-    a4 = nn.silu(_Linear(self.hidden, name="lin4")(x))
-    downlin = _Linear(self.hidden, name="downlin")
+    a1 = nn.silu(_Linear(self.hidden, self.precision, name="lin1")(x))
+    a2 = nn.silu(_Linear(self.hidden, self.precision, name="lin2")(x))
+    a3 = nn.silu(_Linear(self.hidden, self.precision, name="lin3")(x))
+    a4 = nn.silu(_Linear(self.hidden, self.precision, name="lin4")(x))
+    downlin = _Linear(self.hidden, self.precision, name="downlin")
     take = functools.partial(jnp.take, axis=0, mode="clip")
     # Pass 1: s -> r, aggregated at receivers (sorted).
     agg1 = _aggregate(take(a1, senders) * edge_h, a2, receivers, count_r, True)
@@ -260,7 +292,7 @@ class MetaNet(nn.Module):
   """The reference metanetwork (``MyGNN`` / ``MyGNN_resnet50``) as a linen module.
 
   Attributes:
-    num_layers, hidden, node_dim, edge_dims, node_res_ratio, edge_res_ratio: see
+    num_layers, hidden, node_dim, edge_dims, node_res_ratio, edge_res_ratio, precision: see
       ``make_metanet_config``.
   """
   num_layers: int
@@ -269,6 +301,7 @@ class MetaNet(nn.Module):
   edge_dims: Tuple[int, ...]
   node_res_ratio: float
   edge_res_ratio: float
+  precision: str = "default"
 
   @nn.compact
   def __call__(self, nodes, edges, senders, receivers):
@@ -285,9 +318,9 @@ class MetaNet(nn.Module):
     """
     h = self.hidden
     inv = jnp.asarray([1.0] * (h // 2) + [-1.0] * ((h + 1) // 2), jnp.float32)
-    node_h = _Linear(h, name="node_enc")(nodes)
+    node_h = _Linear(h, self.precision, name="node_enc")(nodes)
     edge_h = jnp.concatenate(
-        [_Linear(h, name=f"edge_enc_{k}")(e) for k, e in enumerate(edges)], axis=0)
+        [_Linear(h, self.precision, name=f"edge_enc_{k}")(e) for k, e in enumerate(edges)], axis=0)
     # Keep edges sorted by receiver through all layers (stable sort, exact inverse below).
     order = jnp.argsort(receivers, stable=True)
     s_sorted = jnp.take(senders, order)
@@ -300,16 +333,16 @@ class MetaNet(nn.Module):
     # One scanned (and rematerialised) layer body: small HLO, one layer of residuals in memory.
     convs = nn.scan(nn.remat(_Conv), variable_axes={"params": 0}, split_rngs={"params": True},
                     in_axes=nn.broadcast, length=self.num_layers)
-    (node_h, edge_h), _ = convs(h, name="convs")((node_h, edge_h), s_sorted, r_sorted, inv,
+    (node_h, edge_h), _ = convs(h, self.precision, name="convs")((node_h, edge_h), s_sorted, r_sorted, inv,
                                                 count_r, count_s)
     num_edges = order.shape[0]
     unsort = jnp.zeros((num_edges,), jnp.int32).at[order].set(
         jnp.arange(num_edges, dtype=jnp.int32), unique_indices=True)
     edge_h = jnp.take(edge_h, unsort, axis=0)
-    nodes_out = nodes + self.node_res_ratio * _Decoder(h, self.node_dim, name="node_dec")(node_h)
+    nodes_out = nodes + self.node_res_ratio * _Decoder(h, self.node_dim, self.precision, name="node_dec")(node_h)
     edges_out, start = [], 0
     for k, e in enumerate(edges):
-      dec = _Decoder(h, self.edge_dims[k], name=f"edge_dec_{k}")
+      dec = _Decoder(h, self.edge_dims[k], self.precision, name=f"edge_dec_{k}")
       edges_out.append(e + self.edge_res_ratio * dec(edge_h[start:start + e.shape[0]]))
       start += e.shape[0]
     return nodes_out, tuple(edges_out)
@@ -589,7 +622,8 @@ def import_reference_metanet(state_dict: Mapping[str, Any], node_res_ratio: floa
     edge_res_ratio: edge residual ratio.
 
   Returns:
-    (config, params).
+    (config, params); the config's matmul precision is ``'highest'`` (parity with the
+    reference).
 
   Raises:
     ValueError: naming the key and expected shape when something does not fit.
@@ -612,8 +646,9 @@ def import_reference_metanet(state_dict: Mapping[str, Any], node_res_ratio: floa
     for s, d in zip(suffixes, edge_dims):
       if int(s) != d:
         raise ValueError(f"reference key 'edgeEnc_{s}.weight' has input width {d}, expected {s}")
+  # HIGHEST: a reference metanetwork is imported to reproduce the reference's numbers
   config = make_metanet_config(len(layers), hidden, node_dim, edge_dims, node_res_ratio,
-                               edge_res_ratio)
+                               edge_res_ratio, precision="highest")
   params = {}
   for key, shape, path in _reference_layout(_spec(config)):
     if path is None:

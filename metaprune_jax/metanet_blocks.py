@@ -53,7 +53,6 @@ from metaprune_jax import xla_hints
 
 _LN_EPS = 1e-5
 _STD_EPS = 1e-5
-_HI = jax.lax.Precision.HIGHEST
 
 
 class BlockGroup(NamedTuple):
@@ -431,8 +430,8 @@ def _diag(E, a1s, a1r, a3s, a3r, a4s, a4r, vs, vr):
 # --------------------------------------------------------------------------------------------
 
 
-def _lin(p, x):
-  return jnp.dot(x, p["kernel"], precision=_HI) + p["bias"]
+def _lin(p, x, precision):
+  return jnp.dot(x, p["kernel"], precision=precision) + p["bias"]
 
 
 def _layer_norm(x):
@@ -442,7 +441,7 @@ def _layer_norm(x):
   return centred * jax.lax.rsqrt(var + _LN_EPS)
 
 
-def _decoder(p, x, split_ln: bool = False):
+def _decoder(p, x, precision, split_ln: bool = False):
   """LN -> Dense -> SiLU -> Dense. ``split_ln``: the LayerNorm is computed on its own (an exact
   identity, ``xla_hints.materialize``) instead of inside XLA:CPU's YNNPACK fusion of the first
   Dense, where ResNet-56's [140720, 64] edge decoder took 38 ms of thread time against 11 ms
@@ -450,7 +449,7 @@ def _decoder(p, x, split_ln: bool = False):
   x = _layer_norm(x)
   if split_ln:
     x = xla_hints.materialize(x)
-  return _lin(p["dense2"], jax.nn.silu(_lin(p["dense1"], x)))
+  return _lin(p["dense2"], jax.nn.silu(_lin(p["dense1"], x, precision)), precision)
 
 
 def _finish(s1, s2, pmax, pmin, scale, count):
@@ -529,7 +528,8 @@ def forward(spec, params, nodes, edges, plan: BlockPlan, node_valid: Optional[ja
   if masked:
     node_valid = node_valid.astype(jnp.float32)
   inv = jnp.asarray([1.0] * (h // 2) + [-1.0] * ((h + 1) // 2), jnp.float32)
-  node_h = _lin(params["node_enc"], nodes)
+  prec = jax.lax.Precision(spec.precision)  # config.metanet.precision (checked by metanet)
+  node_h = _lin(params["node_enc"], nodes, prec)
   # every block of every group, cut out of its kind's edge array by one split per kind
   pieces = [(g.kind, st, g.s_size if g.diag else g.s_size * g.r_size)
             for g in plan.groups for st in g.starts]
@@ -539,7 +539,7 @@ def forward(spec, params, nodes, edges, plan: BlockPlan, node_valid: Optional[ja
     d = edges[g.kind].shape[1]
     shape = (g.s_size, d) if g.diag else (g.r_size, g.s_size, d)
     parts = [next(flat).reshape(shape) for _ in g.starts]
-    es.append(_lin(params[f"edge_enc_{g.kind}"], jnp.stack(parts)))
+    es.append(_lin(params[f"edge_enc_{g.kind}"], jnp.stack(parts), prec))
   count1, count2 = _counts(plan, idx, node_valid)
   # the edge states' dtype follows the edges' and the params' (all float32 for the kernels)
   kernels = _use_kernels(grid_impl, nodes, *edges, *jax.tree_util.tree_leaves(params))
@@ -570,7 +570,7 @@ def forward(spec, params, nodes, edges, plan: BlockPlan, node_valid: Optional[ja
   def layer(carry, lp):
     node_h, es = carry
     x = _layer_norm(node_h)
-    a1, a2, a3, a4 = (jax.nn.silu(_lin(lp[f"lin{j}"], x)) for j in range(1, 5))
+    a1, a2, a3, a4 = (jax.nn.silu(_lin(lp[f"lin{j}"], x, prec)) for j in range(1, 5))
     a1m = a1 * node_valid[:, None] if masked else a1
     if kernels:
       t_send, t_recv, grid_new = _layer_ffi(geom, a1m, a3, a4, v_all,
@@ -607,7 +607,7 @@ def forward(spec, params, nodes, edges, plan: BlockPlan, node_valid: Optional[ja
       s2, q2, mx2, mn2 = _combine(parts2, idx.gather2, h)
     agg1 = _finish(s1, q1, mx1, mn1, a2, count1)
     agg2 = _finish(s2, q2, mx2, mn2, a2 * inv, count2)
-    node_h = node_h + _lin(lp["downlin"], agg1) + _lin(lp["downlin"], agg2)
+    node_h = node_h + _lin(lp["downlin"], agg1, prec) + _lin(lp["downlin"], agg2, prec)
     return (node_h, tuple(new_es)), None
 
   if kernels:
@@ -622,11 +622,11 @@ def forward(spec, params, nodes, edges, plan: BlockPlan, node_valid: Optional[ja
   else:
     # One scanned layer: a small program, and one layer's temporaries in memory at a time.
     (node_h, es), _ = jax.lax.scan(layer, (node_h, tuple(es)), params["convs"])
-  nodes_out = nodes + spec.node_res_ratio * _decoder(params["node_dec"], node_h)
+  nodes_out = nodes + spec.node_res_ratio * _decoder(params["node_dec"], node_h, prec)
   if masked:
     nodes_out = jnp.where(node_valid[:, None] > 0, nodes_out, 0.0)
   edges_out = []
-  dec = [_decoder(params[f"edge_dec_{g.kind}"], E, split_ln=kernels)
+  dec = [_decoder(params[f"edge_dec_{g.kind}"], E, prec, split_ln=kernels)
          for g, E in zip(plan.groups, es)]
   for k, e in enumerate(edges):
     d = e.shape[1]

@@ -54,6 +54,7 @@ from metaprune_jax import checkpoint as ckpt_lib
 from metaprune_jax import cnn
 from metaprune_jax import data as data_lib
 from metaprune_jax import groups as groups_lib
+from metaprune_jax import inference
 from metaprune_jax import macs as macs_lib
 from metaprune_jax import masks as masks_lib
 from metaprune_jax import meta_modes
@@ -110,8 +111,19 @@ def max_speed_up(arch: Arch, shape) -> float:
   return base / least
 
 
-def inference_seconds(arch: Arch, variables, image_hw, batch: int = 128, runs: int = 20) -> float:
-  """Median wall-clock seconds of one jitted eval-mode forward pass at ``batch`` images."""
+def inference_seconds(arch: Arch, variables, image_hw, batch: int = 128, runs: int = 20,
+                      fold: bool = True) -> float:
+  """Median wall-clock seconds of one jitted eval-mode forward pass at ``batch`` images.
+
+  With ``fold`` (the default) the network is timed in its inference form, BatchNorm folded into
+  the convolutions (``inference.fold_batchnorm``; networks without a foldable BatchNorm are timed
+  as they are), as ``benchmarks/pruning.py`` times it.
+  """
+  if fold:
+    try:
+      arch, variables = inference.fold_batchnorm(arch, variables)
+    except ValueError:  # nothing to fold, or a BatchNorm not after a conv: time it as it is
+      pass
   fn = jax.jit(lambda v, x: cnn.apply_model(arch, v, x),
                compiler_options=xla_hints.conv_compiler_options())
   v = jax.device_put({"params": variables["params"], "batch_stats": variables["batch_stats"]})
@@ -169,7 +181,7 @@ def _table(report: dict) -> str:
           ("inference speed-up (wall clock)",
            f"{report['inference_speed_up']:.3f}x (batch {report['latency_batch']}: "
            f"{report['base_latency_ms']:.3f} ms -> {report['latency_ms']:.3f} ms, "
-           f"{report['device']})")]
+           f"{report['device']}, BatchNorm folded)")]
   for name, st in report["stages"].items():
     if "accuracy" in st:
       rows.append((f"  stage {name}", f"accuracy {st['accuracy']:.4f}" +
@@ -296,6 +308,7 @@ def prune(config, workdir: str) -> dict:
   if method not in METHODS:
     raise ValueError(f"config.prune.method={method!r} is unknown; choose from {METHODS}")
   sparsity = sl_settings(config) if method == "sl" else None
+  round_to = pruning.check_round_to(pc.get("round_to", 1))
   dataset = data_lib.dataset_from_config(config)
   shape = pipeline.input_shape(dataset)
   workdir = os.path.abspath(workdir)
@@ -430,14 +443,14 @@ def prune(config, workdir: str) -> dict:
   # ---- 3. pruning to the target + finetune "after pruning" (keep the best validation epoch)
   stage_target = target / rec1["speed_up"] * (1 + 1e-9)  # exact product >= target
   k3 = _stage_key("final", k2, stage_target, steps, criterion, normalizer, seed,
-                  config.finetune_after_pruning.to_dict())
+                  config.finetune_after_pruning.to_dict(), *((round_to,) if round_to > 1 else ()))
   rec3 = cache.get("final", k3)
   d3 = os.path.join(cache.dir("final", k3), "finetune")
   if rec3 is None:
     try:
       res = pruning.prune_to_target(small, v, stage_target, shape, steps=steps,
                                     criterion=criterion, normalizer=normalizer,
-                                    rng=jax.random.PRNGKey(seed))
+                                    rng=jax.random.PRNGKey(seed), round_to=round_to)
     except ValueError as e:
       raise ValueError(f"prune: the overall target {target}x needs {stage_target:.4f}x more "
                        f"after the initial {rec1['speed_up']:.4f}x, which is "
@@ -484,6 +497,8 @@ def prune(config, workdir: str) -> dict:
       "mac_input_shape": list(shape), "widths": dict(final_arch.widths),
       "inference_speed_up": t_base / t_final, "base_latency_ms": 1e3 * t_base,
       "latency_ms": 1e3 * t_final, "latency_batch": batch, "latency_runs": runs,
+      "inference_form": "BatchNorm folded into the convolutions (fold_batchnorm), both networks",
+      "round_to": round_to,
       "device": f"{d.platform}:{getattr(d, 'device_kind', '')} x{jax.device_count()}",
       "metanet_epoch": mn_epoch, "metanet_epoch_selection": selection, "budget": plan,
       "stage_dirs": {"initial": os.path.join(cache.dir("initial", k1), "finetune"),
@@ -492,7 +507,10 @@ def prune(config, workdir: str) -> dict:
                       "test": dataset.num_test},
       "stages": {k: {kk: vv for kk, vv in r.items() if kk != "keep"} for k, r in st.items()},
       "saved": {"orbax": os.path.join(out, "final"),
-                "state_dict_npz": os.path.join(out, "final_state_dict.npz")},
+                "state_dict_npz": os.path.join(out, "final_state_dict.npz"),
+                # the saved network keeps its BatchNorm layers (trainable, reference layout)
+                "fast_form": "metaprune_jax.inference.fold_batchnorm("
+                             "*metaprune_jax.prune_mode.load_pruned(workdir))"},
   }
   if sparsity is not None:
     report["sl"] = {"alpha": sparsity[0], "reg": sparsity[1], "normalizer": sparsity[2]}

@@ -19,6 +19,14 @@ One step ``s`` (1-based) of the reference's schedule, for the groups of
    channel (skipped this step);
 4. MACs of the kept widths; the search stops at the first step whose speed-up over the
    network at the start reaches the target, or after ``steps`` steps.
+
+``round_to`` (Torch-Pruning's ``round_to``, default 1 = the reference): in step 3, a group that
+loses ``n`` channels loses instead its ``n'`` least important kept channels, where
+``width - n'`` is ``width - n`` rounded down to a multiple of ``round_to`` (as Torch-Pruning's
+``_round_to``); a group that would lose every channel that way is skipped this step. Kept widths
+then stay multiples of ``round_to`` (when they start as ones), which is what vector units and
+convolution libraries like; MACs are still counted exactly at the widths kept. ``round_to=1``
+takes the reference's code path unchanged.
 """
 
 from __future__ import annotations
@@ -42,7 +50,8 @@ class _Plan:
   """Static description of a search (hashable by identity; built on the host)."""
 
   def __init__(self, arch: Arch, start_counts: Mapping[str, int], input_shape, steps: int,
-               criterion: str, normalizer: str):
+               criterion: str, normalizer: str, round_to: int = 1):
+    self.round_to = check_round_to(round_to)
     if criterion not in CRITERIA:
       raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {CRITERIA}")
     if normalizer not in groups_lib.NORMALIZERS:
@@ -62,6 +71,15 @@ class _Plan:
     # int(N0 * (1 - ratio)) exactly as Python computes it, ratio = (s / steps) * 1.0
     self.floor_kept = np.array([int(n0 * (1 - (s / float(steps)) * 1.0))
                                 for s in range(steps + 1)], np.int32)
+
+
+def check_round_to(round_to) -> int:
+  """``round_to`` as an int; ValueError unless it is an integer >= 1 (bools rejected)."""
+  ok = isinstance(round_to, (int, np.integer)) and not isinstance(round_to, (bool, np.bool_))
+  if not ok or int(round_to) < 1:
+    raise ValueError(f"round_to must be an integer >= 1 (channel counts are rounded to its "
+                     f"multiples), got {round_to!r}")
+  return int(round_to)
 
 
 def _layer_sq(arch: Arch, params):
@@ -135,17 +153,37 @@ def _step(plan: _Plan, sq, keep, step, key):
   for g, imp, e, w in zip(plan.groups, imps, eligible, widths):
     k = keep[g.space]
     rm = (k > 0) & (imp <= thres) & e & (n_prune > 0)
+    if plan.round_to > 1:
+      rm = _round_removal(k, imp, rm, w, plan.round_to)
     empties = jnp.sum(rm) >= w
     new[g.space] = jnp.where(rm & ~empties, 0.0, k)
   return new
 
 
-def _prepare(arch, variables, masks, input_shape, steps, criterion, normalizer):
+def _round_removal(k, imp, rm, width, round_to: int):
+  """Torch-Pruning's ``_round_to``: a group losing ``n > 0`` channels loses its ``n'`` least
+  important kept ones, ``width - n'`` = ``width - n`` rounded down to a multiple of ``round_to``.
+
+  Args:
+    k: ``[C]`` keep-vector; imp: ``[C]`` importance; rm: ``[C]`` bool, the step's removals;
+    width: ``[]`` kept channels; round_to: static int > 1.
+  """
+  n = jnp.sum(rm).astype(jnp.int32)
+  kept_after = width.astype(jnp.int32) - n
+  n_round = jnp.where(n > 0, width.astype(jnp.int32) - (kept_after - kept_after % round_to), 0)
+  # rank of each kept channel by importance (ties by index, as a stable argsort)
+  order = jnp.argsort(jnp.where(k > 0, imp, jnp.inf), stable=True)
+  rank = jnp.zeros(order.shape, jnp.int32).at[order].set(jnp.arange(order.shape[0],
+                                                                     dtype=jnp.int32))
+  return (k > 0) & (rank < n_round)
+
+
+def _prepare(arch, variables, masks, input_shape, steps, criterion, normalizer, round_to=1):
   masks = dict(masks or {})
   masks_lib.check_masks(arch, masks)
   start = {s: (int(np.sum(np.asarray(masks[s]) > 0.5)) if s in masks else arch.width(s))
            for s in arch.spaces}
-  plan = _Plan(arch, start, input_shape, steps, criterion, normalizer)
+  plan = _Plan(arch, start, input_shape, steps, criterion, normalizer, round_to)
   keep = {g.space: (jnp.asarray(masks[g.space], jnp.float32) if g.space in masks
                     else jnp.ones((g.width,), jnp.float32)) for g in plan.groups}
   fixed = [start[s] for s in arch.spaces]
@@ -186,10 +224,11 @@ def _trajectory(plan, params, keep, fixed, key):
 _PLAN_CACHE: dict = {}
 
 
-def _cached_plan(arch, start, input_shape, steps, criterion, normalizer):
-  key = (arch, tuple(sorted(start.items())), tuple(input_shape), steps, criterion, normalizer)
+def _cached_plan(arch, start, input_shape, steps, criterion, normalizer, round_to=1):
+  key = (arch, tuple(sorted(start.items())), tuple(input_shape), steps, criterion, normalizer,
+         round_to)
   if key not in _PLAN_CACHE:
-    _PLAN_CACHE[key] = _Plan(arch, start, input_shape, steps, criterion, normalizer)
+    _PLAN_CACHE[key] = _Plan(arch, start, input_shape, steps, criterion, normalizer, round_to)
   return _PLAN_CACHE[key]
 
 
@@ -220,7 +259,7 @@ def progressive_prune(arch: Arch, variables: Mapping, target_speed_up: float,
 def prune_to_target(arch: Arch, variables: Mapping, target_speed_up: float,
                     input_shape=(1, 3, 32, 32), *, masks: Mapping | None = None,
                     criterion: str = "l2", normalizer: str = "max", steps: int = 200,
-                    rng: jax.Array | None = None) -> PruneResult:
+                    rng: jax.Array | None = None, round_to: int = 1) -> PruneResult:
   """Prunes to a MACs speed-up with the reference's global progressive schedule.
 
   Args:
@@ -233,6 +272,8 @@ def prune_to_target(arch: Arch, variables: Mapping, target_speed_up: float,
     normalizer: ``max`` (the reference), ``mean`` or ``none``.
     steps: the schedule's number of steps (200).
     rng: key for the ``random`` criterion.
+    round_to: kept channel counts rounded down to multiples of this (module docstring);
+      1: the reference's decisions.
 
   Returns:
     :class:`PruneResult`: masks for every group space (the ``masks`` passed in updated), the
@@ -240,13 +281,15 @@ def prune_to_target(arch: Arch, variables: Mapping, target_speed_up: float,
 
   Raises:
     ValueError: target <= 1, or one the schedule cannot reach (the message gives the largest
-      reachable speed-up), bad masks, unknown criterion/normalizer.
+      reachable speed-up), bad masks, unknown criterion/normalizer, ``round_to`` not an
+      integer >= 1.
   """
   if not target_speed_up > 1.0:
     raise ValueError(f"target speed-up must be > 1, got {target_speed_up}")
+  round_to = check_round_to(round_to)
   plan, keep, fixed, params, start = _prepare(arch, variables, masks, input_shape, steps,
-                                              criterion, normalizer)
-  plan = _cached_plan(arch, start, input_shape, steps, criterion, normalizer)
+                                              criterion, normalizer, round_to)
+  plan = _cached_plan(arch, start, input_shape, steps, criterion, normalizer, round_to)
   key = rng if rng is not None else jax.random.PRNGKey(0)
   step, keep, speed = _search(plan, params, keep, fixed, jnp.float32(target_speed_up), key)
   keep = jax.device_get(keep)
@@ -263,15 +306,17 @@ def prune_to_target(arch: Arch, variables: Mapping, target_speed_up: float,
 def pruning_trajectory(arch: Arch, variables: Mapping, input_shape=(1, 3, 32, 32), *,
                        masks: Mapping | None = None, criterion: str = "l2",
                        normalizer: str = "max", steps: int = 200,
-                       rng: jax.Array | None = None) -> tuple[dict, np.ndarray]:
+                       rng: jax.Array | None = None,
+                       round_to: int = 1) -> tuple[dict, np.ndarray]:
   """Every step of a full schedule: ``({space: [steps, width]}, speed_ups [steps])``.
 
   Step ``i`` of the outputs is the state after pruning step ``i + 1``. Used for the
-  accuracy-vs-speed-up curves and adaptive pruning.
+  accuracy-vs-speed-up curves and adaptive pruning. ``round_to``: as :func:`prune_to_target`.
   """
+  round_to = check_round_to(round_to)
   plan, keep, fixed, params, start = _prepare(arch, variables, masks, input_shape, steps,
-                                              criterion, normalizer)
-  plan = _cached_plan(arch, start, input_shape, steps, criterion, normalizer)
+                                              criterion, normalizer, round_to)
+  plan = _cached_plan(arch, start, input_shape, steps, criterion, normalizer, round_to)
   key = rng if rng is not None else jax.random.PRNGKey(0)
   hist, speeds = _trajectory(plan, params, keep, fixed, key)
   return jax.device_get(hist), np.asarray(speeds, np.float64)
@@ -281,7 +326,7 @@ def adaptive_prune(arch: Arch, variables: Mapping, accuracy_fn: Callable[[dict],
                    threshold: float, input_shape=(1, 3, 32, 32), *,
                    masks: Mapping | None = None, max_speed_up: float = float("inf"),
                    criterion: str = "l2", normalizer: str = "max", steps: int = 200,
-                   rng: jax.Array | None = None) -> tuple[dict, float, list]:
+                   rng: jax.Array | None = None, round_to: int = 1) -> tuple[dict, float, list]:
   """Prunes step by step while ``accuracy_fn(masks) >= threshold``.
 
   ``accuracy_fn`` evaluates the masked network (e.g. test accuracy; the engine does no data
@@ -290,7 +335,7 @@ def adaptive_prune(arch: Arch, variables: Mapping, accuracy_fn: Callable[[dict],
   """
   hist, speeds = pruning_trajectory(arch, variables, input_shape, masks=masks,
                                     criterion=criterion, normalizer=normalizer, steps=steps,
-                                    rng=rng)
+                                    rng=rng, round_to=round_to)
   best = dict(masks or {})
   best_speed, log = 1.0, []
   for i in range(steps):

@@ -219,8 +219,9 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
   ckpt_every = int(schedule.get("ckpt_every_steps", 0) or 0)
   try:
     with ckpt_lib.PreemptionGuard(local=subset) as guard:
+      workers = int(config.get("data_workers", 0) or 0) if hasattr(config, "get") else 0
       batches = dataset.train_batches(batch_size, seed, start_step=step,
-                                      num_steps=total_steps - step)
+                                      num_steps=total_steps - step, num_workers=workers)
       while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
         epoch_end = (epoch + 1) * steps_per_epoch

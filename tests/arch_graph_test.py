@@ -744,7 +744,8 @@ def test_to_graph_equals_layout_gather(name):
 @pytest.mark.parametrize("kernel,stride,pad,size", [(3, 1, 1, 8), (3, 2, 1, 8), (3, 2, 1, 9),
                                                     (1, 2, 0, 8), (7, 2, 3, 11), (3, 1, 0, 7)])
 def test_conv2d_backward_equals_xla(kernel, stride, pad, size):
-  """cnn.conv2d's hand-written VJP is XLA's own, bit for bit, outside and inside a scan."""
+  """cnn.conv2d's hand-written VJP is XLA's own, bit for bit, outside and inside a scan (its
+  undifferentiated forward may run the narrow-conv CPU kernel: equal up to rounding)."""
   kx, kw, kd = jax.random.split(jax.random.PRNGKey(kernel * 100 + size), 3)
   x = jax.random.normal(kx, (3, size, size, 4))
   w = jax.random.normal(kw, (kernel, kernel, 4, 5))
@@ -757,7 +758,8 @@ def test_conv2d_backward_equals_xla(kernel, stride, pad, size):
   want = jax.jit(lambda x, w, dy: jax.vjp(lax_conv, x, w)[1](dy))(x, w, dy)
   ours = jax.jit(lambda x, w, dy: jax.vjp(
       lambda x, w: cnn.conv2d(x, w, strides, padding), x, w)[1](dy))(x, w, dy)
-  np.testing.assert_array_equal(cnn.conv2d(x, w, strides, padding), lax_conv(x, w))
+  np.testing.assert_allclose(cnn.conv2d(x, w, strides, padding), lax_conv(x, w), rtol=1e-5,
+                             atol=1e-5)
   for a, b in zip(ours, want):
     np.testing.assert_array_equal(a, b)
 

@@ -133,3 +133,51 @@ def test_bad_inputs():
     mp.progressive_prune(arch, v, 1.5, (1, 3, 8, 8), masks={"s1": jnp.ones(3)})
   with pytest.raises(ValueError, match="normalizer"):
     mp.group_importance(arch, v, normalizer="l1")
+
+
+@pytest.mark.parametrize("case,name,ncls,ins", CASES[:2])
+def test_round_to_one_keeps_every_reference_decision(case, name, ncls, ins):
+  arch, v = _load(case, name, ncls)
+  ref = json.load(open(os.path.join(FIX, case, "prune_step.json")))
+  res = mp.prune_to_target(arch, v, ref["target_speed_up"], ins, round_to=1)
+  assert res.steps == ref["steps_taken"]
+  small, _ = mp.materialize(arch, v, res.masks)
+  assert [c for _, _, _, c in graph_layout(small).node_sets] == ref["widths_after"]
+  assert mp.count_macs(small, ins) == (int(ref["macs_after"]), int(ref["params_after"]))
+  hist, _ = mp.pruning_trajectory(arch, v, ins, steps=200, round_to=1)
+  groups = {g.root: g for g in mp.pruning_groups(arch)}
+  for entry in ref["first_step_groups"]:
+    removed = np.flatnonzero(np.asarray(hist[groups[entry["root"]].space][0]) < 0.5)
+    assert removed.tolist() == sorted(entry["removed_idxs"]), entry["root"]
+
+
+@pytest.mark.parametrize("round_to,target", [(8, 2.3), (16, 2.0)])
+def test_round_to_keeps_multiples_and_exact_macs(round_to, target):
+  arch = mp.get_arch("resnet56", 10)
+  v = mp.init_variables(arch, jax.random.PRNGKey(0))
+  res = mp.prune_to_target(arch, v, target, round_to=round_to)
+  small, _ = mp.materialize(arch, v, res.masks)
+  for g in mp.pruning_groups(arch):
+    assert small.width(g.space) % round_to == 0, (g.space, small.width(g.space))
+  assert res.speed_up >= target
+  # the reported speed-up is the MACs ratio of the materialised network, counted exactly
+  assert res.speed_up == mp.count_macs(arch)[0] / mp.count_macs(small)[0]
+  # the trajectory's widths are multiples at every step, its speed-ups exact MACs ratios
+  hist, speeds = mp.pruning_trajectory(arch, v, round_to=round_to, steps=40)
+  terms, _ = count_terms(arch, (1, 3, 32, 32))
+  base = mp.count_macs(arch)[0]
+  for i in (0, 19, 39):
+    counts = {s: int(np.sum(h[i] > 0.5)) for s, h in hist.items()}
+    assert all(c % round_to == 0 for c in counts.values()), counts
+    now = mp.count_macs(arch.with_widths(counts))[0]
+    assert speeds[i] == pytest.approx(base / now, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.5, 8.0, True, "8", None])
+def test_round_to_must_be_an_integer_of_at_least_one(bad):
+  arch = mp.get_arch("resnet20", 10, width_mult=0.5)
+  v = mp.init_variables(arch, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="round_to must be an integer >= 1"):
+    mp.prune_to_target(arch, v, 1.5, round_to=bad)
+  with pytest.raises(ValueError, match="round_to must be an integer >= 1"):
+    mp.pruning_trajectory(arch, v, round_to=bad)

@@ -1,0 +1,146 @@
+"""Where a pruned ResNet-56's inference time goes on XLA:CPU: per stage, and per convolution width.
+
+  python benchmarks/pruned_profile.py [--runs 7] [--batch 128]
+
+Prints JSON:
+
+* ``stages_ms``: the full ResNet-56 and the one pruned to 2.3x MACs (reference decisions),
+  BatchNorm folded, cut after the stem, after stage 1 and after stage 2 (``arch.ops`` truncated),
+  each cut jitted on its own; the differences are the stages' times (interleaved medians);
+* ``kernel_rules``: the full network and the pruned ones (``round_to`` 1 and 8), folded, batch
+  ``--batch``, compiled with the narrow-convolution kernel for no layer (``none``), for layers with
+  at most 16 output channels (``out16``) and for layers reading at most 16 channels
+  (``in16``, the library's rule: ``cpu_kernels.CONV_MAX_IN``), all interleaved: ms and speed-ups;
+* ``convs_ms``: isolated 3x3 convolutions at the pruned network's kinds of widths, batch 128:
+  XLA:CPU as the library compiles it (``xla``), XLA:CPU with its default YNNPACK convolutions
+  (``xla_ynnpack``) and the narrow-convolution kernel (``kernel``, ``cpu_kernels.conv_nhwc``), with
+  the achieved GMAC/s.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+
+import _memory  # benchmarks/_memory.py (the script's folder is on sys.path)
+import jax
+import numpy as np
+
+import metaprune_jax as mp
+from metaprune_jax import cpu_kernels
+from metaprune_jax import inference
+from metaprune_jax import xla_hints
+from pruning import _interleaved
+
+_DN = ("NHWC", "HWIO", "NHWC")
+_CONVS = ((32, 16, 16), (32, 15, 7), (32, 7, 15), (32, 8, 8), (32, 6, 6), (32, 3, 16),
+          (16, 32, 32), (16, 32, 9), (16, 9, 32), (8, 64, 64), (8, 64, 24))
+
+
+def _cut(arch, prefix):
+  """``arch`` up to the last op of the layers named ``prefix*`` (and the add/relu after it)."""
+  idx = max(i for i, op in enumerate(arch.ops) if op.layer and op.layer.startswith(prefix))
+  while idx + 1 < len(arch.ops) and arch.ops[idx + 1].op in ("add", "relu"):
+    idx += 1
+  return dataclasses.replace(arch, ops=arch.ops[:idx + 1])
+
+
+def stages(batch, runs):
+  arch = mp.get_arch("resnet56", 10)
+  v = mp.init_variables(arch, jax.random.PRNGKey(0))
+  res = mp.prune_to_target(arch, v, 2.3)
+  x = jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3))
+  opts = xla_hints.conv_compiler_options()
+  cuts = ("conv1", "layer1_8", "layer2_8", None)
+  fns = {}
+  for tag, (a, vv) in (("full", inference.fold_batchnorm(arch, v)),
+                       ("pruned", inference.fold_batchnorm(*mp.materialize(arch, v,
+                                                                           res.masks)))):
+    for c in cuts:
+      net = a if c is None else _cut(a, c)
+      f = jax.jit(lambda vv, x, net=net: mp.apply_model(net, vv, x), compiler_options=opts)
+      fns[(tag, c)] = (lambda f=f, vv=vv: f(vv, x))
+  t = _interleaved({f"{k[0]}/{k[1]}": f for k, f in fns.items()}, runs)
+  out = {}
+  for tag in ("full", "pruned"):
+    m = [t[f"{tag}/{c}"] * 1e3 for c in cuts]
+    out[tag] = {"stem": round(m[0], 1), "stage1": round(m[1] - m[0], 1),
+                "stage2": round(m[2] - m[1], 1), "stage3_and_head": round(m[3] - m[2], 1),
+                "total": round(m[3], 1)}
+  return out
+
+
+def kernel_rules(batch, runs):
+  arch = mp.get_arch("resnet56", 10)
+  v = mp.init_variables(arch, jax.random.PRNGKey(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3))
+  opts = xla_hints.conv_compiler_options()
+  nets = {"full": inference.fold_batchnorm(arch, v)}
+  for rt in (1, 8):
+    res = mp.prune_to_target(arch, v, 2.3, round_to=rt)
+    nets[f"round_to_{rt}"] = inference.fold_batchnorm(*mp.materialize(arch, v, res.masks))
+  rules = {"none": (0, 0), "out16": (10**9, 16), "in16": (16, 64)}
+  saved = cpu_kernels.CONV_MAX_IN, cpu_kernels.CONV_MAX_OUT
+  fns = {}
+  try:
+    for rule, (max_in, max_out) in rules.items():  # read when tracing: compile under each
+      cpu_kernels.CONV_MAX_IN, cpu_kernels.CONV_MAX_OUT = max_in, max_out
+      for k, (a, vv) in nets.items():
+        f = jax.jit(lambda vv, x, a=a: mp.apply_model(a, vv, x), compiler_options=opts)
+        f.lower(vv, x).compile()
+        fns[f"{rule}/{k}"] = (lambda f=f, vv=vv: f(vv, x))
+  finally:
+    cpu_kernels.CONV_MAX_IN, cpu_kernels.CONV_MAX_OUT = saved
+  t = _interleaved(fns, runs)
+  out = {}
+  for rule in rules:
+    r = {k: round(t[f"{rule}/{k}"] * 1e3, 1) for k in nets}
+    for k in nets:
+      if k != "full":
+        r[f"speed_up_{k}"] = round(t[f"{rule}/full"] / t[f"{rule}/{k}"], 3)
+    out[rule] = r
+  return out
+
+
+def convs(batch, runs):
+  opts = xla_hints.conv_compiler_options()
+  fns, macs = {}, {}
+  for hw, ci, co in _CONVS:
+    x = jax.random.normal(jax.random.PRNGKey(0), (batch, hw, hw, ci))
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, ci, co))
+    pad = ((1, 1), (1, 1))
+    conv = lambda x, w, pad=pad: jax.lax.conv_general_dilated(x, w, (1, 1), pad,
+                                                              dimension_numbers=_DN)
+    key = f"{hw}x{hw} {ci}->{co}"
+    macs[key] = batch * hw * hw * 9 * ci * co
+    for name, f in (("xla", jax.jit(conv, compiler_options=opts)),
+                    ("xla_ynnpack", jax.jit(conv))):
+      fns[f"{key}/{name}"] = (lambda f=f, x=x, w=w: f(x, w))
+    if cpu_kernels.conv_available() and co <= 64:
+      f = jax.jit(lambda x, w, pad=pad: cpu_kernels.conv_nhwc(x, w, (1, 1), pad))
+      fns[f"{key}/kernel"] = (lambda f=f, x=x, w=w: f(x, w))
+  t = _interleaved(fns, runs)
+  out = {}
+  for k, s in t.items():
+    key, name = k.split("/")
+    out.setdefault(key, {})[name] = {"ms": round(s * 1e3, 2),
+                                     "gmac_per_s": round(macs[key] / s / 1e9, 1)}
+  return out
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--runs", type=int, default=7)
+  p.add_argument("--batch", type=int, default=128)
+  args = p.parse_args()
+  host = _memory.huge_pages_first()
+  out = {"device": str(jax.devices()[0]), "cores": os.cpu_count(), **host,
+         "stages_ms": stages(args.batch, args.runs),
+         "kernel_rules": kernel_rules(args.batch, args.runs),
+         "convs_ms": convs(args.batch, args.runs),
+         "load_avg_1min": os.getloadavg()[0]}
+  print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+  main()

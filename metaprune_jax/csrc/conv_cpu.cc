@@ -1,0 +1,258 @@
+// Direct NHWC convolution for XLA:CPU (inference forward), for the narrow layers of pruned
+// networks; built and registered with XLA by metaprune_jax.cpu_kernels (see xla_hints).
+//
+// out[b, oy, ox, o] = act(bias[o] + res[b, oy, ox, o]
+//                         + sum_{ky, kx, c} x[b, oy*s - p + ky, ox*s - p + kx, c] w[ky, kx, c, o])
+//
+// with the bias and the residual optional (empty operands) and act the identity or ReLU: a
+// folded network's conv -> bias -> (residual add) -> ReLU in one pass over memory.
+// The output channels are padded to whole 16-float vectors (kNV vectors, a template argument),
+// the weights repacked to [kh, kw, C, kNV * 16] once per call, and kTile output pixels of a row
+// are computed together so that each weight vector load feeds kTile FMAs; pixels whose window
+// leaves the image take the same loop with bounds checks. Rows (b, oy) run on XLA's intra-op
+// thread pool. Very narrow outputs (at most kDotMaxOut = 2 channels, AVX-512 builds) take RowDot
+// instead: a window row of kw pixels is kw * C contiguous floats in NHWC, so each output channel
+// is kh dot products of contiguous spans (masked loads for the tails), and the work per pixel
+// follows the output width instead of a whole vector per input channel.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  const F* f = &fn;
+  auto work = [state, f, n]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      (*f)(i);
+      state->done.fetch_add(1);
+    }
+  };
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
+  work();
+  while (state->done.load() < n) std::this_thread::yield();
+}
+
+struct Geom {
+  int64_t B, H, W, C, O, Ho, Wo, kh, kw, sh, sw, ph, pw;
+  bool relu;
+  const float* res;  // [B, Ho, Wo, O] or null
+};
+
+constexpr int kTile = 4;
+
+// One output row (b, oy): kTile pixels at a time where every window is inside the image.
+template <int kNV>
+void Row(const Geom& g, const float* x, const v16* wp, const v16* bias, float* out, int64_t b,
+         int64_t oy) {
+  const int64_t iy0 = oy * g.sh - g.ph;
+  const int64_t ky0 = std::max<int64_t>(0, -iy0), ky1 = std::min<int64_t>(g.kh, g.H - iy0);
+  // ox range whose windows are inside the image in x
+  int64_t lo = (g.pw + g.sw - 1) / g.sw;
+  int64_t hi = g.W + g.pw - g.kw;  // last valid ox * sw
+  hi = hi < 0 ? -1 : hi / g.sw;
+  hi = std::min<int64_t>(hi, g.Wo - 1);
+  lo = std::min<int64_t>(lo, g.Wo);
+  const float* xb = x + b * g.H * g.W * g.C;
+  float* ob = out + (b * g.Ho + oy) * g.Wo * g.O;
+  alignas(64) v16 acc[kTile][kNV];
+  const float* rb = g.res ? g.res + (b * g.Ho + oy) * g.Wo * g.O : nullptr;
+  auto store = [&](int64_t ox, v16* a) {
+    float* af = reinterpret_cast<float*>(a);
+    if (rb) {
+      const float* r = rb + ox * g.O;
+      for (int64_t o = 0; o < g.O; ++o) af[o] += r[o];
+    }
+    if (g.relu) {
+      for (int v = 0; v < kNV; ++v) a[v] = a[v] > 0.0f ? a[v] : 0.0f;
+    }
+    std::memcpy(ob + ox * g.O, af, sizeof(float) * g.O);
+  };
+  auto single = [&](int64_t ox) {
+    v16 a[kNV];
+    for (int v = 0; v < kNV; ++v) a[v] = bias[v];
+    const int64_t ix0 = ox * g.sw - g.pw;
+    for (int64_t ky = ky0; ky < ky1; ++ky) {
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        const int64_t ix = ix0 + kx;
+        if (ix < 0 || ix >= g.W) continue;
+        const float* xr = xb + ((iy0 + ky) * g.W + ix) * g.C;
+        const v16* wr = wp + (ky * g.kw + kx) * g.C * kNV;
+        for (int64_t c = 0; c < g.C; ++c) {
+          const float xv = xr[c];
+          for (int v = 0; v < kNV; ++v) a[v] += xv * wr[c * kNV + v];
+        }
+      }
+    }
+    store(ox, a);
+  };
+  for (int64_t ox = 0; ox < lo; ++ox) single(ox);
+  int64_t ox = lo;
+  for (; ox + kTile - 1 <= hi; ox += kTile) {
+    for (int t = 0; t < kTile; ++t)
+      for (int v = 0; v < kNV; ++v) acc[t][v] = bias[v];
+    const int64_t ix0 = ox * g.sw - g.pw;
+    for (int64_t ky = ky0; ky < ky1; ++ky) {
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        const float* xr = xb + ((iy0 + ky) * g.W + ix0 + kx) * g.C;
+        const v16* wr = wp + (ky * g.kw + kx) * g.C * kNV;
+        const int64_t step = g.sw * g.C;
+        for (int64_t c = 0; c < g.C; ++c) {
+          const v16* wc = wr + c * kNV;
+          for (int t = 0; t < kTile; ++t) {
+            const float xv = xr[t * step + c];
+            for (int v = 0; v < kNV; ++v) acc[t][v] += xv * wc[v];
+          }
+        }
+      }
+    }
+    for (int t = 0; t < kTile; ++t) store(ox + t, acc[t]);
+  }
+  for (; ox < g.Wo; ++ox) single(ox);
+}
+
+#ifdef __AVX512F__
+constexpr int64_t kDotMaxOut = 2;  // measured: 2-4x faster at O = 1, slower from O = 4
+
+inline float Dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// One output row with O <= kDotMaxOut; wt: [O, kh, kw * C] (the weights transposed).
+void RowDot(const Geom& g, const float* x, const float* wt, const float* bias, float* out,
+            int64_t b, int64_t oy) {
+  const int64_t iy0 = oy * g.sh - g.ph;
+  const int64_t ky0 = std::max<int64_t>(0, -iy0), ky1 = std::min<int64_t>(g.kh, g.H - iy0);
+  const int64_t span = g.kw * g.C;
+  const float* xb = x + b * g.H * g.W * g.C;
+  float* ob = out + (b * g.Ho + oy) * g.Wo * g.O;
+  const float* rb = g.res ? g.res + (b * g.Ho + oy) * g.Wo * g.O : nullptr;
+  for (int64_t ox = 0; ox < g.Wo; ++ox) {
+    const int64_t ix0 = ox * g.sw - g.pw;
+    const int64_t kx0 = std::max<int64_t>(0, -ix0), kx1 = std::min<int64_t>(g.kw, g.W - ix0);
+    float a[kDotMaxOut];
+    for (int64_t o = 0; o < g.O; ++o) {
+      float acc = bias ? bias[o] : 0.0f;
+      for (int64_t ky = ky0; ky < ky1; ++ky) {
+        const float* xr = xb + ((iy0 + ky) * g.W + ix0 + kx0) * g.C;
+        const float* wr = wt + (o * g.kh + ky) * span + kx0 * g.C;
+        acc += Dot(xr, wr, (kx1 - kx0) * g.C);
+      }
+      if (rb) acc += rb[ox * g.O + o];
+      a[o] = g.relu ? std::max(acc, 0.0f) : acc;
+    }
+    std::memcpy(ob + ox * g.O, a, sizeof(float) * g.O);
+  }
+}
+
+void RunDot(ffi::ThreadPool& pool, const Geom& g, const float* x, const float* w,
+            const float* bias, float* out) {
+  std::vector<float> wt(g.O * g.kh * g.kw * g.C);
+  for (int64_t ky = 0; ky < g.kh; ++ky)
+    for (int64_t kx = 0; kx < g.kw; ++kx)
+      for (int64_t c = 0; c < g.C; ++c)
+        for (int64_t o = 0; o < g.O; ++o)
+          wt[((o * g.kh + ky) * g.kw + kx) * g.C + c] = w[((ky * g.kw + kx) * g.C + c) * g.O + o];
+  ParallelFor(pool, g.B * g.Ho, [&](int64_t i) {
+    RowDot(g, x, wt.data(), bias, out, i / g.Ho, i % g.Ho);
+  });
+}
+#endif
+
+template <int kNV>
+void Run(ffi::ThreadPool& pool, const Geom& g, const float* x, const float* w, const float* bias,
+         float* out) {
+  std::vector<v16> wp(g.kh * g.kw * g.C * kNV);
+  std::memset(wp.data(), 0, wp.size() * sizeof(v16));
+  float* wpf = reinterpret_cast<float*>(wp.data());
+  const int64_t op = kNV * 16;
+  for (int64_t k = 0; k < g.kh * g.kw * g.C; ++k)
+    std::memcpy(wpf + k * op, w + k * g.O, sizeof(float) * g.O);
+  v16 bv[kNV];
+  std::memset(bv, 0, sizeof(bv));
+  if (bias != nullptr) std::memcpy(bv, bias, sizeof(float) * g.O);
+  ParallelFor(pool, g.B * g.Ho, [&](int64_t i) {
+    Row<kNV>(g, x, wp.data(), bv, out, i / g.Ho, i % g.Ho);
+  });
+}
+
+ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer X, ffi::AnyBuffer Wt, ffi::AnyBuffer Bias,
+                    ffi::AnyBuffer Res, ffi::Result<ffi::AnyBuffer> Out,
+                    ffi::Span<const int64_t> geom) {
+  if (geom.size() != 5) return ffi::Error::InvalidArgument("geom: sh, sw, ph, pw, relu");
+  auto xd = X.dimensions(), wd = Wt.dimensions(), od = Out->dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || od.size() != 4)
+    return ffi::Error::InvalidArgument("x, w and out must be rank 4 (NHWC, HWIO, NHWC)");
+  Geom g{xd[0], xd[1], xd[2], xd[3], wd[3], od[1], od[2], wd[0], wd[1],
+         geom[0], geom[1], geom[2], geom[3], geom[4] != 0, nullptr};
+  if (Res.element_count() != 0) {
+    if (Res.element_count() != Out->element_count())
+      return ffi::Error::InvalidArgument("the residual must have the output's shape");
+    g.res = Res.typed_data<float>();
+  }
+  if (wd[2] != g.C || od[0] != g.B || od[3] != g.O)
+    return ffi::Error::InvalidArgument("shapes do not agree");
+  if (g.O > 64) return ffi::Error::InvalidArgument("at most 64 output channels");
+  const float* bias = Bias.element_count() == static_cast<size_t>(g.O)
+                          ? Bias.typed_data<float>() : nullptr;
+  const float* x = X.typed_data<float>();
+  const float* w = Wt.typed_data<float>();
+  float* out = Out->typed_data<float>();
+#ifdef __AVX512F__
+  if (g.O <= kDotMaxOut) {
+    RunDot(pool, g, x, w, bias, out);
+    return ffi::Error::Success();
+  }
+#endif
+  if (g.O <= 16) Run<1>(pool, g, x, w, bias, out);
+  else if (g.O <= 32) Run<2>(pool, g, x, w, bias, out);
+  else if (g.O <= 48) Run<3>(pool, g, x, w, bias, out);
+  else Run<4>(pool, g, x, w, bias, out);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MetapruneConvNhwc, ConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("geom"));
