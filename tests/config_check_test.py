@@ -71,7 +71,7 @@ class CheckConfigTest(parameterized.TestCase):
       ("visualize__criterion", "l1", "config.visualize.criterion='l1': unknown criterion"),
       ("prune__normalizer", "l2", "config.prune.normalizer='l2': unknown normalizer"),
       ("prune__round_to", 0, "config.prune.round_to=0: must be a positive integer"),
-      ("prune__round_to", 2.5, "config.prune.round_to=2.5: must be a positive integer"),
+      ("prune__round_to", -8, "config.prune.round_to=-8: must be a positive integer"),
       ("data_workers", -1, "config.data_workers=-1: must be an integer >= 0"),
       ("metanet__precision", "float16",
        "config.metanet.precision='float16': unknown matmul precision"),
