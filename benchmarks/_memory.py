@@ -38,10 +38,10 @@ def vm_mb(key: str):
 
 def huge_pages_first() -> dict:
   """Restarts this benchmark with transparent huge pages, as the CLI runs (see
-  ``metaprune_jax.host_memory``; ``METAPRUNE_HUGE_PAGES=0`` measures without them), then returns
+  ``metaprune_jax.backends.host_memory``; ``METAPRUNE_HUGE_PAGES=0`` measures without them), then returns
   the setting to report: ``{"huge_pages": bool, "glibc_tunables": str}``."""
   import os  # pylint: disable=import-outside-toplevel
-  from metaprune_jax import host_memory  # pylint: disable=import-outside-toplevel
+  from metaprune_jax.backends import host_memory  # pylint: disable=import-outside-toplevel
   host_memory.restart_with_huge_pages()
   return {"huge_pages": host_memory.huge_pages_active(),
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}

@@ -10,7 +10,7 @@ meta-train the metanetwork (only when ``metanet`` is compared), then the ``prune
 stage cache, so the initial pruning and its finetune are computed once per seed, and the
 transform stage (metanetwork + finetune, sparse learning, or plain finetune) once per method.
 
-The protocol (``metaprune_jax.prune_mode``): every method gets the same stages and epochs (the
+The protocol (``metaprune_jax.modes.prune``): every method gets the same stages and epochs (the
 budget is written in ``settings.budget``), every finetune after pruning keeps its best
 *validation* epoch, and the test split is only reported. Besides the test accuracy after the
 final finetune, each method's no-finetune accuracy-vs-speed-up curve is measured on the network
@@ -90,7 +90,7 @@ def smoke(config):
 
 def check_args(methods, targets, seeds):
   """Raises ValueError naming the first bad argument (before anything is written)."""
-  from metaprune_jax import prune_mode  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.modes import prune as prune_mode  # pylint: disable=g-import-not-at-top
   bad = [m for m in methods if m not in prune_mode.METHODS]
   if bad:
     raise ValueError(f"unknown method(s) {bad}; choose from {list(prune_mode.METHODS)}")
@@ -118,12 +118,12 @@ def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True
   """Runs the comparison; returns (and writes) the compare.json dict."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from metaprune_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.runtime import data as data_lib  # pylint: disable=g-import-not-at-top
   from metaprune_jax import modes  # pylint: disable=g-import-not-at-top
-  from metaprune_jax import pipeline  # pylint: disable=g-import-not-at-top
-  from metaprune_jax import prune_mode  # pylint: disable=g-import-not-at-top
-  from metaprune_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-  from metaprune_jax import visualize  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.modes import common as pipeline  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.modes import prune as prune_mode  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.runtime import train as train_lib  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.modes import visualize  # pylint: disable=g-import-not-at-top
 
   check_args(methods, targets, seeds)
   for m in methods:

@@ -38,13 +38,13 @@ import numpy as np
 import optax
 
 import metaprune_jax as mp
-from metaprune_jax import graph as graph_lib
-from metaprune_jax import inference
-from metaprune_jax import metanet as metanet_lib
-from metaprune_jax import metatrain
-from metaprune_jax import steps
-from metaprune_jax import xla_hints
-from metaprune_jax.state import create_state
+from metaprune_jax.backends import xla_hints
+from metaprune_jax.graphs import graph as graph_lib
+from metaprune_jax.metanetwork import metanet as metanet_lib
+from metaprune_jax.metanetwork import metatrain
+from metaprune_jax.nets import inference
+from metaprune_jax.runtime import steps
+from metaprune_jax.runtime.state import create_state
 
 
 def _log(msg):

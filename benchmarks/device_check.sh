@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device check (issue 27): the train step, the metanetwork forward+backward, the meta-training
 # step and the pruned network's speed-up on whatever accelerator jax finds, with and without the
-# XLA:CPU settings where they would apply (metaprune_jax/xla_hints.py), written to one JSON file.
+# XLA:CPU settings where they would apply (metaprune_jax/backends/xla_hints.py), written to one JSON file.
 #
 #   benchmarks/device_check.sh [OUT.json] [extra args for device_check.py, e.g. --tiny]
 #

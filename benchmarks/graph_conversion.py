@@ -9,7 +9,7 @@ Run:
   python benchmarks/graph_conversion.py [--runs 20] [--warmup 3] [--archs resnet56,resnet50]
 
 The script restarts itself with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35: malloc
-asks for transparent huge pages), as the CLI runs (``metaprune_jax.host_memory``);
+asks for transparent huge pages), as the CLI runs (``metaprune_jax.backends.host_memory``);
 ``METAPRUNE_HUGE_PAGES=0`` measures without. Each call's outputs are fresh buffers of ~100 MB
 (ResNet-50) that glibc maps anew, so with 4 KiB pages a call spends much of its time in page
 faults (``minor_faults_per_call`` in the output: ~25,000 for ResNet-50's to_graph); with huge
@@ -35,8 +35,8 @@ import _networks
 import jax
 import numpy as np
 
-from metaprune_jax import graph as graph_lib
-from metaprune_jax import zoo
+from metaprune_jax.graphs import graph as graph_lib
+from metaprune_jax.nets import zoo
 
 _ARCHS = {"resnet56": ("resnet56", 10, (32, 32)), "resnet50": ("resnet50", 1000, (224, 224))}
 

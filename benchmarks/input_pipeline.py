@@ -23,7 +23,7 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 
-from metaprune_jax import data
+from metaprune_jax.runtime import data
 
 _W, _H = 500, 375  # ImageNet's most common training-image size
 

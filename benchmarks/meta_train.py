@@ -31,11 +31,11 @@ import numpy as np
 import optax
 
 import metaprune_jax as mp
-from metaprune_jax import graph as graph_lib
-from metaprune_jax import metanet as metanet_lib
-from metaprune_jax import metatrain
-from metaprune_jax import xla_hints
-from metaprune_jax.regularizer import regularizer
+from metaprune_jax.backends import xla_hints
+from metaprune_jax.graphs import graph as graph_lib
+from metaprune_jax.metanetwork import metanet as metanet_lib
+from metaprune_jax.metanetwork import metatrain
+from metaprune_jax.prune.regularizer import regularizer
 
 
 def _log(msg):

@@ -31,12 +31,12 @@ shared machine (XLA uses up to 2 threads here, so wall time on an idle 2-core bo
 cpu/2 and cpu).
 
 The script restarts itself with transparent huge pages, as the CLI runs
-(``metaprune_jax.host_memory``); ``METAPRUNE_HUGE_PAGES=0 python benchmarks/metanet.py`` measures
+(``metaprune_jax.backends.host_memory``); ``METAPRUNE_HUGE_PAGES=0 python benchmarks/metanet.py`` measures
 without them. (An earlier ``--tune_malloc`` flag, glibc's ``mallopt`` with no mmap, no trimming
 and one arena, is gone: it removed the page faults too, but raised the peak RSS by ~1 GB and made
 the meta-training step slower, 5.8 s against 4.5 s.)
 
-On the CPU the dense-block path runs its grid groups in ``metaprune_jax.cpu_kernels``
+On the CPU the dense-block path runs its grid groups in ``metaprune_jax.backends.cpu_kernels``
 (``"grid_impl": "cpu_kernel"``; ``cpu_kernels_load_s`` is their build on a machine's first run,
 or their loading from the cache); ``METAPRUNE_JAX_CPU_KERNELS=0 python benchmarks/metanet.py``
 measures XLA's fusions instead (``"grid_impl": "xla"``, as on GPUs and TPUs).
@@ -53,12 +53,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaprune_jax import cpu_kernels
-from metaprune_jax import graph as graph_lib
-from metaprune_jax import metanet
-from metaprune_jax import reference
-from metaprune_jax import xla_hints
-from metaprune_jax import zoo
+from metaprune_jax.backends import cpu_kernels
+from metaprune_jax.backends import xla_hints
+from metaprune_jax.graphs import graph as graph_lib
+from metaprune_jax.metanetwork import metanet
+from metaprune_jax.nets import reference
+from metaprune_jax.nets import zoo
 
 def _median_time(fn, repeats):
   """(median wall s, min wall s, mean cpu s) per call."""

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import metaprune_jax as mp
-from metaprune_jax import graph as graph_lib
-from metaprune_jax import metanet as metanet_lib
+from metaprune_jax.graphs import graph as graph_lib
+from metaprune_jax.metanetwork import metanet as metanet_lib
 
 
 def main():

@@ -27,9 +27,9 @@ import jax
 import numpy as np
 
 import metaprune_jax as mp
-from metaprune_jax import cpu_kernels
-from metaprune_jax import inference
-from metaprune_jax import xla_hints
+from metaprune_jax.backends import cpu_kernels
+from metaprune_jax.backends import xla_hints
+from metaprune_jax.nets import inference
 from pruning import _interleaved
 
 _DN = ("NHWC", "HWIO", "NHWC")

@@ -34,8 +34,8 @@ import jax
 import numpy as np
 
 import metaprune_jax as mp
-from metaprune_jax import inference
-from metaprune_jax import xla_hints
+from metaprune_jax.backends import xla_hints
+from metaprune_jax.nets import inference
 
 
 def _median_time(fn, runs):

@@ -91,7 +91,7 @@ def main(argv):
   rows = summarise(rows)
   best = max((k for k in rows if k.startswith("metanet:")), key=lambda k: rows[k]["score_val"])
   summary = {"seeds": seeds, "targets": targets, "rows": rows, "best_recipe_on_val": best}
-  from metaprune_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.modes import common as pipeline  # pylint: disable=g-import-not-at-top
   pipeline.write_json(os.path.join(out, "recipe_search.json"), summary)
   _plot(summary, os.path.join(out, "recipe_search.png"))
   for k, r in rows.items():

@@ -29,7 +29,7 @@ Cases (prints one JSON object each):
 Each side runs in its own worker process (started once per case, then idle while the other
 runs), so neither library's threads, allocator or resident memory slow the other: in one
 process, our forward measured ~2x slower after the reference's forward+backward had run (its
-~10 GB of buffers). Ours runs with huge pages, as the CLI does (``metaprune_jax.host_memory``;
+~10 GB of buffers). Ours runs with huge pages, as the CLI does (``metaprune_jax.backends.host_memory``;
 ``METAPRUNE_HUGE_PAGES=0`` turns them off); the reference as PyTorch runs by default. Every
 round times each contender ``--repeats`` times, one after another; the JSON gives the median
 of all runs, the median and the worst of the per-round ratios (reference / ours), and the
@@ -80,7 +80,7 @@ def _inputs(case):
   import _networks  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import metaprune_jax as mp  # pylint: disable=import-outside-toplevel
-  from metaprune_jax import metanet  # pylint: disable=import-outside-toplevel
+  from metaprune_jax.metanetwork import metanet  # pylint: disable=import-outside-toplevel
   arch = mp.get_arch(*_CASES[case])
   variables = _networks.random_variables(arch)
   config = metanet.default_metanet_config("resnet56")
@@ -93,8 +93,8 @@ def _ours(case):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import metaprune_jax as mp  # pylint: disable=import-outside-toplevel
-  from metaprune_jax import graph as graph_lib  # pylint: disable=import-outside-toplevel
-  from metaprune_jax import metanet  # pylint: disable=import-outside-toplevel
+  from metaprune_jax.graphs import graph as graph_lib  # pylint: disable=import-outside-toplevel
+  from metaprune_jax.metanetwork import metanet  # pylint: disable=import-outside-toplevel
   arch, variables, config, params = _inputs(case)
   ready = jax.block_until_ready
   if case != "metanet":
@@ -120,7 +120,7 @@ def _reference(case, reference_dir):
   """{name: fn} of the reference's side, and the checks against our outputs."""
   import jax  # pylint: disable=import-outside-toplevel
   import metaprune_jax as mp  # pylint: disable=import-outside-toplevel
-  from metaprune_jax import metanet  # pylint: disable=import-outside-toplevel
+  from metaprune_jax.metanetwork import metanet  # pylint: disable=import-outside-toplevel
   torch, GNN, convert = _import_reference(reference_dir)
   arch, variables, config, params = _inputs(case)
   name = arch.name if case != "metanet" else "resnet56"

@@ -21,12 +21,12 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from metaprune_jax import cnn
-from metaprune_jax import macs
-from metaprune_jax import optim
-from metaprune_jax import sharding
-from metaprune_jax import state as state_lib
-from metaprune_jax import zoo
+from metaprune_jax.nets import cnn
+from metaprune_jax.nets import macs
+from metaprune_jax.nets import zoo
+from metaprune_jax.runtime import optim
+from metaprune_jax.runtime import sharding
+from metaprune_jax.runtime import state as state_lib
 
 _BATCH = flags.DEFINE_integer("batch", 128, "Global batch.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant.")

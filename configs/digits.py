@@ -11,7 +11,7 @@ is the one the recipe search chose on validation (benchmarks/recipe_search.py, d
 regulariser strength 0.1, residual ratios 0.1, AdamW lr 3e-3 decayed x0.1 after epoch 6,
 cross-entropy over the whole training split at every step. One mode at a time:
 `--config.mode=pretrain` (generate, meta_train, visualize, prune). Every schedule section has the
-keys `metaprune_jax.train.fit` reads.
+keys `metaprune_jax.runtime.train.fit` reads.
 """
 
 import ml_collections

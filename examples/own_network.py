@@ -21,7 +21,7 @@ import numpy as np
 
 from metaprune_jax import (apply_model, count_macs, evaluate, fit, get_dataset, mask_variables,
                            materialize, prune_to_target)
-from metaprune_jax.trace import from_flax, to_flax_variables
+from metaprune_jax.nets.trace import from_flax, to_flax_variables
 
 ModuleDef = Any
 

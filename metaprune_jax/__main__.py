@@ -1,5 +1,5 @@
-"""`python -m metaprune_jax`: see `metaprune_jax.main`."""
+"""`python -m metaprune_jax`: see `metaprune_jax.modes.cli`."""
 
-from metaprune_jax import main
+from metaprune_jax.modes import cli as main
 
 main.run()

@@ -22,8 +22,8 @@ jax.distributed.initialize(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from metaprune_jax import checkpoint  # noqa: E402
-from metaprune_jax import sharding  # noqa: E402
+from metaprune_jax.runtime import checkpoint  # noqa: E402
+from metaprune_jax.runtime import sharding  # noqa: E402
 
 
 def main(out):

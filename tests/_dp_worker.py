@@ -17,19 +17,19 @@ if len(sys.argv) > 2:
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from metaprune_jax import cnn  # noqa: E402
-from metaprune_jax import data  # noqa: E402
-from metaprune_jax import optim  # noqa: E402
-from metaprune_jax import sharding  # noqa: E402
-from metaprune_jax import state as state_lib  # noqa: E402
-from metaprune_jax import zoo  # noqa: E402
+from metaprune_jax.nets import cnn  # noqa: E402
+from metaprune_jax.nets import zoo  # noqa: E402
+from metaprune_jax.runtime import data  # noqa: E402
+from metaprune_jax.runtime import optim  # noqa: E402
+from metaprune_jax.runtime import sharding  # noqa: E402
+from metaprune_jax.runtime import state as state_lib  # noqa: E402
 
 
 def run_fit(out):
   """`train.fit` for one short epoch with checkpoints (Orbax across processes) and eval."""
   import ml_collections  # pylint: disable=g-import-not-at-top
 
-  from metaprune_jax import train  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.runtime import train  # pylint: disable=g-import-not-at-top
 
   arch = zoo.get_arch("resnet_tiny", 10)
   variables = jax.jit(cnn.init_variables, static_argnums=(0, 2))(arch, jax.random.PRNGKey(0),

@@ -57,7 +57,7 @@ class ApiTest(absltest.TestCase):
         import sys
         import metaprune_jax as mp
         mp.load_run  # the training runtime: Orbax, Grain, tensorboardX, tqdm
-        from metaprune_jax import train
+        from metaprune_jax.runtime import train
         print(mp.load_run is train.load_run, sorted(m for m in {HEAVY!r} if m in sys.modules))
         """)
     self.assertEqual(out, "True ['grain', 'orbax', 'tensorboardX', 'tqdm']")

@@ -18,15 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metaprune_jax import arch as arch_lib
-from metaprune_jax import cnn
-from metaprune_jax import graph as graph_lib
-from metaprune_jax import groups as groups_lib
-from metaprune_jax import macs as macs_lib
-from metaprune_jax import masks as masks_lib
-from metaprune_jax import reference
-from metaprune_jax import xla_hints
-from metaprune_jax import zoo
+from metaprune_jax.backends import xla_hints
+from metaprune_jax.graphs import graph as graph_lib
+from metaprune_jax.nets import arch as arch_lib
+from metaprune_jax.nets import cnn
+from metaprune_jax.nets import macs as macs_lib
+from metaprune_jax.nets import reference
+from metaprune_jax.nets import zoo
+from metaprune_jax.prune import groups as groups_lib
+from metaprune_jax.prune import masks as masks_lib
 
 # Every new width compiles new programs, so examples are few; deep networks get fewer.
 _EXAMPLES = {"resnet_tiny": 4, "resnet20": 3, "resnet56": 2, "vgg19": 3, "resnet50": 2}

@@ -1,4 +1,4 @@
-"""The XLA:CPU settings (metaprune_jax/xla_hints.py) against plain JAX, forced on the CPU.
+"""The XLA:CPU settings (metaprune_jax/backends/xla_hints.py) against plain JAX, forced on the CPU.
 
 ``METAPRUNE_JAX_BACKEND_TUNING=none`` (here ``xla_hints.backend_tuning('none')``) gives the
 program a GPU or TPU runs: ``lax.conv_general_dilated`` with its own gradient, no division
@@ -19,14 +19,14 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import metaprune_jax as mp  # pylint: disable=g-import-not-at-top
-from metaprune_jax import cpu_kernels
-from metaprune_jax import graph as graph_lib
-from metaprune_jax import host_memory
-from metaprune_jax import metanet as metanet_lib
-from metaprune_jax import metatrain
-from metaprune_jax import steps
-from metaprune_jax import xla_hints
-from metaprune_jax.state import create_state
+from metaprune_jax.backends import cpu_kernels
+from metaprune_jax.backends import host_memory
+from metaprune_jax.backends import xla_hints
+from metaprune_jax.graphs import graph as graph_lib
+from metaprune_jax.metanetwork import metanet as metanet_lib
+from metaprune_jax.metanetwork import metatrain
+from metaprune_jax.runtime import steps
+from metaprune_jax.runtime.state import create_state
 
 
 def _close(a, b, rtol=2e-5):
@@ -199,7 +199,7 @@ def test_precision_is_a_config_value():
 def test_run_config_precision_reaches_the_metanetwork():
   """`config.metanet.precision` of a run config is the precision meta_train/prune build with."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  from metaprune_jax import meta_modes  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.modes import meta as meta_modes  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location("_cfg", os.path.join(root, "configs", "digits.py"))
   module = importlib.util.module_from_spec(spec)

@@ -14,12 +14,12 @@ import numpy as np
 from absl.testing import absltest
 
 import _xla_env
-from metaprune_jax import checkpoint as ckpt_lib
-from metaprune_jax import cnn
-from metaprune_jax import data
 from metaprune_jax import modes
-from metaprune_jax import train
-from metaprune_jax import zoo
+from metaprune_jax.nets import cnn
+from metaprune_jax.nets import zoo
+from metaprune_jax.runtime import checkpoint as ckpt_lib
+from metaprune_jax.runtime import data
+from metaprune_jax.runtime import train
 
 jax.config.update("jax_disable_most_optimizations", True)
 

@@ -35,7 +35,7 @@ class CompareMethodsTest(absltest.TestCase):
     super().tearDownClass()
 
   def test_schema(self):
-    from metaprune_jax import pipeline  # pylint: disable=g-import-not-at-top
+    from metaprune_jax.modes import common as pipeline  # pylint: disable=g-import-not-at-top
     s = pipeline.read_json(os.path.join(self.out, "compare.json"))
     self.assertTrue(os.path.exists(os.path.join(self.out, "compare.png")))
     self.assertEqual(s["settings"]["methods"], ["group_l2", "random"])

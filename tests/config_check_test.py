@@ -9,7 +9,7 @@ import tempfile
 from absl.testing import absltest
 from absl.testing import parameterized
 
-from metaprune_jax import config_check
+from metaprune_jax.modes import config_check
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

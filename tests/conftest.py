@@ -8,14 +8,14 @@ import tempfile
 import jax
 import pytest
 
-from metaprune_jax import host_memory
+from metaprune_jax.backends import host_memory
 
 import _fixtures
 import _xla_env
 
 # Transparent huge pages for every process this run starts (the xdist workers, which the
 # controller starts after loading this file, and their CLI runs and workers): the same setting
-# `python -m metaprune_jax` restarts itself with (metaprune_jax/host_memory.py). The process that
+# `python -m metaprune_jax` restarts itself with (metaprune_jax/backends/host_memory.py). The process that
 # loads this file first keeps its own allocator; it only collects and reports.
 host_memory.set_for_subprocesses()
 

@@ -1,4 +1,4 @@
-"""The metanetwork's CPU edge kernels (metaprune_jax/cpu_kernels.py, csrc/grid_cpu.cc) against
+"""The metanetwork's CPU edge kernels (metaprune_jax/backends/cpu_kernels.py, csrc/grid_cpu.cc) against
 a direct JAX statement of what they compute: every message of a node gathered into one padded
 row, reduced with jnp's sum/max/min (whose gradients split max/min ties evenly, as the kernels
 and torch's scatter_reduce do), and the XLA path of metanet_blocks."""
@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metaprune_jax import cnn
-from metaprune_jax import cpu_kernels
-from metaprune_jax import graph as graph_lib
-from metaprune_jax import metanet
-from metaprune_jax import metanet_blocks
-from metaprune_jax import zoo
+from metaprune_jax.backends import cpu_kernels
+from metaprune_jax.graphs import graph as graph_lib
+from metaprune_jax.metanetwork import blocks as metanet_blocks
+from metaprune_jax.metanetwork import metanet
+from metaprune_jax.nets import cnn
+from metaprune_jax.nets import zoo
 
 # Groups of a test layer: (B, S, R) and each block's first S and R node. Blocks overlap as in
 # real graphs: nodes 0-69 are the S rows of group 0's three blocks and of group 1's first, so

@@ -7,7 +7,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl.testing import absltest
 
-from metaprune_jax import data
+from metaprune_jax.runtime import data
 
 
 class DigitsTest(absltest.TestCase):

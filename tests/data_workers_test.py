@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from metaprune_jax import data
+from metaprune_jax.runtime import data
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 from absl.testing import absltest
 
-from metaprune_jax import checkpoint as ckpt_lib
-from metaprune_jax import datamodels
-from metaprune_jax import metanet as metanet_lib
 from metaprune_jax import modes
-from metaprune_jax import pipeline
-from metaprune_jax import prune_mode
-from metaprune_jax import reference
-from metaprune_jax import zoo
+from metaprune_jax.metanetwork import metanet as metanet_lib
+from metaprune_jax.modes import common as pipeline
+from metaprune_jax.modes import prune as prune_mode
+from metaprune_jax.nets import reference
+from metaprune_jax.nets import zoo
+from metaprune_jax.runtime import checkpoint as ckpt_lib
+from metaprune_jax.runtime import datamodels
 
 from _files import snapshot as _snapshot
 
@@ -117,9 +117,9 @@ class PipelineTest(absltest.TestCase):
     # The saved materialised network loads and gives the reported accuracy.
     arch, variables = prune_mode.load_pruned(w)
     self.assertEqual(dict(arch.widths), rep["widths"])
-    from metaprune_jax import macs as macs_lib  # pylint: disable=g-import-not-at-top
+    from metaprune_jax.nets import macs as macs_lib  # pylint: disable=g-import-not-at-top
     self.assertEqual(macs_lib.count_macs(arch, tuple(rep["mac_input_shape"]))[0], rep["macs"])
-    ds = __import__("metaprune_jax.data", fromlist=["x"]).get_dataset("digits")
+    ds = __import__("metaprune_jax.runtime.data", fromlist=["x"]).get_dataset("digits")
     acc = pipeline.MaskedEvaluator(arch, ds, 360)(variables)["accuracy"]
     self.assertAlmostEqual(acc, rep["accuracy_after"], places=6)
 
@@ -219,7 +219,7 @@ class PipelineTest(absltest.TestCase):
       self.assertEqual(r["stages"]["after_pruning"]["best_epoch"], best)
 
   def test_metanet_epoch_chosen_on_validation_curves(self):
-    from metaprune_jax import visualize  # pylint: disable=g-import-not-at-top
+    from metaprune_jax.modes import visualize  # pylint: disable=g-import-not-at-top
     epoch, sel = visualize.select_epoch(self.workdir)
     self.assertEqual(epoch, 1)  # the only epoch of the tiny run
     self.assertEqual(sorted(sel["scores"]), ["baseline", "epoch_001"])
@@ -257,7 +257,7 @@ class PipelineTest(absltest.TestCase):
     self.assertTrue(os.path.exists(os.path.join(out, "importance.png")))
     imp = pipeline.read_json(os.path.join(out, "importance.json"))
     self.assertEqual(sorted(imp["histograms"]), ["baseline", "epoch_001"])
-    from metaprune_jax import groups as groups_lib  # pylint: disable=g-import-not-at-top
+    from metaprune_jax.prune import groups as groups_lib  # pylint: disable=g-import-not-at-top
     dm = datamodels.load_data_model(self.workdir, 1)
     channels = sum(g.width for g in groups_lib.pruning_groups(dm.arch))
     for h in imp["histograms"].values():

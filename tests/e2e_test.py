@@ -13,7 +13,7 @@ import numpy as np
 from absl.testing import absltest
 
 import _tb_events
-from metaprune_jax import train
+from metaprune_jax.runtime import train
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

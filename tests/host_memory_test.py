@@ -8,7 +8,7 @@ import tempfile
 
 from absl.testing import absltest
 
-from metaprune_jax import host_memory
+from metaprune_jax.backends import host_memory
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _USABLE = host_memory.huge_pages_possible()
@@ -103,7 +103,7 @@ class RestartTest(absltest.TestCase):
     # 2 MiB pages instead of 4 KiB ones.
     code = """
 import json, resource, jax, jax.numpy as jnp
-from metaprune_jax import host_memory
+from metaprune_jax.backends import host_memory
 f = jax.jit(lambda x: x * 2.0)
 x = jnp.ones((16 * 2**20,), jnp.float32)
 for _ in range(3):

@@ -1,4 +1,4 @@
-"""fold_batchnorm (metaprune_jax/inference.py): the folded network computes the unfolded one."""
+"""fold_batchnorm (metaprune_jax/nets/inference.py): the folded network computes the unfolded one."""
 
 import dataclasses
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import metaprune_jax as mp
-from metaprune_jax import inference
+from metaprune_jax.nets import inference
 
 
 def _with_random_stats(arch, seed):

@@ -17,11 +17,11 @@ import _fixtures
 import _tb_events
 from _xla_env import xla_flags
 import metaprune_jax as mp
-from metaprune_jax import datamodels
-from metaprune_jax import meta_modes
-from metaprune_jax import metanet as metanet_lib
-from metaprune_jax import metatrain
-from metaprune_jax.regularizer import regularizer
+from metaprune_jax.metanetwork import metanet as metanet_lib
+from metaprune_jax.metanetwork import metatrain
+from metaprune_jax.modes import meta as meta_modes
+from metaprune_jax.prune.regularizer import regularizer
+from metaprune_jax.runtime import datamodels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = str(_fixtures.path())  # $METAPRUNE_REFERENCE_FIXTURES (tests/_fixtures.py)
@@ -60,7 +60,7 @@ def test_regularizer_finite_differences_and_degenerate_groups():
   f = lambda p: regularizer(arch, {"params": p}, alpha=4.0, reg=0.5)
   g = jax.grad(f)(params)
   # gamma is a constant: the directional derivative with gamma frozen is sum(g * d)
-  from metaprune_jax.regularizer import group_gammas
+  from metaprune_jax.prune.regularizer import group_gammas
   gam = group_gammas(arch, params, 4.0)
   d = jax.tree_util.tree_map(lambda a: jax.random.normal(jax.random.PRNGKey(1), a.shape), params)
   frozen = lambda p: _frozen_reg(arch, p, gam, 0.5)
@@ -165,7 +165,7 @@ def test_one_meta_step_lowers_the_loss():
   y = (jnp.arange(16).reshape(2, 1, 8) % 10).astype(jnp.int32)
   spec = metatrain._spec(mc)
   import optax
-  from metaprune_jax import sharding
+  from metaprune_jax.runtime import sharding
   tx = optax.adamw(1e-3, weight_decay=0.0)
   step = meta_modes.make_meta_step(spec, full, tx, sharding.make_mesh(), 16.0, 0.01, "max")
   opt = tx.init(phi)
@@ -180,7 +180,10 @@ WORKER = textwrap.dedent("""
   import os, sys, numpy as np, jax, jax.numpy as jnp, optax
   sys.path.insert(0, {root!r})
   import metaprune_jax as mp
-  from metaprune_jax import metanet as metanet_lib, metatrain, meta_modes, sharding
+  from metaprune_jax.metanetwork import metanet as metanet_lib
+  from metaprune_jax.metanetwork import metatrain
+  from metaprune_jax.modes import meta as meta_modes
+  from metaprune_jax.runtime import sharding
   sys.path.insert(0, os.path.join({root!r}, "tests"))
   from meta_test import _tiny_models
   full, models = _tiny_models(8, seed=2)

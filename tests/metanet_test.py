@@ -1,4 +1,4 @@
-"""Tests of the metanetwork (metaprune_jax/metanet.py) against the reference fixtures."""
+"""Tests of the metanetwork (metaprune_jax/metanetwork/metanet.py) against the reference fixtures."""
 
 import functools
 import json
@@ -15,13 +15,13 @@ import numpy as np
 import _fixtures
 import _xla_env
 
-from metaprune_jax import cnn
-from metaprune_jax import graph as graph_lib
-from metaprune_jax import masks as mp_masks
-from metaprune_jax import metanet
-from metaprune_jax import metanet_blocks
-from metaprune_jax import reference
-from metaprune_jax import zoo
+from metaprune_jax.graphs import graph as graph_lib
+from metaprune_jax.metanetwork import blocks as metanet_blocks
+from metaprune_jax.metanetwork import metanet
+from metaprune_jax.nets import cnn
+from metaprune_jax.nets import reference
+from metaprune_jax.nets import zoo
+from metaprune_jax.prune import masks as mp_masks
 
 _FIXTURES = str(_fixtures.path())  # $METAPRUNE_REFERENCE_FIXTURES (tests/_fixtures.py)
 # case -> (residual ratio of the fixture's metanetwork, reference model name)

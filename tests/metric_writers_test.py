@@ -7,7 +7,7 @@ import numpy as np
 from tensorboardX.proto.event_pb2 import SessionLog
 
 import _tb_events
-from metaprune_jax import metric_writers
+from metaprune_jax.runtime import metric_writers
 
 
 def _jsonl(run_dir):

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 from absl.testing import absltest
 
-from metaprune_jax import optim
+from metaprune_jax.runtime import optim
 
 
 def _run(tx, params, grads_seq):

@@ -10,9 +10,9 @@ import pytest
 
 import _fixtures
 import metaprune_jax as mp
-from metaprune_jax import pruning
-from metaprune_jax.graph import graph_layout
-from metaprune_jax.macs import count_terms, macs_of_counts
+from metaprune_jax.graphs.graph import graph_layout
+from metaprune_jax.nets.macs import count_terms, macs_of_counts
+from metaprune_jax.prune import pruning
 
 FIX = str(_fixtures.path())  # $METAPRUNE_REFERENCE_FIXTURES (tests/_fixtures.py)
 CASES = [("resnet56_c10_pruned", "resnet56", 10, (1, 3, 32, 32)),

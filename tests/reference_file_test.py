@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import metaprune_jax as mp
-from metaprune_jax import reference
+from metaprune_jax.nets import reference
 
 
 def _state_dict(seed=0):

@@ -11,7 +11,7 @@ import pytest
 import portpicker
 from absl.testing import absltest
 
-from metaprune_jax import sharding
+from metaprune_jax.runtime import sharding
 from _xla_env import xla_flags
 
 _WORKER = os.path.join(os.path.dirname(__file__), "_dp_worker.py")

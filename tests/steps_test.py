@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from metaprune_jax import cnn
-from metaprune_jax import data
-from metaprune_jax import masks as masks_lib
-from metaprune_jax import optim
-from metaprune_jax import state as state_lib
-from metaprune_jax import steps
-from metaprune_jax import zoo
+from metaprune_jax.nets import cnn
+from metaprune_jax.nets import zoo
+from metaprune_jax.prune import masks as masks_lib
+from metaprune_jax.runtime import data
+from metaprune_jax.runtime import optim
+from metaprune_jax.runtime import state as state_lib
+from metaprune_jax.runtime import steps
 
 jax.config.update("jax_disable_most_optimizations", True)
 
@@ -59,9 +59,9 @@ class StepsTest(absltest.TestCase):
     """`sl`'s step adds exactly reg * gamma * w on every group slice (the gradient of the
     regulariser meta-training uses, written out independently here)."""
     import optax  # pylint: disable=g-import-not-at-top
-    from metaprune_jax import groups as groups_lib  # pylint: disable=g-import-not-at-top
+    from metaprune_jax.prune import groups as groups_lib  # pylint: disable=g-import-not-at-top
     import importlib  # pylint: disable=g-import-not-at-top
-    reg_mod = importlib.import_module("metaprune_jax.regularizer")
+    reg_mod = importlib.import_module("metaprune_jax.prune.regularizer")
     arch, _, state, _ = _setup(False)
     rng = np.random.default_rng(3)  # uneven channel norms, so gamma spans [1, alpha]
     params = jax.tree.map(lambda a: a * jnp.asarray(rng.uniform(0.2, 2.0, a.shape), a.dtype),

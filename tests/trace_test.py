@@ -1,4 +1,4 @@
-"""Tests of metaprune_jax.trace: the Arch of a user's flax.linen CNN, derived by tracing.
+"""Tests of metaprune_jax.nets.trace: the Arch of a user's flax.linen CNN, derived by tracing.
 
 The networks are written here, in plain flax.linen, not taken from the package.
 """
@@ -14,9 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metaprune_jax import cnn, groups, macs, masks as masks_lib, pruning
-from metaprune_jax.arch import Arch
-from metaprune_jax.trace import TraceError, from_flax, to_flax_variables
+from metaprune_jax.nets import cnn
+from metaprune_jax.nets import macs
+from metaprune_jax.nets.arch import Arch
+from metaprune_jax.nets.trace import TraceError, from_flax, to_flax_variables
+from metaprune_jax.prune import groups
+from metaprune_jax.prune import masks as masks_lib
+from metaprune_jax.prune import pruning
 
 KEY = jax.random.key(0)
 
@@ -440,7 +444,8 @@ def test_bad_input_rank_and_variables():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("net", sorted(NETS))
 def test_graph_round_trip_and_metanet(net):
-  from metaprune_jax import graph, metanet  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.graphs import graph  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.metanetwork import metanet  # pylint: disable=g-import-not-at-top
   m = NETS[net]()
   hw = 32 if net == "mixed" else 16
   x, v = _setup(m, hw=hw)
@@ -455,8 +460,8 @@ def test_graph_round_trip_and_metanet(net):
   y = cnn.apply_model(arch, out, x)
   assert y.shape == (2, arch.num_classes) and bool(jnp.all(jnp.isfinite(y)))
   if net == "resnet":  # the regulariser and one meta-training gradient
-    from metaprune_jax import metatrain  # pylint: disable=g-import-not-at-top
-    from metaprune_jax.regularizer import regularizer  # pylint: disable=g-import-not-at-top
+    from metaprune_jax.metanetwork import metatrain  # pylint: disable=g-import-not-at-top
+    from metaprune_jax.prune.regularizer import regularizer  # pylint: disable=g-import-not-at-top
     r = jax.grad(lambda p: regularizer(arch, {"params": p}))(ours["params"])
     assert jax.tree_util.tree_structure(r) == jax.tree_util.tree_structure(ours["params"])
     grads = metatrain.meta_train_grads(config, params, arch, ours, x, jnp.array([0, 1]))
@@ -467,7 +472,7 @@ def test_graph_round_trip_and_metanet(net):
 # The zoo, derived the same way: tracing cnn.CNN(arch) gives back the hand-written arch
 # ---------------------------------------------------------------------------------------------
 def _zoo(name):
-  from metaprune_jax import zoo  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.nets import zoo  # pylint: disable=g-import-not-at-top
   if name == "vgg19":  # structure only: narrow channels keep the test cheap
     a = zoo.get_arch(name, 10)
     return a.with_widths({s: 8 for s in a.prunable_spaces})
@@ -481,7 +486,8 @@ def _zoo(name):
 def test_zoo_traced_equals_hand_written(name):
   import dataclasses  # pylint: disable=g-import-not-at-top
   from unittest import mock  # pylint: disable=g-import-not-at-top
-  from metaprune_jax import graph, xla_hints  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.graphs import graph  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.backends import xla_hints  # pylint: disable=g-import-not-at-top
   a = _zoo(name)
   v = _randomize(cnn.init_variables(a, KEY, (32, 32)))
   x = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
@@ -520,7 +526,8 @@ def test_zoo_traced_equals_hand_written(name):
 
 
 def test_zoo_resnet18_34_are_traced():
-  from metaprune_jax import flax_resnet, zoo  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.nets import flax_resnet  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.nets import zoo  # pylint: disable=g-import-not-at-top
   for name, blocks in (("resnet18", 8), ("resnet34", 16)):
     a = zoo.get_arch(name, 10, width_mult=0.125)
     assert a.name == name and not a.origin and (a.node_style, a.edge_style) == ("resnet",
@@ -553,7 +560,7 @@ class PreAct(nn.Module):
 
 
 def test_preactivation_arch_without_graph():
-  from metaprune_jax import graph  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.graphs import graph  # pylint: disable=g-import-not-at-top
   m = PreAct()
   x, v = _setup(m, hw=8)
   arch, ours = from_flax(m, v, x)
@@ -569,7 +576,7 @@ def small_resnet(num_classes):
 
 
 def test_arch_from_factory_via_zoo():
-  from metaprune_jax import zoo  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.nets import zoo  # pylint: disable=g-import-not-at-top
   a = zoo.get_arch(f"{__name__}:small_resnet", 7)
   assert a.name == "small_resnet" and a.num_classes == 7
   b = zoo.get_arch(f"{__name__}:small_resnet", 7, widths={a.layer("stem").out_space: 4})
@@ -597,7 +604,8 @@ class BiasedResNet(nn.Module):
 
 
 def test_full_node_family_graph_round_trip():
-  from metaprune_jax import graph, metanet  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.graphs import graph  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.metanetwork import metanet  # pylint: disable=g-import-not-at-top
   m = BiasedResNet()
   x, v = _setup(m, hw=8)
   arch, ours = from_flax(m, v, x)
@@ -718,7 +726,7 @@ def _nnx_net():
 
 
 def test_nnx_module():
-  from metaprune_jax import trace  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.nets import trace  # pylint: disable=g-import-not-at-top
   m = _nnx_net()
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
   with pytest.raises(TraceError, match="model.eval"):
@@ -877,8 +885,8 @@ class VGG19(nn.Module):
 @pytest.mark.parametrize("name", ["resnet20", "resnet56", "vgg19", "resnet26", "resnet50"])
 def test_zoo_equals_trace_of_an_independent_flax_module(name):
   import dataclasses  # pylint: disable=g-import-not-at-top
-  from metaprune_jax import graph  # pylint: disable=g-import-not-at-top
-  from metaprune_jax import zoo  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.graphs import graph  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.nets import zoo  # pylint: disable=g-import-not-at-top
   a = zoo.get_arch(name, 10, width_mult=0.125) if name == "resnet26" else _zoo(name)
   if name in ("resnet20", "resnet56"):
     m = CifarResNet(int(name[6:]))

@@ -1,0 +1,1 @@
+"""Networks as graphs: channels are nodes, weights are edges (docs/design.md section 3)."""

@@ -1,0 +1,191 @@
+"""The Flax model of an :class:`~metaprune_jax.nets.arch.Arch`, at any widths, with channel masks.
+
+Flax linen, not nnx: the model is a pure function of a ``{'params', 'batch_stats'}`` pytree,
+which is exactly what the metanetwork produces (``from_graph``), what Orbax stores and what
+``jax.grad`` differentiates in meta-training; linen keeps that pytree explicit with no module
+state to split and merge.
+
+The module interprets ``arch.ops`` in order. PyTorch semantics are kept where they matter for
+matching the reference (docs/design.md section 7): explicit symmetric conv padding (never 'SAME'),
+BatchNorm normalising with the biased batch variance while its running variance takes the
+unbiased one, momentum 0.1 in torch terms, eps 1e-5; max-pool pads with -inf.
+
+Residual joins go through :func:`xla_hints.materialize` (on the CPU backend, an exact division
+by 1.0; elsewhere the identity). Without it, XLA:CPU fuses the whole elementwise residual stream
+of a stage (BN, add, ReLU of every earlier block) into each transpose that the weight-gradient
+convolutions need, recomputing it from the stage's start for every layer: quadratic work that
+made a ResNet-56 train step 1.6x slower (2.7 s against 1.65 s at batch 128,
+``benchmarks/train_step.py``). Convolutions go through :func:`xla_hints.conv2d` (a hand-written
+backward on the CPU backend only). ``xla_hints`` is the one place for these XLA:CPU settings.
+
+Masks: ``masks[space]`` is a ``[width]`` float vector (1 keep, 0 pruned). Every conv and BN
+output in a space is multiplied by its mask, so a pruned channel is an exact zero everywhere it
+is read, and the masked network computes what the network materialised at the kept widths
+computes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from metaprune_jax.backends import xla_hints
+from metaprune_jax.nets.arch import Arch
+
+
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1  # PyTorch convention: new = (1 - m) * running + m * batch
+
+
+def conv2d(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple) -> jax.Array:
+  """2-D convolution ``[B, H, W, C] x [kh, kw, C, O] -> [B, Ho, Wo, O]`` (NHWC, HWIO).
+
+  :func:`metaprune_jax.backends.xla_hints.conv2d`: ``lax.conv_general_dilated`` with its own gradient,
+  except on the CPU backend, where the backward pass is hand-written (the same numbers; see
+  ``xla_hints`` for why and for the switch).
+
+  Args:
+    x: ``[B, H, W, C]``.
+    w: ``[kh, kw, C, O]``.
+    strides: ``(sh, sw)``.
+    padding: ``((top, bottom), (left, right))``.
+  """
+  return xla_hints.conv2d(x, w, strides, padding)
+
+
+def _flax_conv(x, w, strides, padding, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count=1, precision=None):
+  """``nn.Conv``'s ``conv_general_dilated`` hook, routed to :func:`conv2d`."""
+  del dimension_numbers, precision  # nn.Conv's 2-D defaults: NHWC / HWIO
+  if any(d != 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1))) or \
+      feature_group_count != 1:
+    raise ValueError("cnn.conv2d supports plain convolutions only (no dilation, no groups): "
+                     f"got lhs_dilation={lhs_dilation}, rhs_dilation={rhs_dilation}, "
+                     f"feature_group_count={feature_group_count}")
+  return conv2d(x, w, tuple(strides), tuple(tuple(p) for p in padding))
+
+
+def _kaiming_fan_out(key, shape, dtype=jnp.float32):
+  kh, kw, _, out = shape
+  return jax.random.normal(key, shape, dtype) * math.sqrt(2.0 / (kh * kw * out))
+
+
+def _torch_linear_uniform(fan_in):
+  bound = 1.0 / math.sqrt(max(fan_in, 1))
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class BatchNorm(nn.Module):
+  """PyTorch-semantics BatchNorm over the last axis (NHWC or NC)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    mean_v = self.variable("batch_stats", "mean", jnp.zeros, (c,))
+    var_v = self.variable("batch_stats", "var", jnp.ones, (c,))
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x, axes)
+      var = jnp.mean(jnp.square(x - mean), axes)
+      n = math.prod(x.shape[:-1])
+      if not self.is_initializing():
+        unbiased = var * (n / max(n - 1, 1))
+        mean_v.value = (1 - BN_MOMENTUM) * mean_v.value + BN_MOMENTUM * mean
+        var_v.value = (1 - BN_MOMENTUM) * var_v.value + BN_MOMENTUM * unbiased
+    else:
+      mean, var = mean_v.value, var_v.value
+    return (x - mean) * (scale * jax.lax.rsqrt(var + BN_EPS)) + bias
+
+
+class CNN(nn.Module):
+  """A CNN interpreted from ``arch.ops``. Call with NHWC images ``[B, H, W, 3]``."""
+
+  arch: Arch
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, masks: Mapping[str, jax.Array] | None = None):
+    arch = self.arch
+    layers = arch.layer_map
+    env = {"x": x}
+    for op in arch.ops:
+      a = env[op.inputs[0]]
+      if op.op == "conv":
+        l = layers[op.layer]
+        binit = nn.initializers.zeros  # conv biases (VGG) start at zero in the reference
+        y = nn.Conv(arch.width(l.out_space), (l.kernel, l.kernel), (l.stride, l.stride),
+                    padding=((l.padding, l.padding), (l.padding, l.padding)), use_bias=l.bias,
+                    kernel_init=_kaiming_fan_out, bias_init=binit,
+                    conv_general_dilated=_flax_conv, name=l.name)(a)
+        y = _mask(y, masks, l.out_space)
+      elif op.op == "bn":
+        l = layers[op.layer]
+        y = _mask(BatchNorm(name=l.name)(a, train), masks, l.out_space)
+      elif op.op == "dense":
+        l = layers[op.layer]
+        fan_in = arch.width(l.in_space)
+        if arch.init == "vgg":
+          kinit = nn.initializers.normal(0.01)
+          binit = nn.initializers.zeros
+        else:
+          kinit = binit = _torch_linear_uniform(fan_in)
+        y = nn.Dense(arch.width(l.out_space), use_bias=l.bias, kernel_init=kinit,
+                     bias_init=binit, name=l.name)(a)
+      elif op.op == "relu":
+        y = nn.relu(a)
+      elif op.op == "add":
+        y = xla_hints.materialize(a + env[op.inputs[1]])
+      elif op.op == "maxpool":
+        p = op.padding
+        y = jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, (1, op.window, op.window, 1),
+                                  (1, op.stride, op.stride, 1),
+                                  ((0, 0), (p, p), (p, p), (0, 0)))
+      elif op.op == "gap":
+        y = jnp.mean(a, axis=(1, 2))
+      else:
+        raise ValueError(f"unknown op {op.op!r}")
+      env[op.output] = y
+    return env[arch.ops[-1].output]
+
+
+def _mask(y, masks, space):
+  if masks is None or space not in masks:
+    return y
+  return y * masks[space].astype(y.dtype)
+
+
+def init_variables(arch: Arch, rng: jax.Array, input_hw=(32, 32)) -> dict:
+  """Fresh ``{'params', 'batch_stats'}`` for ``arch`` (reference init, docs/design.md section 7)."""
+  x = jnp.zeros((1, *input_hw, 3), jnp.float32)
+  variables = CNN(arch).init(rng, x, train=False)
+  return jax.tree_util.tree_map(lambda a: a, dict(variables))
+
+
+def apply_model(arch: Arch, variables: Mapping, images_nhwc: jax.Array, train: bool = False,
+                masks: Mapping[str, jax.Array] | None = None):
+  """Runs the network.
+
+  Args:
+    arch: the architecture (its widths must match ``variables``).
+    variables: ``{'params': ..., 'batch_stats': ...}``.
+    images_nhwc: ``[B, H, W, 3]`` float32.
+    train: BatchNorm in training mode (batch statistics, running stats updated).
+    masks: optional ``{space: [width] float}`` channel masks.
+
+  Returns:
+    ``logits [B, num_classes]``; with ``train=True``, ``(logits, new_batch_stats)``.
+  """
+  model = CNN(arch)
+  v = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  if train:
+    logits, upd = model.apply(v, images_nhwc, train=True, masks=masks, mutable=["batch_stats"])
+    return logits, upd["batch_stats"]
+  return model.apply(v, images_nhwc, train=False, masks=masks)

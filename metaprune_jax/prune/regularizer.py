@@ -1,0 +1,104 @@
+"""The DepGraph group-norm regulariser of meta-training (docs/design.md section 5).
+
+``R = reg / 2 * sum_g sum_c gamma_g[c] * ||w_{g,c}||^2`` over every slice of channel ``c`` of
+group ``g`` (conv/dense output rows, consumers' input columns, BatchNorm scales; with
+``bias=True`` also conv/dense/BatchNorm biases), with ``gamma_g = alpha ** ((max imp - imp) /
+(max imp - min imp))``, ``imp = sqrt(normalised group importance)`` and no gradient through
+``gamma``. Its gradient, ``reg * gamma * w`` on each slice, is exactly what the reference's
+``GroupNormPruner.regularize`` adds to ``.grad`` (a weight in two groups gets both terms).
+
+On a masked full-width network (``masks`` given) importance, ``max``/``min`` and the
+"ignore a group with exactly ``num_classes`` channels" rule use the kept channels only, so the
+value equals that of the materialised network.
+
+Degenerate groups: a group whose importance has a NaN is skipped, as in the reference. Where
+``max imp == min imp`` (one channel, or all equal) the reference divides 0 by 0, gets NaN
+``gamma`` and then silently drops every parameter tensor whose regulariser gradient contains a
+NaN; we set ``gamma = 1`` for such a group instead (its channels are equally important, so
+none is pushed harder), which keeps every other group's contribution.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from metaprune_jax.nets.arch import Arch
+from metaprune_jax.prune import groups as groups_lib
+
+
+def group_gammas(arch: Arch, params: Mapping, alpha: float = 16.0, normalizer: str = "max",
+                 masks: Mapping | None = None) -> list:
+  """Per-group ``gamma [width]`` (constants: gradients stopped). NaN groups give zeros."""
+  out = []
+  for g in _groups(arch, masks):
+    raw = jax.lax.stop_gradient(groups_lib.raw_group_importance(arch, params, g))
+    keep = None if masks is None or g.space not in masks else masks[g.space] > 0
+    if keep is not None and normalizer == "max":
+      imp = raw / jnp.max(jnp.where(keep, raw, -jnp.inf))
+    elif keep is not None and normalizer == "mean":
+      imp = raw / (jnp.sum(jnp.where(keep, raw, 0)) / jnp.sum(keep))
+    else:
+      imp = groups_lib.normalize(raw, normalizer)
+    imp = jnp.sqrt(imp)
+    if keep is None:
+      hi, lo = jnp.max(imp), jnp.min(imp)
+    else:
+      hi = jnp.max(jnp.where(keep, imp, -jnp.inf))
+      lo = jnp.min(jnp.where(keep, imp, jnp.inf))
+    span = hi - lo
+    gamma = jnp.where(span > 0, alpha ** ((hi - imp) / jnp.where(span > 0, span, 1.0)), 1.0)
+    gamma = jnp.where(jnp.any(jnp.isnan(imp)), 0.0, gamma)
+    if keep is not None:
+      gamma = jnp.where(keep, gamma, 0.0)
+      # a group pruned to exactly num_classes channels is ignored, as in the materialised net
+      gamma = jnp.where(jnp.sum(keep) == arch.num_classes, 0.0, gamma)
+    out.append(jax.lax.stop_gradient(gamma))
+  return out
+
+
+def _groups(arch, masks):
+  """Masked (embedded) networks decide the num_classes rule from their kept counts."""
+  return groups_lib.pruning_groups(arch, ignore_classes=masks is None)
+
+
+def regularizer(arch: Arch, variables: Mapping, alpha: float = 16.0, reg: float = 10.0,
+                normalizer: str = "max", bias: bool = False,
+                masks: Mapping | None = None) -> jax.Array:
+  """The group-norm regulariser value (scalar); differentiate it w.r.t. ``variables['params']``.
+
+  Args:
+    arch: architecture.
+    variables: ``{'params', ...}`` (or a bare params tree).
+    alpha: gamma's base (16 in the paper).
+    reg: strength (10).
+    normalizer: importance normaliser before the square root (``max``).
+    bias: also regularise biases (the reference's ``bias=False`` by default).
+    masks: optional channel masks (pruned channels excluded from max/min and from R).
+
+  Returns:
+    scalar float32. Jittable (``arch`` static).
+  """
+  params = variables["params"] if "params" in variables else variables
+  gammas = group_gammas(arch, params, alpha, normalizer, masks)
+  total = jnp.float32(0.0)
+  for g, gamma in zip(_groups(arch, masks), gammas):
+    for m in g.members:
+      p = params[m.layer]
+      if m.kind == "bn":
+        sq = jnp.square(p["scale"])
+        if bias:
+          sq = sq + jnp.square(p["bias"])
+      else:
+        k = p["kernel"]
+        if m.kind == "conv":
+          axes = (0, 1, 2) if m.role == "out" else (0, 1, 3)
+        else:
+          axes = (0,) if m.role == "out" else (1,)
+        sq = jnp.sum(jnp.square(k), axis=axes)
+        if bias and m.role == "out" and "bias" in p:
+          sq = sq + jnp.square(p["bias"])
+      total = total + jnp.sum(gamma * sq)
+  return 0.5 * reg * total
