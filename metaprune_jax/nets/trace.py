@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metaprune_jax.backends import switch
 from metaprune_jax.nets import cnn
 from metaprune_jax.nets.arch import CLASSES, INPUT, Arch, Layer, Op
 
@@ -826,7 +827,9 @@ def _trace(fwd, variables, leaves, shape, name, count_relu, node_style, edge_sty
   x_spec = jax.ShapeDtypeStruct(shape, jnp.float32)
   v_spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
   try:
-    closed = jax.make_jaxpr(fwd)(v_spec, x_spec)
+    # plain JAX ops (the XLA:CPU settings would put C++ kernel calls into the jaxpr)
+    with switch.backend_tuning("none"):
+      closed = jax.make_jaxpr(fwd)(v_spec, x_spec)
   except flax.errors.FlaxError as e:
     msg = str(e).split("\n")[0]
     if isinstance(e, (flax.errors.ModifyScopeVariableError,)):
