@@ -127,7 +127,7 @@ def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True
 
   check_args(methods, targets, seeds)
   for m in methods:
-    if m == "sl":
+    if m in pipeline.SPARSE_METHODS:
       prune_mode.sl_settings(config)
   out = os.path.abspath(out)
   curve_max = float(curve_max or max(targets))
@@ -167,7 +167,7 @@ def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True
       say(f"seed {seed}: pretrain")
       modes.get("pretrain")(c, sd)
     c.base_workdir = base
-    if "metanet" in methods:
+    if any(m in pipeline.METANET_METHODS for m in methods):
       dm = src if src and _has_data_models(src) else sd
       c.data_models_dir = dm
       if dm == sd:
@@ -193,7 +193,7 @@ def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True
         r["values"].append(report["accuracy_after"])
         r["val_values"].append(report["val_accuracy_after"])
         r["speed_up"].append(report["speed_up"])
-        if method == "metanet":
+        if method in pipeline.METANET_METHODS:
           epochs_used[f"{seed}"] = report["metanet_epoch"]
         done += 1
         say(f"seed {seed} {method:8s} @ {target:g}x: test {report['accuracy_after']:.4f} "
@@ -239,7 +239,8 @@ def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True
   return summary
 
 
-COLORS = {"metanet": "tab:red", "sl": "tab:blue", "group_l2": "tab:green", "random": "tab:gray"}
+COLORS = {"metanet": "tab:red", "sl": "tab:blue", "group_l2": "tab:green", "random": "tab:gray",
+          "metanet_sl": "tab:purple"}
 
 
 def plot_comparison(summary: dict, path: str) -> None:

@@ -11,6 +11,10 @@ x0.1 at 10), pruned to 1.292x, finetuned 60 epochs (x0.1 at 30), SGD wd 1e-4; 3 
 1 meta-train, 2 for visualize and prune). Metanetwork 6 layers, hidden 16, edge kinds (49, 9, 1);
 meta-training lr 0.01 decayed at epoch 2, batch 32 per device, one step per 200 iterations.
 Prune: target 2.3095x, finetunes 200 epochs (x0.1 at 120/160/185), wd 1e-4.
+
+A meta-training step holds one data model per device, so with the reference's 2 training data
+models run `meta_train` on 2 devices (CUDA_VISIBLE_DEVICES=0,1 ... --config.mode=meta_train) or
+generate more models; on 8 devices the config check stops the run before any work, saying so.
 """
 
 import importlib.util

@@ -50,8 +50,17 @@ class CheckConfigTest(parameterized.TestCase):
       module = importlib.util.module_from_spec(spec)
       spec.loader.exec_module(module)
       for devices in (1, 8):
-        config_check.check_config(module.get_config(), num_devices=devices,
-                                  num_local_devices=devices, num_processes=1)
+        config = module.get_config()
+        if devices == 8 and name in ("digits", "resnet50_imagenet"):
+          # 6 (digits) and 2 (ImageNet) training data models: a meta-training step holds one
+          # model per device, so 8 devices are refused before any work
+          with self.assertRaisesRegex(config_check.ConfigError,
+                                      "meta-training step needs 8 training data models"):
+            config_check.check_config(config, num_devices=8, num_local_devices=8,
+                                      num_processes=1)
+          config.mode = "pretrain"  # the other modes run on 8 devices
+        config_check.check_config(config, num_devices=devices, num_local_devices=devices,
+                                  num_processes=1)
 
   @parameterized.parameters(
       ("pretrain__batch_size", 0, "config.pretrain.batch_size=0: must be a positive integer"),
@@ -93,9 +102,11 @@ class CheckConfigTest(parameterized.TestCase):
     with self.assertRaises(config_check.ConfigError) as ctx:
       self._check(prune__method="sl", **overrides)
     self.assertStartsWith(str(ctx.exception), message)
+    with self.assertRaises(config_check.ConfigError):
+      self._check(prune__method="metanet_sl", **overrides)
     self._check(prune__method="group_l2", **overrides)  # only sl reads them
 
-  @parameterized.parameters("metanet", "group_l2", "sl", "random")
+  @parameterized.parameters("metanet", "group_l2", "sl", "random", "metanet_sl")
   def test_pruning_methods(self, method):
     self._check(prune__method=method)
 
@@ -110,8 +121,22 @@ class CheckConfigTest(parameterized.TestCase):
     with self.assertRaisesRegex(config_check.ConfigError, "meta_train.models_per_step=3"):
       self._check(devices=2, meta_train__models_per_step=3)
 
+  def test_meta_training_needs_a_training_data_model_per_device(self):
+    msg = (r"^config\.meta_train\.models_per_step=0: a meta-training step needs 8 training data "
+           r"models \(one per device of 8\) but generate\.num_models=8 leaves 6 after the "
+           r"validation share; generate at least 10 models")
+    with self.assertRaisesRegex(config_check.ConfigError, msg):
+      self._check(devices=8)
+    with self.assertRaisesRegex(config_check.ConfigError, "models_per_step=8: a meta-training"):
+      self._check(devices=8, mode="meta_train", meta_train__models_per_step=8)
+    self._check(devices=8, generate__num_models=10)
+    self._check(devices=8, metanet_dir="/elsewhere")  # not meta-trained here
+    self._check(devices=8, prune__method="sl")  # `all` without the metanetwork
+    self._check(devices=8, mode="generate")
+
   def test_generate_per_process_divides_by_local_devices(self):
     config = _digits_config()
+    config.mode = "generate"  # (meta-training on 8 devices needs more data models)
     config.generate.train.batch_size = 8  # 2 processes x 4 devices: 8 global, 4 local
     config.pretrain.batch_size = 8
     config_check.check_config(config, num_devices=8, num_local_devices=4, num_processes=2)

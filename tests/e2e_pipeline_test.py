@@ -188,6 +188,7 @@ class PipelineTest(absltest.TestCase):
     reports = {"metanet": self.report}
     for m in ("group_l2", "sl", "random"):
       reports[m] = self._method_run(m)[1]
+    reports["metanet_sl"] = self._method_run("metanet_sl", metanet_dir=self.workdir)[1]
     budgets = {m: r["budget"] for m, r in reports.items()}
     for m, b in budgets.items():
       self.assertEqual(reports[m]["method"], m)
@@ -205,12 +206,20 @@ class PipelineTest(absltest.TestCase):
     self.assertLen({r["stage_dirs"]["initial"] for r in reports.values()}, 1)
     self.assertEqual(reports["group_l2"]["stage_dirs"]["transform"],
                      reports["random"]["stage_dirs"]["transform"])
-    self.assertLen({r["stage_dirs"]["transform"] for r in reports.values()}, 3)
+    self.assertLen({r["stage_dirs"]["transform"] for r in reports.values()}, 4)
     self.assertEqual(budgets["sl"]["transform_kind"], "sparse_learning")
-    self.assertEqual(reports["sl"]["sl"]["reg"], self.config.prune.sl.reg)
-    # the sparse-learning run trained with the regulariser, the plain finetune without it
-    with open(os.path.join(reports["sl"]["stage_dirs"]["transform"], "metrics.jsonl")) as f:
-      self.assertGreater(json.loads(f.readline())["train_reg"], 0.0)
+    self.assertEqual(budgets["metanet_sl"]["transform_kind"], "metanet+sparse_learning")
+    for m in ("sl", "metanet_sl"):
+      self.assertEqual(reports[m]["sl"]["reg"], self.config.prune.sl.reg)
+      # the sparse-learning runs trained with the regulariser, the plain finetunes without it
+      with open(os.path.join(reports[m]["stage_dirs"]["transform"], "metrics.jsonl")) as f:
+        self.assertGreater(json.loads(f.readline())["train_reg"], 0.0, m)
+    with open(os.path.join(reports["metanet"]["stage_dirs"]["transform"], "metrics.jsonl")) as f:
+      self.assertEqual(json.loads(f.readline()).get("train_reg", 0.0), 0.0)
+    # metanet_sl starts from the same metanetwork output as metanet
+    self.assertEqual(reports["metanet_sl"]["metanet_epoch"], reports["metanet"]["metanet_epoch"])
+    self.assertEqual(reports["metanet_sl"]["stages"]["transform"]["accuracy_metanet_output"],
+                     reports["metanet"]["stages"]["transform"]["accuracy_metanet_output"])
     # every "best" epoch was chosen on validation: the kept epoch has the best val accuracy
     for r in reports.values():
       with open(os.path.join(r["stage_dirs"]["final"], "metrics.jsonl")) as f:

@@ -258,7 +258,7 @@ def _conv2d_cpu(x, w, strides, padding):
   ``cpu_kernels.CONV_MAX_IN`` input channels) runs in the direct C++ kernel
   ``cpu_kernels.conv_nhwc``: XLA:CPU's convolution costs about the same per pixel whatever the
   channel count below ~16, so a pruned network's narrow layers did not get faster (measured in
-  ``docs/performance_speed.md``). Under differentiation the forward is XLA's (the same numbers
+  ``docs/xla_cpu_notes.md``). Under differentiation the forward is XLA's (the same numbers
   up to rounding)."""
   from metaprune_jax.backends import cpu_kernels  # pylint: disable=g-import-not-at-top (cycle)
   if padding[0][0] == padding[0][1] and padding[1][0] == padding[1][1] and \

@@ -143,6 +143,12 @@ def ones_like_masks(hist: Mapping) -> dict:
   return {s: jnp.ones((np.shape(h)[1],), jnp.float32) for s, h in hist.items()}
 
 
+# The methods whose transform starts from the metanetwork's output (they need a meta_train run),
+# and those that train with the sparse-learning regulariser (``config.prune.sl``).
+METANET_METHODS = ("metanet", "metanet_sl")
+SPARSE_METHODS = ("sl", "metanet_sl")
+
+
 def pruning_method(config) -> str:
   """``config.pruning.method`` when set (the issue's spelling), else ``config.prune.method``."""
   alias = config.get("pruning", {}).get("method", "") if config.get("pruning") else ""

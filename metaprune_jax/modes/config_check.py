@@ -15,14 +15,15 @@ What is checked (the rest is left to the modes, which raise their own errors):
   holding both ``epochs`` and ``batch_size``) and the other batch/step counts, positive integers;
 * sharding: the global batches of the data-parallel schedules (and the evaluation batches of
   ``visualize`` and ``finetune_after_pruning``, ``meta_train.models_per_step``) divisible by the
-  device count; the ``generate`` schedules, which a multi-host job trains on each process's own
+  device count, and at least that many training data models (``generate.num_models`` less
+  the validation share) when the run meta-trains; the ``generate`` schedules, which a multi-host job trains on each process's own
   devices (``generate.per_process``), by the local device count there.
 """
 
 from collections.abc import Mapping
 from typing import Any
 
-PRUNE_METHODS = ("metanet", "group_l2", "sl", "random")
+PRUNE_METHODS = ("metanet", "group_l2", "sl", "random", "metanet_sl")
 OPTIMIZERS = ("sgd", "adamw")
 KEEP = ("last", "best")
 CRITERIA = ("l2", "random")
@@ -172,7 +173,7 @@ def check_config(config, *, num_devices: int | None = None,
   alias = _get(config, "pruning.method")
   if alias:
     _one_of("pruning.method", alias, PRUNE_METHODS + ("",), "pruning method")
-  if (alias or method) == "sl":  # sparse learning runs in the transform budget every method gets
+  if (alias or method) in ("sl", "metanet_sl"):  # sparse learning runs in the transform budget every method gets
     reg = _get(config, "prune.sl.reg", 1e-2)
     if not isinstance(reg, (int, float)) or not reg > 0:
       raise ConfigError("prune.sl.reg", reg, "the sparse-learning strength must be > 0")
@@ -208,3 +209,27 @@ def check_config(config, *, num_devices: int | None = None,
   value = _get(config, "meta_train.models_per_step")
   if value:
     _divisible("meta_train.models_per_step", value, num_devices, "global")
+  _check_meta_train_models(config, num_devices)
+
+
+def _check_meta_train_models(config, num_devices: int) -> None:
+  """A meta-training step holds ``models_per_step`` training data models (default: one per
+  device), so there must be at least that many; checked when the run meta-trains."""
+  if _get(config, "mode") not in ("all", "meta_train") or (_get(config, "metanet_dir") or ""):
+    return
+  if _get(config, "mode") == "all" and (_get(config, "prune.method") or "metanet") not in (
+      "metanet", "metanet_sl") and not _get(config, "pruning.method"):
+    return
+  num = _get(config, "generate.num_models")
+  if not _is_int(num):
+    return
+  n_val = int(round(num * float(_get(config, "meta_train.val_fraction", 0.2))))
+  n_train = num - n_val
+  per_step = _get(config, "meta_train.models_per_step") or num_devices
+  if n_train >= 1 and per_step > n_train:
+    raise ConfigError(
+        "meta_train.models_per_step", _get(config, "meta_train.models_per_step"),
+        f"a meta-training step needs {per_step} training data models (one per device of "
+        f"{num_devices}) but generate.num_models={num} leaves {n_train} after the validation "
+        f"share; generate at least {per_step + n_val} models, or meta-train on "
+        f"at most {n_train} device(s) (CUDA_VISIBLE_DEVICES, --config.mode=meta_train)")

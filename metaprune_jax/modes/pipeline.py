@@ -31,7 +31,7 @@ def run_all(config, workdir: str) -> dict:
   stages = []
   if not (config.get("base_workdir", "") or ""):
     stages.append("pretrain")
-  if method == "metanet":
+  if method in common.METANET_METHODS:
     if not (config.get("metanet_dir", "") or ""):
       if not (config.get("data_models_dir", "") or ""):
         stages.append("generate")

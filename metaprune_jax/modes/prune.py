@@ -6,7 +6,9 @@ Methods (``config.prune.method``), all run through the same stages on the same b
 * ``sl``: DepGraph's sparse learning (training with the group-norm regulariser of meta-training
   on the network's own weights, ``config.prune.sl``), then group-L2 pruning;
 * ``group_l2``: a plain finetune, then group-L2 pruning (DepGraph without sparse learning);
-* ``random``: a plain finetune, then random channel choice (the floor).
+* ``random``: a plain finetune, then random channel choice (the floor);
+* ``metanet_sl``: the metanetwork, then sparse learning instead of the plain finetune (does the
+  metanetwork's output make a better start for sparse learning?), then group-L2 pruning.
 
 Stages (each cached under ``config.prune.stage_dir`` ('' = ``<workdir>/prune/stages``) by a hash
 of everything it depends on, so methods and targets that share a stage compute it once, and each
@@ -66,7 +68,7 @@ from metaprune_jax.runtime import data as data_lib
 from metaprune_jax.runtime import train as train_lib
 
 DIRNAME = "prune"
-METHODS = ("metanet", "group_l2", "sl", "random")
+METHODS = ("metanet", "group_l2", "sl", "random", "metanet_sl")
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -279,7 +281,7 @@ def budget(config, method: str) -> dict:
 # sparse learning (CE + the group-norm regulariser on the network's own weights); a plain
 # finetune (group L2 and random pruning).
 TRANSFORMS = {"metanet": "metanet+finetune", "sl": "sparse_learning", "group_l2": "finetune",
-              "random": "finetune"}
+              "random": "finetune", "metanet_sl": "metanet+sparse_learning"}
 
 
 # -------------------------------------------------------------------------------------- mode
@@ -302,7 +304,7 @@ def prune(config, workdir: str) -> dict:
   method = common.pruning_method(config)
   if method not in METHODS:
     raise ValueError(f"config.prune.method={method!r} is unknown; choose from {METHODS}")
-  sparsity = sl_settings(config) if method == "sl" else None
+  sparsity = sl_settings(config) if method in common.SPARSE_METHODS else None
   round_to = pruning.check_round_to(pc.get("round_to", 1))
   dataset = data_lib.dataset_from_config(config)
   shape = common.input_shape(dataset)
@@ -329,7 +331,7 @@ def prune(config, workdir: str) -> dict:
                      "nothing was written")
   mn_root = common.source_dir(config, "metanet_dir", workdir)
   mn_epoch, selection = None, None
-  if method == "metanet":
+  if method in common.METANET_METHODS:
     want = int(pc.get("metanet_epoch", -1))
     if want == 0:  # chosen on the validation curves of `visualize`
       here = os.path.exists(os.path.join(workdir, common.DIRNAME, "curves.json"))
@@ -341,7 +343,7 @@ def prune(config, workdir: str) -> dict:
   val_fraction = dataset.num_val / max(dataset.num_val + dataset.num_train, 1)
   signature = common.jsonable({
       "method": method, "target_speed_up": target, "initial_speed_up": initial,
-      "base": base_src, "metanet_dir": mn_root if method == "metanet" else None,
+      "base": base_src, "metanet_dir": mn_root if method in common.METANET_METHODS else None,
       "metanet_epoch": mn_epoch, "steps": steps, "criterion": criterion,
       "normalizer": normalizer, "seed": seed, "reference_compat": compat,
       "val_fraction": val_fraction, "sparsity": sparsity,
@@ -411,13 +413,13 @@ def prune(config, workdir: str) -> dict:
   kind = TRANSFORMS[method]
   k2 = _stage_key("transform", k1, kind, config.finetune_after_metanet.to_dict(),
                   {"metanet_dir": mn_root, "epoch": mn_epoch, "compat": compat}
-                  if kind == "metanet+finetune" else None, sparsity)
+                  if method in common.METANET_METHODS else None, sparsity)
   rec2 = cache.get("transform", k2)
   d2 = os.path.join(cache.dir("transform", k2), "finetune")
   if rec2 is None:
     rec2 = {"kind": kind, "importance_before": importance_shares(small, v)}
     vt = v
-    if kind == "metanet+finetune":
+    if method in common.METANET_METHODS:
       vt = metanet_lib.transform(mc, phi, small, v, reference_compat=compat)
       rec2.update(metanet_epoch=mn_epoch, accuracy_metanet_output=small_test(vt)["accuracy"],
                   val_accuracy_metanet_output=small_val(vt)["accuracy"],

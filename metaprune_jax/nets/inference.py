@@ -10,7 +10,7 @@ with :func:`metaprune_jax.nets.cnn.apply_model` (``train=False``) like any other
 Why: on XLA:CPU a BatchNorm is a separate elementwise pass over the activations (XLA does not
 fuse elementwise consumers into a convolution there), and a pruned network's narrow
 convolutions are cheap enough that those passes are a large share of its time. See
-``docs/performance_speed.md`` for the figures.
+``docs/xla_cpu_notes.md`` for the figures.
 
 The folded form is for inference and export only: it cannot be trained with BatchNorm again,
 converted to a graph (the metanetwork's graphs have BatchNorm nodes) or named in the
