@@ -9,7 +9,7 @@ would trade private helpers across files that must still be read and changed tog
 
 A network's graph is a concatenation of edge *blocks* (docs/design.md 3): every conv/dense layer
 and every single-kind identity shortcut is a full bipartite grid of (output channel ->
-input channel) edges in input-major order (``graphs.layout``'s module docstring), so its ``[I * O, h]``
+input channel) edges in input-major order (``graphs.layout``'s docstring), so its ``[I * O, h]``
 edge tensor is ``[I, O, h]`` = [receivers, senders, h] and the PNA aggregation at the input
 channels (pass 1) is a reduction over axis 1, at the output channels (pass 2) over axis 0. Multi-kind identity shortcuts are diagonal (one edge per
 channel, reversed): each of their edges is the only message of its block at either end.
@@ -86,7 +86,7 @@ class BlockPlan(NamedTuple):
 
 
 def block_plan_from_layout(layout) -> BlockPlan:
-  """The :class:`BlockPlan` of an unpadded :class:`graphs.layout.GraphLayout` (checked edge by edge).
+  """The :class:`BlockPlan` of an unpadded :class:`graphs.layout.GraphLayout` (checked per edge).
 
   Raises:
     ValueError: padded layouts, or blocks whose senders/receivers are not a grid/diagonal.
