@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from metaprune_jax.backends import xla_hints
+from metaprune_jax.graphs import device_layout
 from metaprune_jax.graphs import graph as graph_lib
 from metaprune_jax.nets import arch as arch_lib
 from metaprune_jax.nets import cnn
@@ -351,7 +352,7 @@ def test_graph_conversion_first_called_under_jit():
   jitted calls for the same architecture still work and agree bit for bit."""
   arch = zoo.get_arch("resnet20", 10, width_mult=0.125)
   variables = _random_variables(arch, 3)
-  graph_lib._device_layout.cache_clear()  # pylint: disable=protected-access
+  device_layout.device_layout.cache_clear()
   graph_lib._graph_reader.cache_clear()  # pylint: disable=protected-access
   jitted = jax.jit(lambda v: graph_lib.from_graph(arch, graph_lib.to_graph(arch, v)))
   _assert_trees_equal(jitted(variables), variables)

@@ -1,8 +1,15 @@
-"""Dense-block fast path of the metanetwork (same maths as ``metanet.MetaNet``, no scatters).
+"""Dense-block fast path of the metanetwork (same maths as ``model.MetaNet``, no scatters).
+
+Why one module of ~650 lines: the block plan, the per-group edge maths with its custom VJPs, the
+CPU-kernel dispatch and :func:`forward` are one algorithm with one set of invariants. Each
+backward rule restates its forward's maths and changes with it, the kernel path must agree with
+the XLA path value for value (and tie for tie, below), the plan's static index arrays fix the
+tensor shapes every function assumes, and :func:`forward` is the only entry point. Split, these
+would trade private helpers across files that must still be read and changed together.
 
 A network's graph is a concatenation of edge *blocks* (docs/design.md 3): every conv/dense layer
 and every single-kind identity shortcut is a full bipartite grid of (output channel ->
-input channel) edges in input-major order (``graph``'s module docstring), so its ``[I * O, h]``
+input channel) edges in input-major order (``graphs.layout``'s docstring), so its ``[I * O, h]``
 edge tensor is ``[I, O, h]`` = [receivers, senders, h] and the PNA aggregation at the input
 channels (pass 1) is a reduction over axis 1, at the output channels (pass 2) over axis 0. Multi-kind identity shortcuts are diagonal (one edge per
 channel, reversed): each of their edges is the only message of its block at either end.
@@ -79,7 +86,7 @@ class BlockPlan(NamedTuple):
 
 
 def block_plan_from_layout(layout) -> BlockPlan:
-  """The :class:`BlockPlan` of an unpadded :class:`graph.GraphLayout` (checked edge by edge).
+  """The :class:`BlockPlan` of an unpadded :class:`graphs.layout.GraphLayout` (checked per edge).
 
   Raises:
     ValueError: padded layouts, or blocks whose senders/receivers are not a grid/diagonal.
@@ -453,7 +460,7 @@ def _decoder(p, x, precision, split_ln: bool = False):
 
 
 def _finish(s1, s2, pmax, pmin, scale, count):
-  """PyG mean/std/max/min from combined statistics (as ``metanet._aggregate``)."""
+  """PyG mean/std/max/min from combined statistics (as ``model._aggregate``)."""
   has = count > 0
   denom = jnp.maximum(count, 1.0)
   mean = scale * (s1 / denom)
@@ -509,7 +516,7 @@ def forward(spec, params, nodes, edges, plan: BlockPlan, node_valid: Optional[ja
   """The metanetwork on a graph with the block structure ``plan``. Traceable.
 
   Args:
-    spec: ``metanet._Spec``.
+    spec: ``config._Spec``.
     params: metanetwork params (as ``metanet.init_metanet``).
     nodes: [N, node_dim]; edges: per-kind [E_k, d_k], laid out as ``plan`` says.
     plan: the graph's :class:`BlockPlan`.

@@ -1,360 +1,51 @@
-"""The metanetwork: a bidirectional PNA-style GNN over a network's graph (docs/design.md section 4).
+"""The metanetwork's functional API (docs/design.md section 4).
 
-Implements the metanetwork of *Meta Pruning via Graph Metanetworks* exactly as the reference
-(``nn/GNN.py``: ``MyGNN`` and ``MyGNN_resnet50``) computes it, as a Flax (linen) module over a
-``jraph.GraphsTuple``:
+``init_metanet`` and ``apply_metanet`` (jitted, one compile per config and graph shapes; the
+scatter path over any graph, or with ``plan=block_plan(arch)`` the dense-block path of
+:mod:`metaprune_jax.metanetwork.blocks`), ``validate_graph``, ``pad_graph``/``unpad_graph``,
+and network -> network: ``transform`` (``to_graph`` -> metanetwork -> ``from_graph``) and
+``scramble_classifier``.
 
-```
-node_h = NodeEnc(x);  edge_h = concat_k EdgeEnc_k(e_k)
-inv    = [+1]*(h//2) + [-1]*((h+1)//2)
-for l in 1..L:                          # one conv_l, used twice
-  n1, e1 = conv_l(LN(node_h), senders -> receivers, edge_h)
-  n2, e2 = conv_l(LN(node_h), receivers -> senders, inv * edge_h)
-  node_h += n1 + n2;  edge_h += e1 + inv * e2
-node_out = x + node_res_ratio * NodeDec(node_h);  edge_out_k = e_k + edge_res_ratio * EdgeDec_k
-```
-
-``conv(x, s -> r, a)``: ``A_j = SiLU(Dense_j(x))``; message ``A_2[r] * A_1[s] * a`` aggregated at
-``r`` with mean/std/max/min (PyG semantics: std floor, zeros for nodes without incoming edges),
-node update ``Dense(4h -> h)``; edge update ``A_3[s] * A_4[r] * a``.
-
-Implementation notes (exact rewrites, not approximations):
-
-* ``A_2[r]`` is constant within a segment, so it is factored out of the aggregation: the
-  segment reductions run on ``p = A_1[s] * a`` and the results are scaled by ``A_2`` per node
-  (max and min swap where ``A_2 < 0``; scaling by a scalar is monotone, so this is exact).
-* ``inv`` is +-1, so ``inv * e2 = A_3[r] * A_4[s] * edge_h`` exactly.
-* Edges are kept sorted by receiver through all layers (one permutation in, one out), so the
-  first pass reduces sorted segments.
-* The L layers are one ``nn.scan`` over a rematerialised layer body (params ``convs/*`` have a
-  leading layer axis): a small program, fast compiles, and one layer of residuals in memory
-  for the backward pass. Segment statistics have a custom VJP (XLA's scatter-max derivative is
-  slow on CPU).
-
-Initialisation follows PyTorch's default ``nn.Linear`` init (kernel and bias uniform in
-``+-1/sqrt(fan_in)``), as the reference does, so fresh metanetworks behave alike (docs/design.md 4).
+The rest of the metanetwork lives in one module per concern, re-exported here so
+``metanet.X`` names all of it: :mod:`~metaprune_jax.metanetwork.config` (configs, matmul
+precision), :mod:`~metaprune_jax.metanetwork.model` (the Flax module ``MetaNet`` and its maths)
+and :mod:`~metaprune_jax.metanetwork.reference` (reference checkpoints, both ways).
 
 Padding: ``pad_graph`` appends padding nodes and per-kind padding edges between padding nodes
 only, so real outputs never depend on padding; graphs padded to one budget share one compile.
 """
 
-import collections
 import functools
-import re
-from typing import Any, Mapping, NamedTuple, Sequence, Tuple
+from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jraph
-import ml_collections
 import numpy as np
 
 from metaprune_jax.metanetwork import blocks as metanet_blocks
+from metaprune_jax.metanetwork.config import (PRECISIONS, _Spec, _spec, default_metanet_config,
+                                              make_metanet_config, matmul_precision)
+from metaprune_jax.metanetwork.model import MetaNet
+from metaprune_jax.metanetwork.reference import export_reference_metanet, import_reference_metanet
 
-_LN_EPS = 1e-5
-
-
-# --------------------------------------------------------------------------------------------
-# Config.
-# --------------------------------------------------------------------------------------------
-
-_DEFAULTS = {
-    # task: (num_layers, hidden, node_dim, edge_dims, node_res_ratio, edge_res_ratio)
-    "resnet56": (8, 64, 8, (9,), 0.01, 0.01),
-    "resnet110": (8, 64, 8, (9,), 0.01, 0.01),
-    "vgg19": (8, 32, 5, (9,), 0.05, 0.05),
-    "resnet50": (6, 16, 8, (49, 9, 1), 0.0005, 0.0005),
-    "digits": (2, 16, 8, (9,), 0.01, 0.01),
-}
-
-
-# jax.lax.Precision's names (its enum values and their aliases)
-PRECISIONS = ("default", "high", "highest", "fastest", "bfloat16", "tensorfloat32", "float32")
-
-
-def matmul_precision(name: str) -> jax.lax.Precision:
-  """The ``jax.lax.Precision`` named ``name`` (``config.metanet.precision``).
-
-  ``'highest'`` (float32 products on every backend) where parity with the reference is checked;
-  ``'default'`` lets the backend choose (on the CPU the same float32 products; on TPUs and on
-  GPUs with TF32, bfloat16/TF32 passes, several times faster).
-
-  Raises:
-    ValueError: a name XLA does not know (the message names it and lists the known ones).
-  """
-  if not isinstance(name, str) or name.lower() not in PRECISIONS:
-    raise ValueError(f"unknown metanetwork matmul precision {name!r}; XLA knows {PRECISIONS}")
-  return jax.lax.Precision(name.lower())
-
-
-def make_metanet_config(num_layers, hidden, node_dim, edge_dims, node_res_ratio,
-                        edge_res_ratio, precision: str = "default") -> ml_collections.ConfigDict:
-  """Builds a metanetwork config block.
-
-  Args:
-    num_layers: number of message-passing layers L.
-    hidden: hidden width h.
-    node_dim: node feature width (8 for ResNets, 5 for VGG).
-    edge_dims: per-kind edge feature widths, in the graph's kind order, e.g. ``(9,)`` or
-      ``(49, 9, 1)``.
-    node_res_ratio: scale of the node decoder's output added to the input node features.
-    edge_res_ratio: same for the edges.
-    precision: the metanetwork's matmul precision (:func:`matmul_precision`): ``'highest'``
-      where parity with the reference is checked, ``'default'`` (the backend's) otherwise.
-
-  Returns:
-    An ``ml_collections.ConfigDict`` with those fields.
-
-  Raises:
-    ValueError: an unknown precision name.
-  """
-  matmul_precision(precision)
-  return ml_collections.ConfigDict({
-      "num_layers": int(num_layers),
-      "hidden": int(hidden),
-      "node_dim": int(node_dim),
-      "edge_dims": tuple(int(d) for d in edge_dims),
-      "node_res_ratio": float(node_res_ratio),
-      "edge_res_ratio": float(edge_res_ratio),
-      "precision": str(precision).lower(),
-  })
-
-
-def default_metanet_config(task: str) -> ml_collections.ConfigDict:
-  """The paper's metanetwork config for a task.
-
-  Args:
-    task: one of 'resnet56', 'resnet110', 'vgg19', 'resnet50', 'digits' (a small CPU config).
-
-  Returns:
-    The config (see ``make_metanet_config``).
-
-  Raises:
-    ValueError: for an unknown task.
-  """
-  if task not in _DEFAULTS:
-    raise ValueError(f"No default metanetwork config for task {task!r}; known: "
-                     f"{sorted(_DEFAULTS)}")
-  return make_metanet_config(*_DEFAULTS[task])
-
-
-class _Spec(NamedTuple):
-  """Hashable, static view of a metanetwork config (a jit static argument)."""
-  num_layers: int
-  hidden: int
-  node_dim: int
-  edge_dims: Tuple[int, ...]
-  node_res_ratio: float
-  edge_res_ratio: float
-  precision: str = "default"
-
-
-def _spec(config) -> _Spec:
-  precision = str(config.get("precision", "default")).lower()
-  matmul_precision(precision)
-  return _Spec(int(config.num_layers), int(config.hidden), int(config.node_dim),
-               tuple(int(d) for d in config.edge_dims), float(config.node_res_ratio),
-               float(config.edge_res_ratio), precision)
-
-
-# --------------------------------------------------------------------------------------------
-# Module.
-# --------------------------------------------------------------------------------------------
-
-
-def _torch_uniform(fan_in):
-  bound = 1.0 / np.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
-
-class _Linear(nn.Module):
-  """Dense layer with PyTorch's default init. Params: kernel [in, out], bias [out]."""
-  features: int
-  precision: str = "default"
-
-  @nn.compact
-  def __call__(self, x):
-    fan_in = x.shape[-1]
-    kernel = self.param("kernel", _torch_uniform(fan_in), (fan_in, self.features))
-    bias = self.param("bias", _torch_uniform(fan_in), (self.features,))
-    return jnp.dot(x, kernel, precision=matmul_precision(self.precision)) + bias
-
-
-def _layer_norm(x):
-  """LayerNorm over the last axis, no scale/offset, eps 1e-5 (biased variance, as torch)."""
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  centred = x - mean
-  var = jnp.mean(centred * centred, axis=-1, keepdims=True)
-  return centred * jax.lax.rsqrt(var + _LN_EPS)
-
-
-class _Decoder(nn.Module):
-  """LN -> Dense(h, h) -> SiLU -> Dense(h, out)."""
-  hidden: int
-  out: int
-  precision: str = "default"
-
-  @nn.compact
-  def __call__(self, x):
-    x = _Linear(self.hidden, self.precision, name="dense1")(_layer_norm(x))
-    return _Linear(self.out, self.precision, name="dense2")(nn.silu(x))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _segment_stats(p, seg, num_segments, sorted_):
-  """Segment sum, sum of squares, max and min of ``p`` [E, h] at ``seg`` [E] (each [N, h]).
-
-  Max/min are -inf/+inf at empty segments. The custom VJP (sum, 2p, and an even split among
-  ties for max/min, as torch's ``scatter_reduce``) avoids XLA's slow scatter-max derivative.
-  """
-  return _segment_stats_fwd(p, seg, num_segments, sorted_)[0]
-
-
-def _segment_stats_fwd(p, seg, num_segments, sorted_):
-  kw = dict(num_segments=num_segments, indices_are_sorted=sorted_)
-  s1 = jax.ops.segment_sum(p, seg, **kw)
-  s2 = jax.ops.segment_sum(p * p, seg, **kw)
-  mx = jax.ops.segment_max(p, seg, **kw)
-  mn = jax.ops.segment_min(p, seg, **kw)
-  return (s1, s2, mx, mn), (p, seg, mx, mn)
-
-
-def _segment_stats_bwd(num_segments, sorted_, res, cot):
-  p, seg, mx, mn = res
-  g1, g2, gmx, gmn = cot
-  kw = dict(num_segments=num_segments, indices_are_sorted=sorted_)
-  take = functools.partial(jnp.take, axis=0, mode="clip")
-  is_max = (p == take(mx, seg)).astype(p.dtype)
-  is_min = (p == take(mn, seg)).astype(p.dtype)
-  gmx = gmx / jnp.maximum(jax.ops.segment_sum(is_max, seg, **kw), 1.0)
-  gmn = gmn / jnp.maximum(jax.ops.segment_sum(is_min, seg, **kw), 1.0)
-  dp = (take(g1, seg) + 2.0 * p * take(g2, seg) + is_max * take(gmx, seg)
-        + is_min * take(gmn, seg))
-  return dp, None
-
-
-_segment_stats.defvjp(_segment_stats_fwd, _segment_stats_bwd)
-
-
-def _aggregate(p, scale, seg, count, sorted_):
-  """PyG mean/std/max/min of messages ``scale[seg] * p`` at ``seg``, concatenated.
-
-  Args:
-    p: [E, h] float32 messages without the per-target factor.
-    scale: [N, h] float32 per-target factor of the message.
-    seg: [E] int32 target node of each message.
-    count: [N, 1] float32 number of messages per node (layer-independent, computed once).
-    sorted_: whether ``seg`` is sorted.
-
-  Returns:
-    [N, 4h] float32: mean, std, max, min; all zero at nodes without messages.
-  """
-  s1, s2, pmax, pmin = _segment_stats(p, seg, count.shape[0], sorted_)
-  return metanet_blocks._finish(s1, s2, pmax, pmin, scale, count)  # pylint: disable=protected-access
-
-
-class _Conv(nn.Module):
-  """One metanetwork layer: the shared PNA conv applied forward and on reversed edges.
-
-  Scanned over layers (``nn.scan``): carry ``(node_h [N, h], edge_h [E, h])`` with edges in
-  receiver-sorted order; the other arguments are broadcast.
-  """
-  hidden: int
-  precision: str = "default"
-
-  @nn.compact
-  def __call__(self, carry, senders, receivers, inv, count_r, count_s):
-    node_h, edge_h = carry
-    x = _layer_norm(node_h)
-    a1 = nn.silu(_Linear(self.hidden, self.precision, name="lin1")(x))
-    a2 = nn.silu(_Linear(self.hidden, self.precision, name="lin2")(x))
-    a3 = nn.silu(_Linear(self.hidden, self.precision, name="lin3")(x))
-    a4 = nn.silu(_Linear(self.hidden, self.precision, name="lin4")(x))
-    downlin = _Linear(self.hidden, self.precision, name="downlin")
-    take = functools.partial(jnp.take, axis=0, mode="clip")
-    # Pass 1: s -> r, aggregated at receivers (sorted).
-    agg1 = _aggregate(take(a1, senders) * edge_h, a2, receivers, count_r, True)
-    # Pass 2: r -> s on inv * edge_h; inv is folded into the per-target factor.
-    agg2 = _aggregate(take(a1, receivers) * edge_h, a2 * inv, senders, count_s, False)
-    node_h = node_h + downlin(agg1) + downlin(agg2)
-    e1 = take(a3, senders) * take(a4, receivers) * edge_h
-    e2 = take(a3, receivers) * take(a4, senders) * edge_h
-    edge_h = edge_h + e1 + e2
-    return (node_h, edge_h), None
-
-
-class MetaNet(nn.Module):
-  """The reference metanetwork (``MyGNN`` / ``MyGNN_resnet50``) as a linen module.
-
-  Attributes:
-    num_layers, hidden, node_dim, edge_dims, node_res_ratio, edge_res_ratio, precision: see
-      ``make_metanet_config``.
-  """
-  num_layers: int
-  hidden: int
-  node_dim: int
-  edge_dims: Tuple[int, ...]
-  node_res_ratio: float
-  edge_res_ratio: float
-  precision: str = "default"
-
-  @nn.compact
-  def __call__(self, nodes, edges, senders, receivers):
-    """Runs the metanetwork.
-
-    Args:
-      nodes: [N, node_dim] float32.
-      edges: tuple of per-kind [E_k, edge_dims[k]] float32, in kind order.
-      senders: [E] int32, E = sum E_k, kind blocks contiguous in kind order.
-      receivers: [E] int32.
-
-    Returns:
-      (nodes_out [N, node_dim], tuple of edges_out_k [E_k, edge_dims[k]]).
-    """
-    h = self.hidden
-    inv = jnp.asarray([1.0] * (h // 2) + [-1.0] * ((h + 1) // 2), jnp.float32)
-    node_h = _Linear(h, self.precision, name="node_enc")(nodes)
-    edge_h = jnp.concatenate(
-        [_Linear(h, self.precision, name=f"edge_enc_{k}")(e) for k, e in enumerate(edges)], axis=0)
-    # Keep edges sorted by receiver through all layers (stable sort, exact inverse below).
-    order = jnp.argsort(receivers, stable=True)
-    s_sorted = jnp.take(senders, order)
-    r_sorted = jnp.take(receivers, order)
-    edge_h = jnp.take(edge_h, order, axis=0)
-    n = nodes.shape[0]
-    ones = jnp.ones(receivers.shape, jnp.float32)
-    count_r = jax.ops.segment_sum(ones, r_sorted, n, indices_are_sorted=True)[:, None]
-    count_s = jax.ops.segment_sum(ones, s_sorted, n)[:, None]
-    # One scanned (and rematerialised) layer body: small HLO, one layer of residuals in memory.
-    convs = nn.scan(nn.remat(_Conv), variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=nn.broadcast, length=self.num_layers)
-    (node_h, edge_h), _ = convs(h, self.precision, name="convs")((node_h, edge_h), s_sorted, r_sorted, inv,
-                                                count_r, count_s)
-    num_edges = order.shape[0]
-    unsort = jnp.zeros((num_edges,), jnp.int32).at[order].set(
-        jnp.arange(num_edges, dtype=jnp.int32), unique_indices=True)
-    edge_h = jnp.take(edge_h, unsort, axis=0)
-    nodes_out = nodes + self.node_res_ratio * _Decoder(h, self.node_dim, self.precision, name="node_dec")(node_h)
-    edges_out, start = [], 0
-    for k, e in enumerate(edges):
-      dec = _Decoder(h, self.edge_dims[k], self.precision, name=f"edge_dec_{k}")
-      edges_out.append(e + self.edge_res_ratio * dec(edge_h[start:start + e.shape[0]]))
-      start += e.shape[0]
-    return nodes_out, tuple(edges_out)
-
-
-def _module(spec: _Spec) -> MetaNet:
-  return MetaNet(*spec)
+__all__ = [
+    # functional API (this module)
+    "init_metanet", "apply_metanet", "validate_graph", "block_plan", "pad_graph", "unpad_graph",
+    "transform", "scramble_classifier",
+    # re-exported: config, model, reference checkpoints
+    "PRECISIONS", "matmul_precision", "make_metanet_config", "default_metanet_config", "MetaNet",
+    "import_reference_metanet", "export_reference_metanet",
+]
 
 
 # --------------------------------------------------------------------------------------------
 # Public functional API.
 # --------------------------------------------------------------------------------------------
+
+
+def _module(spec: _Spec) -> MetaNet:
+  return MetaNet(*spec)
 
 
 def init_metanet(config, rng) -> Any:
@@ -556,153 +247,6 @@ def unpad_graph(graph, ref):
   ref_edges = tuple(ref.edges) if isinstance(ref.edges, (tuple, list)) else (ref.edges,)
   edges = tuple(e[:r.shape[0]] for e, r in zip(graph.edges, ref_edges))
   return ref._replace(nodes=graph.nodes[:ref.nodes.shape[0]], edges=edges)
-
-
-# --------------------------------------------------------------------------------------------
-# Reference checkpoints.
-# --------------------------------------------------------------------------------------------
-
-
-def _get(sd, key, shape):
-  if key not in sd:
-    raise ValueError(f"reference metanetwork state dict lacks {key!r} (expected shape {shape})")
-  arr = np.asarray(sd[key], np.float32)
-  if tuple(arr.shape) != tuple(shape):
-    raise ValueError(f"reference key {key!r} has shape {tuple(arr.shape)}, expected "
-                     f"{tuple(shape)} for this metanetwork config")
-  return arr
-
-
-def _edge_suffixes(spec: _Spec):
-  if len(spec.edge_dims) == 1:
-    return [""]
-  return [f"_{d}" for d in spec.edge_dims]
-
-
-def _reference_layout(spec: _Spec):
-  """Ordered (reference key, torch shape, params path or None) of the reference state dict."""
-  h, out = spec.hidden, []
-  out.append(("edgeInverter", (h,), None))
-  out.append(("nodeEnc.weight", (h, spec.node_dim), ("node_enc", "kernel")))
-  out.append(("nodeEnc.bias", (h,), ("node_enc", "bias")))
-  for l in range(spec.num_layers):
-    for j in range(1, 5):
-      out.append((f"convs.{l}.lin{j}.0.weight", (h, h), ("convs", l, f"lin{j}", "kernel")))
-      out.append((f"convs.{l}.lin{j}.0.bias", (h,), ("convs", l, f"lin{j}", "bias")))
-    out.append((f"convs.{l}.downlin.weight", (h, 4 * h), ("convs", l, "downlin", "kernel")))
-    out.append((f"convs.{l}.downlin.bias", (h,), ("convs", l, "downlin", "bias")))
-  for l in range(spec.num_layers):
-    out.append((f"mlps.{l}.0.weight", (h, h), None))
-    out.append((f"mlps.{l}.0.bias", (h,), None))
-  sfx = _edge_suffixes(spec)
-  for k, d in enumerate(spec.edge_dims):
-    out.append((f"edgeEnc{sfx[k]}.weight", (h, d), (f"edge_enc_{k}", "kernel")))
-    out.append((f"edgeEnc{sfx[k]}.bias", (h,), (f"edge_enc_{k}", "bias")))
-  for k, d in enumerate(spec.edge_dims):
-    for i, name, shape in ((1, "dense1", (h, h)), (3, "dense2", (d, h))):
-      out.append((f"edgeDec{sfx[k]}.{i}.weight", shape, (f"edge_dec_{k}", name, "kernel")))
-      out.append((f"edgeDec{sfx[k]}.{i}.bias", shape[:1], (f"edge_dec_{k}", name, "bias")))
-  for i, name, shape in ((1, "dense1", (h, h)), (3, "dense2", (spec.node_dim, h))):
-    out.append((f"nodeDec.{i}.weight", shape, ("node_dec", name, "kernel")))
-    out.append((f"nodeDec.{i}.bias", shape[:1], ("node_dec", name, "bias")))
-  return out
-
-
-def import_reference_metanet(state_dict: Mapping[str, Any], node_res_ratio: float,
-                             edge_res_ratio: float):
-  """Loads a reference (PyTorch) metanetwork state dict.
-
-  Layers, hidden width, node width and edge kinds are inferred from the shapes: the single-kind
-  ``MyGNN`` (``edgeEnc``) or the multi-kind ``MyGNN_resnet50`` (``edgeEnc_<dim>``, kinds in the
-  state dict's order). ``mlps.*`` and ``edgeInverter`` are ignored.
-
-  Args:
-    state_dict: mapping of reference key -> array (numpy or torch-like with ``__array__``).
-    node_res_ratio: node residual ratio (not stored in the checkpoint).
-    edge_res_ratio: edge residual ratio.
-
-  Returns:
-    (config, params); the config's matmul precision is ``'highest'`` (parity with the
-    reference).
-
-  Raises:
-    ValueError: naming the key and expected shape when something does not fit.
-  """
-  sd = {k: np.asarray(v) for k, v in state_dict.items()}
-  if "nodeEnc.weight" not in sd:
-    raise ValueError("reference metanetwork state dict lacks 'nodeEnc.weight'")
-  hidden, node_dim = sd["nodeEnc.weight"].shape
-  layers = sorted({int(m.group(1)) for k in sd for m in [re.match(r"convs\.(\d+)\.", k)] if m})
-  if not layers or layers != list(range(len(layers))):
-    raise ValueError(f"reference state dict has conv layers {layers}; expected convs.0..L-1")
-  if "edgeEnc.weight" in sd:
-    edge_dims = (int(sd["edgeEnc.weight"].shape[1]),)
-  else:
-    suffixes = [m.group(1) for k in sd for m in [re.fullmatch(r"edgeEnc_(\d+)\.weight", k)] if m]
-    if not suffixes:
-      raise ValueError("reference state dict has neither 'edgeEnc.weight' nor "
-                       "'edgeEnc_<dim>.weight' keys")
-    edge_dims = tuple(int(sd[f"edgeEnc_{s}.weight"].shape[1]) for s in suffixes)
-    for s, d in zip(suffixes, edge_dims):
-      if int(s) != d:
-        raise ValueError(f"reference key 'edgeEnc_{s}.weight' has input width {d}, expected {s}")
-  # HIGHEST: a reference metanetwork is imported to reproduce the reference's numbers
-  config = make_metanet_config(len(layers), hidden, node_dim, edge_dims, node_res_ratio,
-                               edge_res_ratio, precision="highest")
-  params = {}
-  for key, shape, path in _reference_layout(_spec(config)):
-    if path is None:
-      continue
-    arr = _get(sd, key, shape)
-    if path[-1] == "kernel":
-      arr = arr.T
-    node = params
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = arr
-  # Per-layer conv weights are stacked on a leading layer axis (the scanned layer).
-  convs = params.pop("convs")
-  layers = [convs[l] for l in range(len(convs))]
-  params["convs"] = jax.tree_util.tree_map(lambda *a: np.stack(a), *layers)
-  return config, jax.tree_util.tree_map(jnp.asarray, params)
-
-
-def _leaf(params, path):
-  """The numpy array at a layout path; ``('convs', l, ...)`` indexes the stacked layer axis."""
-  if path[0] == "convs":
-    return np.asarray(params["convs"][path[2]][path[3]], np.float32)[path[1]]
-  node = params
-  for p in path:
-    node = node[p]
-  return np.asarray(node, np.float32)
-
-
-def export_reference_metanet(config, params) -> "collections.OrderedDict[str, np.ndarray]":
-  """Writes params as the reference state dict (exact inverse of ``import_reference_metanet``).
-
-  ``mlps.*`` (unused by the reference's forward) are written as zeros; ``edgeInverter`` as the
-  reference buffer. Also reads gradients that have the structure of params.
-
-  Args:
-    config: metanetwork config.
-    params: params pytree.
-
-  Returns:
-    Ordered dict reference key -> float32 numpy array (torch layout: Linear weight [out, in]).
-  """
-  spec = _spec(config)
-  h = spec.hidden
-  out = collections.OrderedDict()
-  for key, shape, path in _reference_layout(spec):
-    if path is None:
-      if key == "edgeInverter":
-        out[key] = np.asarray([1.0] * (h // 2) + [-1.0] * ((h + 1) // 2), np.float32)
-      else:
-        out[key] = np.zeros(shape, np.float32)
-      continue
-    arr = _leaf(params, path)
-    out[key] = arr.T if path[-1] == "kernel" else arr
-  return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ added, and the sum is pulled back through ``from_graph`` and the metanetwork onc
 
 Shapes are static across data models of one architecture: a data model is held embedded in the
 full-width network with channel masks, and its graph is the full-width graph (gathered through
-the full-width :class:`~metaprune_jax.graphs.graph.GraphLayout`, whose index arrays are *arguments* of
+the full-width :class:`~metaprune_jax.graphs.layout.GraphLayout`, whose index arrays are *arguments* of
 the jitted step) with the pruned channels' nodes marked invalid: the metanetwork's dense-block
 path (:mod:`metaprune_jax.metanetwork.blocks`) ignores invalid nodes and their edges, so valid ones
 compute what the materialised data model's graph computes, and outputs 0 for them (pruned

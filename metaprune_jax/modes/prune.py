@@ -1,5 +1,12 @@
 """The ``prune`` mode: base network -> pruning by one of four methods -> report (docs/design.md 2).
 
+Why one module of ~540 lines: it is one run mode, read top to bottom. Its inputs (base network,
+budget, sparse-learning settings), its stage cache and stages, and its outputs (report, the
+saved network, :func:`load_pruned`) share one settings hash and one order of checks before
+anything is written; :func:`prune` is a linear script of the stages below. Other modes and users
+reach it only through :func:`load_pruned` (via ``metaprune_jax.load_pruned``), so nothing would
+gain from smaller files but the line count.
+
 Methods (``config.prune.method``), all run through the same stages on the same budget:
 
 * ``metanet``: the metanetwork (MetaPruning) then a finetune, then group-L2 pruning;

@@ -1,5 +1,12 @@
 """Input pipelines: the embedded digits set and tfds image datasets, deterministic and per host.
 
+Why one module of ~470 lines: sources, per-example transforms and :class:`Dataset` are one
+pipeline whose guarantee (a batch is a pure function of seed, epoch and step, on any host) rests
+on how the three index and seed each other: the validation carve-out, the seeded shuffle and the
+per-example generators below. The reference's augmentations among them are small numpy
+functions used only here; :func:`get_dataset` and :func:`dataset_from_config` are the public
+face.
+
 Every pipeline yields *host-local* slices of fixed-size *global* batches as numpy arrays:
 `{'image': [local_batch, H, W, 3] float32 (normalised NHWC), 'label': [local_batch] int32}`.
 The training batch at global step `s` is a pure function of `(seed, epoch, step_in_epoch)` with
