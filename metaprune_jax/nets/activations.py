@@ -38,8 +38,18 @@ class Activation:
 
 
 def _elu_alpha(x, y):
-  i = int(np.argmin(np.abs(x + 1.0)))  # f(-1) = alpha * (e^-1 - 1)
+  i = int(np.argmin(x))  # f(x) = alpha * (e^x - 1) for x < 0
   return float(y[i] / np.expm1(x[i]))
+
+
+def _celu_alpha(x, y):
+  i = int(np.argmin(x))  # f(x) = alpha * (e^(x / alpha) - 1): a fixed point from -f(x)
+  alpha = -float(y[i])
+  for _ in range(50):
+    if not alpha > 0:
+      return float("nan")
+    alpha = -float(y[i]) / -float(np.expm1(float(x[i]) / alpha))
+  return alpha
 
 
 def _leaky_alpha(x, y):
@@ -58,7 +68,7 @@ REGISTRY: dict[str, Activation] = {
     "tanh": Activation(lambda x, a: jnp.tanh(x)),
     "hard_tanh": Activation(lambda x, a: jax.nn.hard_tanh(x)),
     "hard_silu": Activation(lambda x, a: jax.nn.hard_silu(x)),
-    "celu": Activation(lambda x, a: jax.nn.celu(x, a), _elu_alpha),
+    "celu": Activation(lambda x, a: jax.nn.celu(x, a), _celu_alpha),
     "selu": Activation(lambda x, a: jax.nn.selu(x)),
     "mish": Activation(lambda x, a: jax.nn.mish(x)),
 }
@@ -90,7 +100,7 @@ def identify(x: np.ndarray, y: np.ndarray, rtol: float = 1e-5) -> tuple[str, flo
     return None
   y = y.astype(np.float64)
   for name, act in REGISTRY.items():
-    alpha = round(act.estimate(x, y), 6) if act.estimate else 0.0  # a short JSON number
+    alpha = float(round(act.estimate(x, y), 6)) if act.estimate else 0.0  # short, JSON
     if not np.isfinite(alpha):
       continue
     ref = np.asarray(act.fn(jnp.asarray(x), jnp.float32(alpha)), np.float64)

@@ -10,6 +10,7 @@ The public API (``from_flax``, ``from_nnx``, ``to_flax_variables``, ...) lives i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 from typing import Any
@@ -61,8 +62,10 @@ class _Act:
 
   ``pend``: pending per-channel affine steps ``((op, _Param, where), ...)`` applied to
   ``tensor``; ``fresh``: the conv/dense layer that produced ``tensor`` if nothing followed it
-  (its bias may still come); ``pool``: ``H*W`` while a whole-image sum awaits its division;
-  ``shape``: the shape of the jaxpr value.
+  (its bias may still come); ``pool``: the window area while a window sum awaits its division
+  (``H*W`` for a whole-image sum); ``pooling``: ``(window, stride, padding)`` of that window
+  sum when it is not over the whole image (an average pooling); ``shape``: the shape of the
+  jaxpr value.
   """
 
   tensor: str
@@ -72,15 +75,40 @@ class _Act:
   fresh: str | None = None
   pool: int = 0
   flat: bool = False  # a [B, C] tensor of the Arch (after gap/dense), whatever its shape here
+  pooling: tuple | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Elem:
+  """An elementwise function of one activation ``base`` (a flushed :class:`_Act`), not yet named.
+
+  ``fn`` maps the base's value to this value by re-binding the traced primitives (so it can be
+  evaluated on probe points); ``prims``/``calls``: the primitives and named calls (``silu``,
+  ``gelu``, ...) it went through, for messages; ``where``: its first equation; ``anchor``: the
+  output of the last Arch op when it started (the activation op goes right after it, where the
+  program computed it).
+  """
+
+  base: _Act
+  fn: Any
+  shape: tuple
+  prims: tuple
+  calls: tuple
+  where: str
+  anchor: str | None
 
 
 _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
           "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
           "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
           "remat": "jaxpr", "checkpoint": "jaxpr", "remat2": "jaxpr"}
-_ACTIVATIONS = ("logistic", "tanh", "exp", "exp2", "log", "log1p", "erf", "erf_inv", "sqrt",
-                "rsqrt", "integer_pow", "pow", "abs", "sign", "select_n", "min", "clamp",
-                "sin", "cos", "expm1", "square", "cbrt", "tan")
+# primitives an activation's program may use (all elementwise, one output)
+_ELEMENTWISE = frozenset((
+    "logistic", "tanh", "exp", "exp2", "log", "log1p", "erf", "erfc", "erf_inv", "sqrt",
+    "rsqrt", "integer_pow", "pow", "abs", "sign", "select_n", "min", "max", "clamp", "sin",
+    "cos", "expm1", "square", "cbrt", "tan", "neg", "add", "add_any", "sub", "mul", "div", "ge",
+    "gt", "le", "lt", "eq", "ne", "not", "and", "or", "convert_element_type", "copy", "copy_p"))
+_AFFINE = {"add": "add", "add_any": "add", "sub": "sub", "mul": "mul", "div": "div"}
 _THIS_DIR_FILES = (os.path.abspath(__file__),
                    os.path.join(os.path.dirname(os.path.abspath(__file__)), "trace.py"))
 
@@ -119,6 +147,8 @@ class _Tracer:
     self.read: set = set()
     self.n = 0
     self.flushed: dict[int, _Act] = {}
+    self.closed: dict[int, tuple] = {}  # id(_Elem) -> (_Elem, _Act)
+    self.calls: list[str] = []  # names of the calls being walked (for messages)
     self.producer: dict[str, Op] = {}
     self.conv_depth: dict[str, int] = {"x": 0}
     self.modules: dict[str, tuple] = {}
@@ -180,7 +210,7 @@ class _Tracer:
         return _Param(np.asarray(v.val))
       return env[v]
     for v, c in zip(jaxpr.constvars, consts):
-      env[v] = c if isinstance(c, (_Param, _Act)) else _Param(np.asarray(c))
+      env[v] = c if isinstance(c, (_Param, _Act, _Elem)) else _Param(np.asarray(c))
     for v, a in zip(jaxpr.invars, args):
       env[v] = a
     for eqn in jaxpr.eqns:
@@ -192,7 +222,7 @@ class _Tracer:
 
   def eqn(self, eqn, ins, prefix):
     name = eqn.primitive.name
-    if not any(isinstance(a, _Act) for a in ins):
+    if not any(isinstance(a, (_Act, _Elem)) for a in ins):
       return self.param_eqn(eqn, ins)
     where = _where(eqn, prefix)
     if name in _CALLS:
@@ -201,11 +231,25 @@ class _Tracer:
       if callable(inner) and not hasattr(inner, "jaxpr"):
         inner = inner()
       sub_prefix = "/".join(s for s in (prefix, str(eqn.source_info.name_stack)) if s)
-      if hasattr(inner, "consts"):
-        return self.run(inner.jaxpr, [_Param(np.asarray(c)) for c in inner.consts], ins,
-                        sub_prefix)
-      return self.run(inner, [], ins, sub_prefix)
+      self.calls.append(str(eqn.params.get("name", "")))
+      try:
+        if hasattr(inner, "consts"):
+          return self.run(inner.jaxpr, [_Param(np.asarray(c)) for c in inner.consts], ins,
+                          sub_prefix)
+        return self.run(inner, [], ins, sub_prefix)
+      finally:
+        self.calls.pop()
+    if name in _ELEMENTWISE and any(isinstance(a, _Elem) for a in ins):
+      return [self.elementwise(eqn, ins, where)]
+    return self.dispatch(eqn, ins, where)
+
+  def dispatch(self, eqn, ins, where):
+    """The handler ``p_<primitive>`` on ``ins`` (elementwise programs closed into ops first)."""
+    name = eqn.primitive.name
+    ins = [self.close(a) if isinstance(a, _Elem) else a for a in ins]
     handler = getattr(self, "p_" + name, None)
+    if handler is None and name in _ELEMENTWISE:
+      handler = self.elementwise
     if handler is None:
       what = _describe(name)
       raise TraceError(f"unsupported operation {name!r}{what} at {where}")
@@ -252,7 +296,7 @@ class _Tracer:
     """``a`` with its pending affine steps turned into one BatchNorm op."""
     if not a.pend:
       if a.pool:
-        raise TraceError(f"a whole-image sum (average pooling without its division) is used "
+        raise TraceError(f"a window sum (average pooling without its division) is used "
                          f"at {where}")
       return a
     key = id(a)
@@ -394,13 +438,13 @@ class _Tracer:
     if sh != sw:
       raise TraceError(f"a convolution with strides ({sh}, {sw}) at {where}; the Arch's "
                        "strides are equal on both axes")
-    if len({q for q in pad}) != 1 or pad[0][0] != pad[0][1]:
-      raise TraceError(f"a convolution with padding {pad} at {where}; the Arch pads "
-                       "symmetrically and equally on both axes (PyTorch's padding=p). flax's "
-                       "padding='SAME' with a stride pads asymmetrically: write padding=k//2")
+    if len(pad) != 2 or min(v for q in pad for v in q) < 0:
+      raise TraceError(f"a convolution with padding {pad} at {where}; the Arch pads with zeros "
+                       "(no negative padding, which crops)")
     name, ref = self.layer_name(path, where)
     out_space = self.new_space(cout, ref)
-    self.layers.append(Layer(name, ref, "conv", "?", "?", int(kh), int(sh), int(pad[0][0])))
+    self.layers.append(Layer(name, ref, "conv", "?", "?", int(kh), int(sh),
+                             compact_padding(pad)))
     self.layer_space[name] = (x.space, out_space)
     self.take(path, "params", name, "kernel")
     y = self.tmp()
@@ -436,9 +480,23 @@ class _Tracer:
     if isinstance(a, _Act) and isinstance(b, _Act):
       if op == "add":
         return self.residual(eqn, a, b, where)
+      if a is b and not a.pool:  # x * x, x / x: a function of one activation
+        return self.elementwise(eqn, ins, where)
       raise TraceError(f"an elementwise {op} of two activations at {where}; the Arch joins "
                        "activations by residual addition only")
     act, p = (a, b) if isinstance(a, _Act) else (b, a)
+    if act.pool:
+      return self.pool_division(eqn, act, p, op, act is a, where)
+    if not p.leaves:  # constants: exact identities pass; else part of an activation's program
+      v = np.asarray(p.val)
+      if np.shape(v) == () or np.size(v) == 1:
+        if (op in ("add", "sub") and np.all(v == 0) or op in ("mul", "div") and np.all(v == 1)) \
+            and (act is a or op in ("add", "mul")):
+          out_shape = tuple(eqn.outvars[0].aval.shape)
+          if out_shape == act.shape:
+            return act  # the same object: its pending steps flush once
+          return dataclasses.replace(self.flush(act, where), shape=out_shape)
+      return self.elementwise(eqn, ins, where)
     if act is b and op in ("sub", "div"):
       raise TraceError(f"a {op} with the activation on the right at {where}")
     c = act.shape[-1]
@@ -447,20 +505,6 @@ class _Tracer:
         shape and shape[-1] not in (1, c)):
       raise TraceError(f"an elementwise {op} with a value of shape {shape} on an activation of "
                        f"shape {act.shape} at {where}; only per-channel values are supported")
-    if act.pool:
-      if op in ("div", "mul") and not p.leaves and np.size(p.val) == 1:
-        f = float(np.ravel(p.val)[0])
-        if np.isclose(f if op == "mul" else 1.0 / f, 1.0 / act.pool, rtol=1e-6):
-          y = self.tmp()
-          self.emit(Op("gap", (act.tensor,), y))
-          return _Act(y, act.space, tuple(eqn.outvars[0].aval.shape), flat=True)
-      raise TraceError(f"a whole-image sum followed by {op} at {where} is not an average")
-    if not p.leaves:  # constants: only exact identities pass
-      v = np.asarray(p.val)
-      if (op in ("add", "sub") and np.all(v == 0)) or (op in ("mul", "div") and np.all(v == 1)):
-        return dataclasses.replace(act, shape=tuple(eqn.outvars[0].aval.shape))
-      raise TraceError(f"an elementwise {op} with a constant at {where}; the Arch has no "
-                       "constant scaling or shift")
     if (op == "add" and act.fresh and not act.pend and p.pure is not None
         and p.pure[-1] != "mean" and np.size(p.val) == c and
         self.leaf_values[p.pure].shape == (c,) and
@@ -471,6 +515,123 @@ class _Tracer:
       self.take(p.pure, "params", name, "bias")
       return dataclasses.replace(act, fresh=None)
     return dataclasses.replace(act, pend=act.pend + ((op, p, where),), fresh=None)
+
+  def pool_division(self, eqn, act, p, op, act_left, where):
+    """A window sum divided by its window area: ``gap`` (whole image) or ``avgpool``."""
+    v = np.asarray(p.val, np.float64)
+    what = "a whole-image sum" if act.pooling is None else "a window sum (average pooling)"
+    if op not in ("div", "mul") or p.leaves or not act_left and op == "div" or v.size == 0:
+      raise TraceError(f"{what} followed by {op} at {where} is not an average")
+    if not np.all(v == v.flat[0]):
+      raise TraceError(f"{what} divided by a map of window counts at {where}: an average "
+                       "pooling that leaves the padding out of its count (count_include_pad="
+                       "False with padding); the Arch's average pooling divides by the window "
+                       "area (count_include_pad=True, flax's and PyTorch's default)")
+    f = float(v.flat[0])
+    if not np.isclose(f if op == "mul" else 1.0 / f, 1.0 / act.pool, rtol=1e-6):
+      raise TraceError(f"{what} over {act.pool} values followed by {op} {f:g} at {where} is not "
+                       "an average")
+    y = self.tmp()
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    if act.pooling is None:
+      self.emit(Op("gap", (act.tensor,), y))
+      return _Act(y, act.space, out_shape, flat=True)
+    window, stride, padding = act.pooling
+    self.emit(Op("avgpool", (act.tensor,), y, window=window, stride=stride, padding=padding))
+    return _Act(y, act.space, out_shape)
+
+  # --------------------------------------------------------------------------- activations
+  def elementwise(self, eqn, ins, where):
+    """An elementwise primitive on one activation (and constants): extends an :class:`_Elem`.
+
+    Two different activations (a residual add of a closed activation), or a variable (a
+    BatchNorm after the activation), close the programs into ops and go to the handler.
+    """
+    name = eqn.primitive.name
+    if any(isinstance(a, _Param) and a.leaves for a in ins):
+      if name in _AFFINE and len(ins) == 2:
+        return self._affine(eqn, [self.close(a) if isinstance(a, _Elem) else a for a in ins],
+                            where, _AFFINE[name])
+      leaves = sorted({_p(l) for a in ins if isinstance(a, _Param) for l in a.leaves})
+      raise TraceError(f"an elementwise {name} of an activation and variables {leaves} at "
+                       f"{where}; the Arch's activations have no learned parameters")
+    acts = [self.flush(a, where) if isinstance(a, _Act) else a for a in ins]
+    bases = {a.base.tensor if isinstance(a, _Elem) else a.tensor
+             for a in acts if isinstance(a, (_Act, _Elem))}
+    if len(bases) > 1:
+      if name in ("add", "add_any"):
+        return self._affine(eqn, [self.close(a) if isinstance(a, _Elem) else a for a in acts],
+                            where, "add")
+      raise TraceError(f"an elementwise {name} of two activations at {where} (gating or "
+                       "attention); the Arch joins activations by residual addition only")
+    elems = [a for a in acts if isinstance(a, _Elem)]
+    base = elems[0].base if elems else next(a for a in acts if isinstance(a, _Act))
+    fns = []
+    for a in acts:
+      if isinstance(a, _Elem):
+        fns.append(a.fn)
+      elif isinstance(a, _Act):
+        fns.append(lambda b: b)
+      else:
+        fns.append(functools.partial(lambda v, b: v, jnp.asarray(a.val)))
+    prim, params = eqn.primitive, _bind_params(eqn)
+
+    def fn(b):
+      return prim.bind(*[f(b) for f in fns], **params)
+    prims = tuple(dict.fromkeys(sum((e.prims for e in elems), ()) + (name,)))
+    calls = tuple(dict.fromkeys(sum((e.calls for e in elems), ()) + tuple(
+        c for c in self.calls if c and not c.startswith("_"))))
+    anchor = elems[0].anchor if elems else (self.ops[-1].output if self.ops else None)
+    return _Elem(base, fn, tuple(eqn.outvars[0].aval.shape), prims, calls,
+                 elems[0].where if elems else where, anchor)
+
+  def close(self, e: _Elem) -> _Act:
+    """The Arch op of an elementwise program: a registered activation, identified by value."""
+    if id(e) in self.closed:
+      return self.closed[id(e)][1]
+    base = e.base
+    n = int(np.prod(base.shape))
+    grid = activations.probe_points()
+    reps = -(-grid.size // n)
+    xs = np.resize(grid, reps * n).reshape((reps,) + tuple(base.shape))
+    try:
+      ys = np.asarray(jax.vmap(e.fn)(jnp.asarray(xs)))
+    except Exception as err:  # pylint: disable=broad-except
+      raise TraceError(f"the elementwise program ({', '.join(e.prims)}) at {e.where} could not "
+                       f"be evaluated: {type(err).__name__}: {err}") from None
+    if ys.shape != xs.shape:
+      raise TraceError(f"an elementwise program ({', '.join(e.prims)}) at {e.where} turns a "
+                       f"{base.shape} activation into {e.shape}; activations keep the shape")
+    if ys.dtype.kind == "f" and np.allclose(ys, xs, rtol=1e-6, atol=0):  # e.g. x * 1 + 0
+      out = _Act(base.tensor, base.space, e.shape, flat=base.flat)
+      self.closed[id(e)] = (e, out)
+      return out
+    found = activations.identify(xs, ys)
+    if found is None:
+      via = f" (in {', '.join(e.calls)})" if e.calls else ""
+      hint = ""
+      zero = ys.ravel()[np.argmin(np.abs(xs.ravel()))] if ys.dtype.kind == "f" else 0.0
+      if ys.dtype.kind == "f" and abs(float(zero)) > 1e-6:
+        hint = (f"; it maps 0 to {float(zero):g}, so a pruned (zeroed) channel would not stay "
+                "zero")
+      raise TraceError(
+          f"an elementwise function of one activation, computed with "
+          f"{', '.join(e.prims)}{via}, at {e.where} is none of the Arch's activations "
+          f"({', '.join(activations.REGISTRY)}){hint}")
+    name, alpha = found
+    y = self.tmp()
+    counted = self.count_relu and activations.REGISTRY[name].torch_counted
+    if name == "relu":
+      op = Op("relu", (base.tensor,), y, counted=self.count_relu)
+    else:
+      op = Op("act", (base.tensor,), y, counted=counted, fn=name, alpha=alpha)
+    self.emit(op)
+    self.ops.pop()
+    at = next((i + 1 for i, o in enumerate(self.ops) if o.output == e.anchor), 0)
+    self.ops.insert(at, op)
+    out = _Act(y, base.space, e.shape, flat=base.flat)
+    self.closed[id(e)] = (e, out)
+    return out
 
   def origin_module(self, layer):
     return self.origin[("params", layer, "kernel")][0][1:-1]
@@ -535,35 +696,30 @@ class _Tracer:
       i = next(i for i, l in enumerate(self.layers) if l.name == op.layer)
       self.layers[i] = dataclasses.replace(self.layers[i], shortcut=True)
 
-  def p_max(self, eqn, ins, where):
-    a, b = ins
-    if isinstance(a, _Act) and isinstance(b, _Act):
-      raise TraceError(f"an elementwise max of two activations at {where}")
-    act, p = (a, b) if isinstance(a, _Act) else (b, a)
-    if p.leaves or np.any(np.asarray(p.val) != 0):
-      raise TraceError(f"max(x, {np.ravel(p.val)[:3]}...) at {where}: only ReLU (max(x, 0)) "
-                       "is an Arch activation")
-    act = self.flush(act, where)
-    y = self.tmp()
-    self.emit(Op("relu", (act.tensor,), y, counted=self.count_relu))
-    return _Act(y, act.space, act.shape, flat=act.flat)
+  @staticmethod
+  def pool_window(kind, act, p, where) -> tuple[int, int, Any]:
+    """``(window, stride, padding)`` of a pooling ``reduce_window`` the Arch can express."""
+    win, st = tuple(p["window_dimensions"]), tuple(p["window_strides"])
+    pad = tuple(tuple(int(v) for v in q) for q in p["padding"])
+    dil = tuple(p["base_dilation"]) + tuple(p["window_dilation"])
+    if act.flat or len(win) != 4 or win[0] != 1 or win[3] != 1 or st[0] != 1 or st[3] != 1 or \
+        pad[0] != (0, 0) or pad[3] != (0, 0) or any(d != 1 for d in dil):
+      raise TraceError(f"{kind} with window {win}, strides {st}, padding {pad} over a "
+                       f"{act.shape} tensor at {where}; the Arch pools [B, H, W, C] maps over "
+                       "the spatial axes only")
+    if win[1] != win[2] or st[1] != st[2]:
+      raise TraceError(f"{kind} with window {win[1:3]}, strides {st[1:3]} at {where}; the "
+                       "Arch's pooling windows are square, with equal strides")
+    if min(v for q in pad for v in q) < 0:
+      raise TraceError(f"{kind} with negative padding {pad} at {where}")
+    return int(win[1]), int(st[1]), compact_padding(pad[1:3])
 
   def p_reduce_window_max(self, eqn, ins, where):
     (act,) = ins
     act = self.flush(act, where)
-    p = eqn.params
-    win, st, pad = p["window_dimensions"], p["window_strides"], tuple(map(tuple, p["padding"]))
-    if act.flat or (len(win) != 4 or win[0] != 1 or win[3] != 1 or st[0] != 1 or st[3] != 1 or
-        win[1] != win[2] or st[1] != st[2] or pad[0] != (0, 0) or pad[3] != (0, 0) or
-        pad[1] != pad[2] or pad[1][0] != pad[1][1] or
-        any(d != 1 for d in tuple(p["base_dilation"]) + tuple(p["window_dilation"]))):
-      raise TraceError(f"a max pooling with window {win}, strides {st}, padding {pad} at "
-                       f"{where}; the Arch's max pooling has a square window, equal strides "
-                       "and symmetric padding (flax's padding='SAME' with a stride is "
-                       "asymmetric: pad explicitly)")
+    window, stride, padding = self.pool_window("a max pooling", act, eqn.params, where)
     y = self.tmp()
-    self.emit(Op("maxpool", (act.tensor,), y, window=int(win[1]), stride=int(st[1]),
-                 padding=int(pad[1][0])))
+    self.emit(Op("maxpool", (act.tensor,), y, window=window, stride=stride, padding=padding))
     return _Act(y, act.space, tuple(eqn.outvars[0].aval.shape))
 
   def p_reduce_window_sum(self, eqn, ins, where):
@@ -571,12 +727,13 @@ class _Tracer:
     act = self.flush(act, where)
     p = eqn.params
     h, w = act.shape[1:3] if len(act.shape) == 4 else (0, 0)
-    if (act.flat or tuple(p["window_dimensions"]) != (1, h, w, 1) or
-        any(q != (0, 0) for q in map(tuple, p["padding"]))):
-      raise TraceError(f"an average pooling with window {p['window_dimensions'][1:3]} over a "
-                       f"{h}x{w} map at {where}; the Arch has max pooling and global average "
-                       "pooling only")
-    return _Act(act.tensor, act.space, tuple(eqn.outvars[0].aval.shape), pool=h * w)
+    out = tuple(eqn.outvars[0].aval.shape)
+    if (not act.flat and tuple(p["window_dimensions"]) == (1, h, w, 1) and
+        all(tuple(q) == (0, 0) for q in p["padding"])):
+      return _Act(act.tensor, act.space, out, pool=h * w)  # global: gap once divided
+    window, stride, padding = self.pool_window("an average pooling", act, p, where)
+    return _Act(act.tensor, act.space, out, pool=window * window,
+                pooling=(window, stride, padding))
 
   def p_reduce_sum(self, eqn, ins, where):
     (act,) = ins
@@ -645,14 +802,20 @@ class _Tracer:
 
 
 def _describe(name: str) -> str:
-  if name in _ACTIVATIONS:
-    return (" (an activation or elementwise function other than ReLU; the Arch's only "
-            "activation is relu)")
+  if name in _ELEMENTWISE:
+    return " (an elementwise function the Arch's activations do not use)"
   if name in ("dot_general",):
     return " (attention)"
   if "random" in name or "threefry" in name:
     return " (random numbers: the inference forward pass must be deterministic)"
   return ""
+
+
+def _bind_params(eqn) -> dict:
+  params = eqn.primitive.get_bind_params(eqn.params)
+  if isinstance(params, tuple):  # older jax: (subfuns, params)
+    params = params[1]
+  return params
 
 
 def _p(path) -> str:
