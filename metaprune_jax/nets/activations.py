@@ -101,7 +101,7 @@ def identify(x: np.ndarray, y: np.ndarray, rtol: float = 1e-5) -> tuple[str, flo
   y = y.astype(np.float64)
   for name, act in REGISTRY.items():
     alpha = float(round(act.estimate(x, y), 6)) if act.estimate else 0.0  # short, JSON
-    if not np.isfinite(alpha):
+    if not np.isfinite(alpha) or abs(alpha) > 1e6:
       continue
     ref = np.asarray(act.fn(jnp.asarray(x), jnp.float32(alpha)), np.float64)
     if np.all(np.abs(y - ref) <= rtol * (1.0 + np.abs(ref))):
