@@ -18,10 +18,14 @@ kernel -> ``conv``; ``dot_general`` of a ``[B, C]`` activation and a ``[C, O]`` 
 ``dense``; an added ``[O]`` leaf right after either -> its bias; a run of pending affine steps
 that reads a variance (``leaf + eps``), a mean and optionally a scale and a bias of one module
 -> ``bn`` (checked numerically against ``scale * (x - mean) / sqrt(var + eps) + bias``, any
-algebraic arrangement); ``max(x, 0)`` -> ``relu``; activation + activation -> ``add``;
-``reduce_window_max`` -> ``maxpool``; a window sum or ``reduce_sum`` over the whole image
-divided by its size -> ``gap``; reshapes that only drop unit spatial axes -> nothing. Calls
-(``jit``, ``custom_jvp_call``, ``custom_vjp_call``, remat) are walked inside. Anything else
+algebraic arrangement); a chain of elementwise primitives of one activation and constants
+(``max(x, 0)``, ``tanh``, ``erf``, ``logistic``, ``select_n``, constant arithmetic, inside calls
+or inlined) -> ``relu`` or ``act`` once its values on a grid of probe points match a function of
+:mod:`metaprune_jax.nets.activations` (gelu, silu, tanh, leaky_relu, elu, relu6, ...);
+activation + activation -> ``add``; ``reduce_window_max`` -> ``maxpool``; a window sum divided by
+its window area -> ``avgpool``, or ``gap`` when the window (or a ``reduce_sum``) covers the whole
+image; reshapes that only drop unit spatial axes -> nothing. Calls (``jit``,
+``custom_jvp_call``, ``custom_vjp_call``, remat) are walked inside. Anything else
 raises :class:`TraceError` naming the primitive, the user's source line and the flax module
 path (the jaxpr's name stack); nothing is guessed.
 
@@ -35,11 +39,19 @@ BatchNorm epsilon: ``cnn.BatchNorm`` normalises with ``1e-5`` (flax's and PyTorc
 A BatchNorm traced with another epsilon keeps its exact outputs by storing ``var + eps - 1e-5``
 as our running variance; :func:`to_flax_variables` subtracts the shift again.
 
-Limits (each raises with the reason): symmetric, equal padding on both spatial axes only
-(flax's ``'SAME'`` with stride 2 on an even input pads ``(0, 1)``: write ``padding=1``); square
-kernels and windows, equal strides; no dilation, groups (depthwise), concatenation, transposes,
-attention, non-ReLU activations, average pooling over less than the whole image, flattening a
-spatial map into the classifier, or float types other than float32.
+Padding: any zero padding per side, for convolutions and pools (flax's ``'SAME'`` with a stride
+on an even input pads ``(0, 1)``): the Arch stores the PyTorch-style int when it is equal on
+every side, else ``((top, bottom), (left, right))``.
+
+The interpreter (values, primitive handlers) is :mod:`metaprune_jax.nets.trace_ops`; this module
+is the public API.
+
+Limits (each raises with the reason): square kernels and windows, equal strides; no dilation,
+groups (depthwise), concatenation, transposes, attention or gating (products of two
+activations), activations that map 0 elsewhere than 0 (sigmoid, softplus) or are not in the
+registry, activations with learned parameters, average pooling that excludes the padding from
+its count (``count_include_pad=False`` with padding), flattening a spatial map into the
+classifier, or float types other than float32.
 """
 
 from __future__ import annotations
