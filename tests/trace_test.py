@@ -342,29 +342,45 @@ class Attention(nn.Module):
     return _head(att)
 
 
-class Gelu(nn.Module):
+class Sigmoid(nn.Module):  # sigmoid(0) = 0.5: a pruned channel would not stay zero
   @nn.compact
   def __call__(self, x):
-    return _head(nn.gelu(nn.Conv(4, (3, 3), padding=1, name="a")(x)))
+    return _head(nn.sigmoid(nn.Conv(4, (3, 3), padding=1, name="a")(x)))
 
 
-class Same(nn.Module):
+class Cube(nn.Module):  # an elementwise function that is no registered activation
   @nn.compact
   def __call__(self, x):
-    return _head(nn.Conv(4, (3, 3), 2, padding="SAME", name="a")(x))
+    return _head(nn.Conv(4, (3, 3), padding=1, name="a")(x) ** 3)
 
 
-class AvgPool(nn.Module):
+class AvgRect(nn.Module):
   @nn.compact
   def __call__(self, x):
-    return _head(nn.avg_pool(nn.Conv(4, (3, 3), padding=1, name="a")(x), (2, 2), (2, 2)))
+    return _head(nn.avg_pool(nn.Conv(4, (3, 3), padding=1, name="a")(x), (2, 3), (2, 2)))
+
+
+class AvgNoPad(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    y = nn.Conv(4, (3, 3), padding=1, name="a")(x)
+    return _head(nn.avg_pool(y, (3, 3), (2, 2), padding="SAME", count_include_pad=False))
+
+
+class Gated(nn.Module):  # a product of two different activations (squeeze-excitation style)
+  @nn.compact
+  def __call__(self, x):
+    y = nn.Conv(4, (3, 3), padding=1, name="a")(x)
+    return _head(y * nn.sigmoid(nn.Conv(4, (1, 1), name="g")(y)))
 
 
 @pytest.mark.parametrize("cls, words", [
     (Concat, "concatenation"), (Depthwise, "depthwise convolution"),
     (Grouped, "grouped convolution"), (Flatten, "flatten"),
-    (Attention, "product of two activations"), (Gelu, "activation"),
-    (Same, "padding ((0, 1), (0, 1))"), (AvgPool, "average pooling")])
+    (Attention, "product of two activations"), (Sigmoid, "logistic"),
+    (Sigmoid, "maps 0 to 0.5"), (Cube, "none of the Arch's activations"),
+    (AvgRect, "average pooling with window (2, 3)"), (AvgNoPad, "count_include_pad=False"),
+    (Gated, "mul of two activations")])
 def test_unsupported_operations_named(cls, words):
   m = cls()
   x, v = _setup(m, hw=8)
@@ -942,7 +958,7 @@ class LayerNormNet(nn.Module):
 
 def test_other_normalisations_named():
   for cls, words in ((GroupNormNet, "channel-mixing reshape .* module gn"),
-                     (LayerNormNet, "operation .square. .* module ln")):
+                     (LayerNormNet, "normalisation .* module ln")):
     m = cls()
     x, v = _setup(m, hw=8)
     with pytest.raises(TraceError, match=words):

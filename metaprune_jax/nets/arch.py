@@ -33,6 +33,8 @@ import dataclasses
 import json
 from typing import Mapping
 
+import numpy as np
+
 INPUT = "input"
 CLASSES = "classes"
 
@@ -49,7 +51,10 @@ class Layer:
     out_space: channel space written (the normalised space for bn).
     kernel: square kernel size (conv).
     stride: conv stride.
-    padding: symmetric zero padding (conv), as PyTorch's ``padding=``.
+    padding: zero padding (conv): an int ``p`` pads ``p`` on every side (PyTorch's
+      ``padding=p``); ``((top, bottom), (left, right))`` when the sides differ (flax's
+      ``padding='SAME'`` with a stride on an even input pads ``(0, 1)``). :func:`pad_pairs`
+      reads either form; :func:`compact_padding` writes the int whenever it can.
     bias: whether the conv/dense has a bias.
     shortcut: a projection-shortcut (downsample) conv or its BN: it makes no graph nodes and
       writes into its block's output node set.
@@ -62,7 +67,7 @@ class Layer:
   out_space: str
   kernel: int = 1
   stride: int = 1
-  padding: int = 0
+  padding: int | tuple = 0
   bias: bool = False
   shortcut: bool = False
 
@@ -73,8 +78,12 @@ class Op:
 
   ``op`` is one of ``conv``, ``bn``, ``dense`` (``layer`` names the layer), ``relu`` (``counted``:
   an ``nn.ReLU`` module, counted by Torch-Pruning's MAC counter; functional relus are not),
-  ``add``, ``maxpool`` (``window``, ``stride``, ``padding``) and ``gap`` (global average pool,
-  the reference's AvgPool(8)/AdaptiveAvgPool((1, 1)) followed by a flatten).
+  ``act`` (another elementwise activation: ``fn`` names it in
+  :data:`metaprune_jax.nets.activations.REGISTRY`, ``alpha`` is its parameter, ``counted`` as
+  for relu), ``add``, ``maxpool`` and ``avgpool`` (``window``, ``stride``, ``padding`` as a
+  :class:`Layer`'s; avgpool divides by the window area, padding included, as flax's and
+  PyTorch's defaults) and ``gap`` (global average pool, the reference's
+  AvgPool(8)/AdaptiveAvgPool((1, 1)) followed by a flatten).
   """
 
   op: str
@@ -84,7 +93,31 @@ class Op:
   counted: bool = False
   window: int = 0
   stride: int = 0
-  padding: int = 0
+  padding: int | tuple = 0
+  fn: str = ""
+  alpha: float = 0.0
+
+
+_OP_KINDS = ("conv", "bn", "dense", "relu", "act", "add", "maxpool", "avgpool", "gap")
+_OP_DEFAULTS_LEFT_OUT = {"fn": "", "alpha": 0.0}  # not written to JSON: old files stay as they are
+
+
+def pad_pairs(padding) -> tuple[tuple[int, int], tuple[int, int]]:
+  """``((top, bottom), (left, right))`` of a :class:`Layer`'s or :class:`Op`'s ``padding``."""
+  if isinstance(padding, (int, np.integer)):
+    p = int(padding)
+    return ((p, p), (p, p))
+  (t, b), (l, r) = padding
+  return ((int(t), int(b)), (int(l), int(r)))
+
+
+def compact_padding(padding) -> int | tuple:
+  """``p`` when ``padding`` pads ``p`` on every side, else its ``((top, bottom), (left,
+  right))`` pairs (tuples: Arch objects stay hashable)."""
+  pairs = pad_pairs(padding)
+  if len({v for pair in pairs for v in pair}) == 1:
+    return pairs[0][0]
+  return pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +252,17 @@ class Arch:
     if len(layers) != len(self.layers):
       raise ValueError(f"{self.name}: duplicate layer names")
     space_of = {"x": INPUT}
+    for l in self.layers:
+      if l.kind == "conv" and min(v for pair in pad_pairs(l.padding) for v in pair) < 0:
+        raise ValueError(f"{self.name}: layer {l.ref} has negative padding {l.padding}")
     for op in self.ops:
+      if op.op not in _OP_KINDS:
+        raise ValueError(f"{self.name}: unknown op {op.op!r} -> {op.output}")
+      if op.op == "act":
+        from metaprune_jax.nets import activations  # pylint: disable=g-import-not-at-top
+        if op.fn not in activations.REGISTRY:
+          raise ValueError(f"{self.name}: act -> {op.output}: unknown activation {op.fn!r}; "
+                           f"known: {sorted(activations.REGISTRY)}")
       for t in op.inputs:
         if t not in space_of:
           raise ValueError(f"{self.name}: op {op.op} -> {op.output} reads unknown tensor {t!r}")
@@ -252,13 +295,19 @@ class Arch:
     d = dataclasses.asdict(self)
     if not d["origin"]:
       del d["origin"]
+    for o in d["ops"]:
+      for k, v in _OP_DEFAULTS_LEFT_OUT.items():
+        if o[k] == v:
+          del o[k]
     return json.dumps(d)
 
   @classmethod
   def from_json(cls, text: str) -> "Arch":
     d = json.loads(text)
-    d["layers"] = tuple(Layer(**l) for l in d["layers"])
-    d["ops"] = tuple(Op(**{**o, "inputs": tuple(o["inputs"])}) for o in d["ops"])
+    d["layers"] = tuple(Layer(**{**l, "padding": compact_padding(l.get("padding", 0))})
+                        for l in d["layers"])
+    d["ops"] = tuple(Op(**{**o, "inputs": tuple(o["inputs"]),
+                           "padding": compact_padding(o.get("padding", 0))}) for o in d["ops"])
     d["widths"] = tuple((s, int(n)) for s, n in d["widths"])
     d["origin"] = tuple((c, l, f, tuple(p), float(sh)) for c, l, f, p, sh in d.get("origin", ()))
     return cls(**d)
@@ -285,7 +334,7 @@ class Builder:
   def conv(self, x, ref, in_space, out_space, kernel, stride=1, padding=None, bias=False,
            shortcut=False):
     name = ref.replace(".", "_")
-    padding = (kernel // 2) if padding is None else padding
+    padding = (kernel // 2) if padding is None else compact_padding(padding)
     self.layers.append(Layer(name, ref, "conv", in_space, out_space, kernel, stride, padding,
                              bias, shortcut))
     y = self._tmp()
@@ -318,7 +367,19 @@ class Builder:
 
   def maxpool(self, x, window, stride, padding=0):
     y = self._tmp()
-    self.ops.append(Op("maxpool", (x,), y, window=window, stride=stride, padding=padding))
+    self.ops.append(Op("maxpool", (x,), y, window=window, stride=stride,
+                       padding=compact_padding(padding)))
+    return y
+
+  def avgpool(self, x, window, stride, padding=0):
+    y = self._tmp()
+    self.ops.append(Op("avgpool", (x,), y, window=window, stride=stride,
+                       padding=compact_padding(padding)))
+    return y
+
+  def act(self, x, fn, alpha=0.0, counted=False):
+    y = self._tmp()
+    self.ops.append(Op("act", (x,), y, counted=counted, fn=fn, alpha=float(alpha)))
     return y
 
   def gap(self, x):

@@ -6,9 +6,10 @@ which is exactly what the metanetwork produces (``from_graph``), what Orbax stor
 state to split and merge.
 
 The module interprets ``arch.ops`` in order. PyTorch semantics are kept where they matter for
-matching the reference (docs/design.md section 7): explicit symmetric conv padding (never 'SAME'),
-BatchNorm normalising with the biased batch variance while its running variance takes the
-unbiased one, momentum 0.1 in torch terms, eps 1e-5; max-pool pads with -inf.
+matching the reference (docs/design.md section 7): explicit conv padding (never 'SAME'; per side
+when a traced network pads asymmetrically), BatchNorm normalising with the biased batch variance
+while its running variance takes the unbiased one, momentum 0.1 in torch terms, eps 1e-5;
+max-pool pads with -inf, average pooling divides by the window area (padding included).
 
 Residual joins go through :func:`xla_hints.materialize` (on the CPU backend, an exact division
 by 1.0; elsewhere the identity). Without it, XLA:CPU fuses the whole elementwise residual stream
@@ -34,7 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from metaprune_jax.backends import xla_hints
-from metaprune_jax.nets.arch import Arch
+from metaprune_jax.nets import activations
+from metaprune_jax.nets.arch import Arch, pad_pairs
 
 
 BN_EPS = 1e-5
@@ -122,7 +124,7 @@ class CNN(nn.Module):
         l = layers[op.layer]
         binit = nn.initializers.zeros  # conv biases (VGG) start at zero in the reference
         y = nn.Conv(arch.width(l.out_space), (l.kernel, l.kernel), (l.stride, l.stride),
-                    padding=((l.padding, l.padding), (l.padding, l.padding)), use_bias=l.bias,
+                    padding=pad_pairs(l.padding), use_bias=l.bias,
                     kernel_init=_kaiming_fan_out, bias_init=binit,
                     conv_general_dilated=_flax_conv, name=l.name)(a)
         y = _mask(y, masks, l.out_space)
@@ -141,13 +143,17 @@ class CNN(nn.Module):
                      bias_init=binit, name=l.name)(a)
       elif op.op == "relu":
         y = nn.relu(a)
+      elif op.op == "act":
+        y = activations.apply(op.fn, op.alpha, a)
       elif op.op == "add":
         y = xla_hints.materialize(a + env[op.inputs[1]])
-      elif op.op == "maxpool":
-        p = op.padding
-        y = jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, (1, op.window, op.window, 1),
-                                  (1, op.stride, op.stride, 1),
-                                  ((0, 0), (p, p), (p, p), (0, 0)))
+      elif op.op in ("maxpool", "avgpool"):
+        pads = ((0, 0), *pad_pairs(op.padding), (0, 0))
+        win, st = (1, op.window, op.window, 1), (1, op.stride, op.stride, 1)
+        if op.op == "maxpool":
+          y = jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, win, st, pads)
+        else:  # flax's nn.avg_pool (count_include_pad=True), PyTorch's AvgPool2d default
+          y = jax.lax.reduce_window(a, 0.0, jax.lax.add, win, st, pads) / (op.window * op.window)
       elif op.op == "gap":
         y = jnp.mean(a, axis=(1, 2))
       else:

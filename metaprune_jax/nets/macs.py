@@ -2,8 +2,11 @@
 
 Rules (docs/design.md section 6): conv ``k*k*Cin*Cout*Hout*Wout`` (+ ``Cout*Hout*Wout`` with bias);
 dense ``in*out + out``; BatchNorm ``2*numel(input)``; each ``nn.ReLU`` *module* call
-``numel(output)`` (functional relus, residual adds and reshapes count 0); pooling
-``numel(input)``.
+``numel(output)`` (functional relus, residual adds and reshapes count 0), and so each
+``nn.ReLU6``/``nn.LeakyReLU``/``nn.ELU`` module (an ``act`` op with ``counted``); other
+activations (GELU, SiLU, Tanh, ...) count 0, as Torch-Pruning's counter has no rule for them
+(:mod:`metaprune_jax.nets.activations`); pooling, max or average, ``numel(input)``. Output sizes
+follow each conv's and pool's padding, per side.
 
 Both counts are polynomials of degree <= 2 in the channel widths: a sum of terms
 ``coef * n[a] * n[b]``. :func:`count_terms` returns those terms once per architecture and input
@@ -19,7 +22,7 @@ from typing import NamedTuple, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from metaprune_jax.nets.arch import Arch
+from metaprune_jax.nets.arch import Arch, pad_pairs
 
 
 class CountTerms(NamedTuple):
@@ -37,8 +40,9 @@ class CountTerms(NamedTuple):
     return float(np.sum(self.coef * w[self.a] * w[self.b]))
 
 
-def _out_size(h, k, s, p):
-  return (h + 2 * p - k) // s + 1
+def _out_size(h, k, s, pad):
+  lo, hi = pad
+  return (h + lo + hi - k) // s + 1
 
 
 @functools.lru_cache(maxsize=256)
@@ -62,8 +66,8 @@ def count_terms(arch: Arch, input_shape: tuple) -> tuple[CountTerms, CountTerms]
     s_in = space[op.inputs[0]]
     if op.op == "conv":
       l = layers[op.layer]
-      ho, wo = _out_size(h, l.kernel, l.stride, l.padding), _out_size(w, l.kernel, l.stride,
-                                                                     l.padding)
+      ph, pw = pad_pairs(l.padding)
+      ho, wo = _out_size(h, l.kernel, l.stride, ph), _out_size(w, l.kernel, l.stride, pw)
       o = sid[l.out_space]
       macs.append((l.kernel * l.kernel * ho * wo * n_batch, sid[l.in_space], o))
       params.append((l.kernel * l.kernel, sid[l.in_space], o))
@@ -84,14 +88,15 @@ def count_terms(arch: Arch, input_shape: tuple) -> tuple[CountTerms, CountTerms]
         macs.append((n_batch, o, -1))
         params.append((1, o, -1))
       hw[op.output], space[op.output] = (1, 1), o
-    elif op.op == "relu":
+    elif op.op in ("relu", "act"):
       if op.counted:
         macs.append((h * w * n_batch, s_in, -1))
       hw[op.output], space[op.output] = (h, w), s_in
-    elif op.op == "maxpool":
+    elif op.op in ("maxpool", "avgpool"):
       macs.append((h * w * n_batch, s_in, -1))
-      hw[op.output] = (_out_size(h, op.window, op.stride, op.padding),
-                       _out_size(w, op.window, op.stride, op.padding))
+      ph, pw = pad_pairs(op.padding)
+      hw[op.output] = (_out_size(h, op.window, op.stride, ph),
+                       _out_size(w, op.window, op.stride, pw))
       space[op.output] = s_in
     elif op.op == "gap":
       macs.append((h * w * n_batch, s_in, -1))
