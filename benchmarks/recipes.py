@@ -30,6 +30,13 @@ RECIPES = {
     "v4_gentle": dict(meta_train__lr_milestones=(24,), meta_train__reg=0.01),
     # v2 with the reference's early decay (x0.1 after epoch 6): the shipped default
     "v5_early_decay": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1),
+    # v5 with a 3x / 10x stronger regulariser (sparser metanetwork outputs; v2's collapse came
+    # with the late decay)
+    "v6_early_reg03": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.3),
+    "v7_early_reg1": dict(meta_train__lr_milestones=(6,), meta_train__reg=1.0),
+    # v5 with the paper's ResNet-56 metanetwork size (8 layers, hidden 64)
+    "v8_early_8x64": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
+                          metanet__num_layers=8, metanet__hidden=64),
 }
 
 
