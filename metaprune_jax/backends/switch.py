@@ -36,6 +36,14 @@ def cpu_tuning(platform: str | None = None) -> bool:
   Args:
     platform: ``'cpu'``, ``'gpu'``, ``'tpu'``, ...; ``None``: ``jax.default_backend()``. Call it
       when tracing or jitting, not at import (it may initialise the backend).
+
+  Returns:
+    ``True`` in mode ``'cpu'``, ``False`` in mode ``'none'``; in mode ``'auto'``, whether the
+    platform is ``'cpu'`` (:func:`tuning_mode`).
+
+  Raises:
+    ValueError: ``METAPRUNE_JAX_BACKEND_TUNING`` holds an unknown value (outside a
+      :func:`backend_tuning` block).
   """
   mode = tuning_mode()
   if mode != "auto":
@@ -49,6 +57,14 @@ def backend_tuning(mode: str) -> Iterator[None]:
 
   Clears jax's tracing and compilation caches on entry and exit: the choice is made when a
   function is traced, and a jitted function traced under another mode would be reused.
+
+  Args:
+    mode: ``'auto'`` (the CPU settings where the backend is the CPU), ``'cpu'`` (on every
+      backend) or ``'none'`` (plain JAX); it overrides ``METAPRUNE_JAX_BACKEND_TUNING`` inside
+      the block (blocks nest).
+
+  Yields:
+    None.
 
   Raises:
     ValueError: an unknown mode.

@@ -232,6 +232,10 @@ def to_graph(arch: Arch, variables: Mapping) -> jraph.GraphsTuple:
   Returns:
     ``GraphsTuple(nodes [N, node_dim], edges (per kind [E_k, d_k]), senders [E] int32,
     receivers [E] int32, n_node [1], n_edge [1])`` (see :mod:`metaprune_jax.graphs.layout`).
+
+  Raises:
+    ValueError: a variable leaf that is missing or whose shape does not fit ``arch``'s widths
+      (the message names it).
   """
   check_variables(arch, variables)
   dl = device_layout(arch)
@@ -260,6 +264,14 @@ def check_graph(arch: Arch, graph: jraph.GraphsTuple, layout: GraphLayout | None
 
 def from_graph(arch: Arch, graph: jraph.GraphsTuple) -> dict:
   """Graph -> network variables (exact inverse of :func:`to_graph`).
+
+  Args:
+    arch: the architecture at the graph's widths.
+    graph: an unpadded ``GraphsTuple`` of ``arch`` as :func:`to_graph` makes it (``nodes [N,
+      node_dim]``, per-kind ``edges [E_k, d_k]``), e.g. the output of ``apply_metanet``.
+
+  Returns:
+    ``{'params', 'batch_stats'}`` at ``arch``'s widths (the shapes :func:`to_graph` read).
 
   Raises:
     ValueError: the graph is of another architecture or other widths, or its ``senders`` /

@@ -185,6 +185,12 @@ def graph_layout(arch: Arch, keep: Mapping[str, Sequence[int]] | None = None,
 
   Returns:
     A :class:`GraphLayout`. Not jittable (numpy); cache it per architecture and widths.
+
+  Raises:
+    ValueError: ``keep`` naming an unknown space or holding indices that are not distinct and in
+      ``[0, width)``, a padding budget smaller than the graph (it needs one padding node at
+      least), or layers the arch's node/edge style cannot hold (e.g. a 5x5 conv in a
+      single-kind graph).
   """
   if keep is None and pad_to is None:
     return _cached_layout(arch)

@@ -28,6 +28,13 @@ def reference_edge_order(arch: Arch) -> tuple:
   ``graph.edges[k][reference_edge_order(arch)[k]]`` is kind k's edges in the reference's order
   (docs/design.md 3: out-major, in-minor within a layer); our graph holds each layer input-major.
   Multi-kind identity edges (one per channel) are in the same order in both.
+
+  Args:
+    arch: the architecture at its widths.
+
+  Returns:
+    A tuple with one ``[E_k]`` int64 permutation per edge kind (``graph_layout(arch)``'s kind
+    order). Cached per ``arch``.
   """
   layout = graph_layout(arch)
   counts = [c for _, _, _, c in layout.node_sets]
@@ -57,6 +64,11 @@ def graph_to_reference_arrays(arch: Arch, graph: jraph.GraphsTuple) -> dict:
   (input-major here, out-major there; see :func:`reference_edge_order`); this puts them, their
   features and ``edge_index`` in the reference's order.
 
+  Args:
+    arch: the graph's architecture at its widths.
+    graph: ``arch``'s ``GraphsTuple`` (:func:`to_graph`, ``apply_metanet``'s output), padded
+      or not: only the real nodes and the first ``E_k`` edges of each kind are read.
+
   Returns:
     ``node_features [N, d]``, ``edge_index [2, E] int64`` (row 0 = senders), and
     ``edge_features [E, 9]`` (single-kind) or ``edge_features_49/_9/_1`` (multi-kind), numpy.
@@ -79,6 +91,16 @@ def graph_to_reference_arrays(arch: Arch, graph: jraph.GraphsTuple) -> dict:
 def graph_from_reference_arrays(arch: Arch, arrays: Mapping) -> jraph.GraphsTuple:
   """The inverse of :func:`graph_to_reference_arrays`: a reference graph (its ``graph.npz``
   arrays) as ``arch``'s graph, ready for :func:`from_graph` and the metanetwork's block path.
+
+  Args:
+    arch: the graph's architecture at its widths.
+    arrays: ``node_features [N, node_dim]``, ``edge_index [2, E]`` and ``edge_features [E, 9]``
+      (single-kind) or ``edge_features_<d> [E_d, d]`` per kind (multi-kind), e.g. an
+      ``np.load``-ed ``graph.npz``.
+
+  Returns:
+    An unpadded ``GraphsTuple`` in our edge order: ``nodes [N, node_dim]`` and per-kind
+    ``edges [E_k, d_k]`` float32, ``arch``'s own ``senders`` / ``receivers [E]`` int32.
 
   Raises:
     ValueError: missing arrays, shapes that do not fit ``arch``, or an ``edge_index`` other than

@@ -200,7 +200,13 @@ def meta_train_grads(config, params, arch: Arch, variables: Mapping, images_nhwc
     chunk: images per scanned forward/backward (memory; see :func:`_model_loss_grads`).
 
   Returns:
-    A pytree with the structure of ``params``.
+    A pytree with the structure and shapes of ``params`` (float32): the gradient of the
+    reference's loss (the sum over the ``B`` batches of each batch's mean cross-entropy, plus
+    the regulariser).
+
+  Raises:
+    ValueError: variables that do not fit ``arch`` (:func:`to_graph`), or a graph that does
+      not fit the metanetwork (:func:`validate_graph`: node/edge widths, NaN/Inf).
   """
   metanet_lib.validate_graph(config, graph_lib.to_graph(arch, variables))
   x, y = jnp.asarray(images_nhwc), jnp.asarray(labels)

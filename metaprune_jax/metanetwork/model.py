@@ -181,6 +181,11 @@ class _Conv(nn.Module):
 class MetaNet(nn.Module):
   """The reference metanetwork (``MyGNN`` / ``MyGNN_resnet50``) as a linen module.
 
+  ``MetaNet(**config).apply({'params': params}, nodes, edges, senders, receivers)`` maps
+  ``nodes [N, node_dim]`` and per-kind ``edges [E_k, edge_dims[k]]`` to outputs of the same
+  shapes (see :meth:`__call__`); it checks nothing: :func:`apply_metanet` validates the graph
+  (``validate_graph``) before calling it.
+
   Attributes:
     num_layers, hidden, node_dim, edge_dims, node_res_ratio, edge_res_ratio, precision: see
       ``make_metanet_config``.

@@ -184,7 +184,15 @@ def split_models(num: int, val_fraction: float) -> tuple[list[int], list[int]]:
 
 
 def metanet_epochs(workdir: str) -> list[int]:
-  """Epochs with a saved metanetwork under ``<workdir>/meta_train``."""
+  """Epochs with a saved metanetwork under ``<workdir>/meta_train``.
+
+  Args:
+    workdir: the run's workdir (the one passed to the ``meta_train`` mode).
+
+  Returns:
+    The saved epochs as a sorted list of ints; ``[]`` when there is no such run (never raises
+    for a missing directory).
+  """
   d = os.path.join(os.path.abspath(workdir), META_DIR)
   if not os.path.isdir(os.path.join(d, "checkpoints")):
     return []
@@ -197,6 +205,18 @@ def metanet_epochs(workdir: str) -> list[int]:
 
 def load_metanet(workdir: str, epoch: int | None = None, arch: Arch | None = None):
   """``(metanet_config, params, epoch)`` of a meta_train run (``epoch`` None or -1: the last).
+
+  Args:
+    workdir: the run's workdir.
+    epoch: the saved epoch to read (:func:`metanet_epochs`); None or negative: the last.
+    arch: optional; check that the metanetwork was trained for this architecture (name, node
+      width and edge kinds).
+
+  Returns:
+    ``(metanet_config, params, epoch)``: the ``ConfigDict`` of :func:`make_metanet_config`'s
+    fields (``edge_dims`` a tuple), the params pytree as jax arrays (as
+    :func:`init_metanet`'s, ``convs`` leaves with a leading ``[L, ...]`` layer axis), and the
+    epoch read (int).
 
   Raises:
     ckpt_lib.CheckpointError: no such run or epoch.

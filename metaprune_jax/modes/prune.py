@@ -157,7 +157,19 @@ def save_pruned(directory: str, arch: Arch, variables, meta: dict) -> None:
 
 
 def load_pruned(workdir: str) -> tuple[Arch, dict]:
-  """The materialised network a ``prune`` run saved: ``(arch at its widths, variables)``."""
+  """The materialised network a ``prune`` run saved: ``(arch at its widths, variables)``.
+
+  Args:
+    workdir: the run's workdir (the one passed to the ``prune`` mode).
+
+  Returns:
+    ``(arch, variables)``: the Arch at the pruned widths and its ``{'params',
+    'batch_stats'}`` as numpy arrays, ready for ``apply_model(arch, variables, images [B, H,
+    W, 3])``.
+
+  Raises:
+    CheckpointError: no pruned network in the workdir, or one that cannot be read.
+  """
   c = ckpt_lib.Checkpointer(os.path.join(os.path.abspath(workdir), DIRNAME, "final"),
                             max_to_keep=1, async_save=False)
   try:

@@ -169,7 +169,18 @@ def _mask(y, masks, space):
 
 
 def init_variables(arch: Arch, rng: jax.Array, input_hw=(32, 32)) -> dict:
-  """Fresh ``{'params', 'batch_stats'}`` for ``arch`` (reference init, docs/design.md section 7)."""
+  """Fresh ``{'params', 'batch_stats'}`` for ``arch`` (reference init, docs/design.md section 7).
+
+  Args:
+    arch: the architecture (its widths decide the shapes).
+    rng: PRNG key.
+    input_hw: ``(H, W)`` of the ``[1, H, W, 3]`` zero image the module is initialised on.
+
+  Returns:
+    ``{'params': {layer: {'kernel': ..., 'bias'?: ...} / {'scale', 'bias'}}, 'batch_stats':
+    {bn_layer: {'mean': [C], 'var': [C]}}}``: conv kernels ``[k, k, C_in, C_out]`` (HWIO),
+    dense kernels ``[C_in, C_out]``, BatchNorm scale/bias/statistics ``[C]``, float32.
+  """
   x = jnp.zeros((1, *input_hw, 3), jnp.float32)
   variables = CNN(arch).init(rng, x, train=False)
   return jax.tree_util.tree_map(lambda a: a, dict(variables))
@@ -188,6 +199,10 @@ def apply_model(arch: Arch, variables: Mapping, images_nhwc: jax.Array, train: b
 
   Returns:
     ``logits [B, num_classes]``; with ``train=True``, ``(logits, new_batch_stats)``.
+
+  Raises:
+    ValueError: an op the network does not know; flax raises its own errors for variables
+      whose shapes do not match ``arch``'s widths.
   """
   model = CNN(arch)
   v = {"params": variables["params"], "batch_stats": variables["batch_stats"]}

@@ -116,7 +116,19 @@ def count_terms(arch: Arch, input_shape: tuple) -> tuple[CountTerms, CountTerms]
 
 
 def count_macs(arch: Arch, input_shape=(1, 3, 32, 32)) -> tuple[int, int]:
-  """``(macs, params)`` of ``arch`` as Python ints; ``input_shape`` NCHW, e.g. (1, 3, 32, 32)."""
+  """``(macs, params)`` of ``arch`` as Python ints; ``input_shape`` NCHW, e.g. (1, 3, 32, 32).
+
+  Args:
+    arch: the architecture, counted at its widths.
+    input_shape: ``(N, C, H, W)``; the MACs scale with ``N``, the params do not.
+
+  Returns:
+    ``(macs, params)``: Python ints, counted by the module docstring's rules.
+
+  Raises:
+    ValueError: an ``input_shape`` that is not 4-long, one too small for the network (an op's
+      output would have spatial size < 1), or an op the counter does not know.
+  """
   mt, pt = count_terms(arch, tuple(int(v) for v in input_shape))
   w = [arch.width(s) for s in arch.spaces]
   return int(round(mt.evaluate(w))), int(round(pt.evaluate(w)))

@@ -90,6 +90,13 @@ def import_reference_model(state_dict: Mapping[str, np.ndarray], arch_name: str,
     arch_name: the reference model name (``resnet56``, ``resnet110``, ``VGG19``, ``resnet50``;
       any case).
     num_classes: number of classes.
+    **arch_kw: builder options passed to :func:`~metaprune_jax.nets.zoo.get_arch`.
+
+  Returns:
+    ``(arch, variables)``: the Arch at the state dict's widths and ``{'params',
+    'batch_stats'}`` as float32 numpy arrays in flax layouts (conv kernels ``[k, k, C_in,
+    C_out]`` from torch's ``[C_out, C_in, k, k]``, dense kernels ``[C_in, C_out]``, BatchNorm
+    ``scale``/``bias``/``mean``/``var`` ``[C]``). ``num_batches_tracked`` entries are ignored.
 
   Raises:
     ValueError: unknown model, missing/extra keys, wrong ranks, or widths that do not fit
@@ -160,6 +167,21 @@ def export_reference_state_dict(arch: Arch, variables: Mapping,
   Also reads gradients: a pytree with the structure of ``variables['params']`` (and optionally
   ``batch_stats``) exports the keys it has. ``num_batches_tracked`` adds those int64 entries
   (value 1), which the reference's positional graph converters need.
+
+  Args:
+    arch: the architecture at the variables' widths.
+    variables: ``{'params', 'batch_stats'}`` (``batch_stats`` may be missing or empty: its
+      keys are then left out).
+    num_batches_tracked: add each BatchNorm's ``<ref>.num_batches_tracked`` (``[]`` int64).
+
+  Returns:
+    An ``OrderedDict`` reference key -> contiguous float32 numpy array in torch layouts (conv
+    ``weight [C_out, C_in, k, k]``, Linear ``weight [out, in]``, biases and BatchNorm
+    ``weight``/``bias``/``running_mean``/``running_var`` ``[C]``), in the reference's order.
+
+  Raises:
+    ValueError: a params leaf (or, when ``batch_stats`` is not empty, a statistics leaf) that
+      ``arch`` needs and ``variables`` lack.
   """
   params = variables.get("params", {})
   stats = variables.get("batch_stats", {})

@@ -142,6 +142,18 @@ def from_nnx(model, example_input, *, name: str | None = None, count_relu: bool 
   ``nnx.replace_by_pure_dict`` + ``nnx.update`` (or :func:`update_nnx`). Layers are named after
   attribute paths (``blocks/0/conv`` -> ``blocks_0_conv``). The model is not modified.
 
+  Args:
+    model: a ``flax.nnx.Module`` in eval mode mapping ``[B, H, W, C]`` images to ``[B,
+      classes]`` logits.
+    example_input: an ``[B, H, W, C]`` float32 array (or ``jax.ShapeDtypeStruct``).
+    name, count_relu, node_style, edge_style, init, ref_name, ref_fn: as :func:`from_flax`
+      (``name`` defaults to the model's class name, lower case).
+    **call_kwargs: passed to ``model(x, ...)``.
+
+  Returns:
+    ``(arch, ours)`` as :func:`from_flax`: the validated Arch and ``{'params',
+    'batch_stats'}`` in our layout holding the model's arrays.
+
   Raises:
     TraceError: as :func:`from_flax`; a BatchNorm not on running averages, an active dropout.
   """
@@ -168,14 +180,34 @@ def from_nnx(model, example_input, *, name: str | None = None, count_relu: bool 
 
 
 def nnx_variables(model) -> dict:
-  """``{'params': pure dict of nnx.Param, 'batch_stats': pure dict of nnx.BatchStat}``."""
+  """``{'params': pure dict of nnx.Param, 'batch_stats': pure dict of nnx.BatchStat}``.
+
+  Args:
+    model: a ``flax.nnx.Module`` (not modified).
+
+  Returns:
+    Nested dicts keyed by attribute path holding the model's arrays,
+    e.g. ``{'params': {'conv': {'kernel': [k, k, C_in, C_out], ...}}, 'batch_stats': {'bn':
+    {'mean': [C], 'var': [C]}}}``: the ``like`` tree of :func:`to_flax_variables`.
+  """
   from flax import nnx  # pylint: disable=g-import-not-at-top
   _, params, stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
   return {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
 
 
 def update_nnx(model, tree: Mapping) -> None:
-  """Writes ``tree`` (:func:`to_flax_variables` of an nnx trace) into ``model``'s variables."""
+  """Writes ``tree`` (:func:`to_flax_variables` of an nnx trace) into ``model``'s variables.
+
+  Args:
+    model: the ``flax.nnx.Module`` traced by :func:`from_nnx`; updated in place (arrays of
+      other shapes, e.g. pruned widths, replace the old ones).
+    tree: ``{'params': ..., 'batch_stats': ...}`` pure dicts with :func:`nnx_variables`'s
+      keys.
+
+  Raises:
+    KeyError: ``tree`` without ``'params'`` or ``'batch_stats'``.
+    ValueError: (flax's ``nnx.replace_by_pure_dict``) a key the model does not have.
+  """
   from flax import nnx  # pylint: disable=g-import-not-at-top
   graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
   nnx.replace_by_pure_dict(params, tree["params"])
@@ -342,6 +374,10 @@ def to_flax_variables(arch: Arch, variables: Mapping, like: Mapping) -> dict:
   Returns:
     A new tree with ``like``'s structure and names holding ``variables``' arrays (BatchNorm
     variances shifted back where the user's epsilon is not 1e-5). ``like`` is not modified.
+
+  Raises:
+    ValueError: ``arch`` not traced (empty ``arch.origin``), a leaf ``variables`` lack, or a
+      path ``like`` does not have.
   """
   if not arch.origin:
     raise ValueError(f"{arch.name}: not a traced architecture (arch.origin is empty)")

@@ -44,6 +44,10 @@ def get_arch(name: str, num_classes: int, widths: Mapping[str, int] | None = Non
     widths: optional per-space widths (see the module docstring).
     **kw: builder options (``width_mult`` for CIFAR ResNets, ``input_size`` for VGG).
 
+  Returns:
+    The validated :class:`Arch`; fresh variables for it come from ``init_variables``, and the
+    network maps ``[B, H, W, 3]`` NHWC images to ``[B, num_classes]`` logits.
+
   Raises:
     ValueError: unknown name (the message lists the known ones) or widths that do not fit.
   """

@@ -77,8 +77,16 @@ def is_ignored(arch: Arch, layer_name: str) -> bool:
 def pruning_groups(arch: Arch, ignore_classes: bool = True) -> tuple[Group, ...]:
   """The prunable groups of ``arch`` in Torch-Pruning's order (module docstring).
 
-  ``ignore_classes=False`` keeps the groups whose layers have exactly ``num_classes`` outputs
-  (for callers that decide that per data model, on masked full-width networks).
+  Args:
+    arch: the architecture (groups are cached per ``arch``).
+    ignore_classes: ``True`` (Torch-Pruning's default) leaves out the groups whose layers have
+      exactly ``num_classes`` outputs; ``False`` keeps them (for callers that decide that per
+      data model, on masked full-width networks).
+
+  Returns:
+    A tuple of :class:`Group`, one per prunable channel space; ``group.width`` is that space's
+    channel count ``C`` (the length of its ``[C]`` mask and importance vector). The ``input``
+    and ``classes`` spaces never form a group.
   """
   producer = {op.output: op for op in arch.ops}
   final = arch.ops[-1]
@@ -155,6 +163,9 @@ def group_importance(arch: Arch, variables: Mapping, normalizer: str = "max") ->
 
   Returns:
     list of ``[group.width] float32`` arrays. Jittable (``arch`` static).
+
+  Raises:
+    ValueError: an unknown normalizer.
   """
   if normalizer not in NORMALIZERS and normalizer is not None:
     raise ValueError(f"unknown normalizer {normalizer!r}; choose from {NORMALIZERS}")

@@ -90,6 +90,19 @@ def mask_variables(arch: Arch, variables: Mapping, masks: Mapping) -> dict:
   """Variables with every slice of a pruned channel set to zero (params and BN statistics).
 
   Running variances of pruned channels become 0 as well; they are never read unmasked.
+  Jittable (``arch`` static).
+
+  Args:
+    arch: the architecture at the variables' (full) widths.
+    variables: ``{'params', 'batch_stats'}`` (``batch_stats`` optional); other collections are
+      passed through.
+    masks: ``{space: [arch.width(space)] float}`` keep-vectors (1 keep, 0 pruned); spaces
+      without an entry are kept. Not checked here (see :func:`check_masks`).
+
+  Returns:
+    A new dict with the same structure and shapes: conv kernels ``[k, k, C_in, C_out]`` and
+    dense kernels ``[C_in, C_out]`` zeroed along pruned input and output channels, biases,
+    BatchNorm scale/bias and running mean/var ``[C]`` zeroed at pruned channels.
   """
   out = dict(variables)
   out["params"] = mask_tree(arch, variables["params"], masks, "params")
@@ -111,6 +124,18 @@ def kept_indices(arch: Arch, masks: Mapping) -> dict:
 
 def materialize(arch: Arch, variables: Mapping, masks: Mapping) -> tuple[Arch, dict]:
   """Cuts out the kept channels: ``(arch at the real widths, variables)``. Not jittable.
+
+  Args:
+    arch: the architecture at the variables' (full) widths.
+    variables: ``{'params', 'batch_stats'}`` at ``arch``'s widths.
+    masks: ``{space: [arch.width(space)] float}`` keep-vectors (a channel is kept where the
+      mask is > 0.5); spaces without an entry are kept whole.
+
+  Returns:
+    ``(small_arch, small_variables)``: ``small_arch`` is ``arch`` with every space at its kept
+    count ``C'`` (validated), ``small_variables`` ``{'params', 'batch_stats'}`` holding the
+    kept slices (kernels ``[k, k, C_in', C_out']`` / ``[C_in', C_out']``, BatchNorm leaves
+    ``[C']``), as jax arrays.
 
   Raises:
     ValueError: a mask of the wrong shape, or one that removes every channel of a space.
@@ -143,7 +168,23 @@ def materialize(arch: Arch, variables: Mapping, masks: Mapping) -> tuple[Arch, d
 
 def embed(full_arch: Arch, small_variables: Mapping, keep: Mapping) -> tuple[dict, dict]:
   """Reverse of :func:`materialize`: puts a small network's variables at the ``keep`` indices
-  of ``full_arch`` (zeros elsewhere; BN variances 1 elsewhere). Returns ``(variables, masks)``."""
+  of ``full_arch`` (zeros elsewhere; BN variances 1 elsewhere). Not jittable.
+
+  Args:
+    full_arch: the architecture at full widths.
+    small_variables: ``{'params', 'batch_stats'}`` of the small network, each space at
+      ``len(keep[space])`` channels.
+    keep: ``{space: kept channel indices}`` (int sequences into ``[0, full width)``); spaces
+      without an entry are kept whole.
+
+  Returns:
+    ``(variables, masks)``: ``{'params', 'batch_stats'}`` at ``full_arch``'s widths (float32)
+    and ``{space: [width] float32}`` keep-vectors for every prunable space.
+
+  Raises:
+    KeyError: a layer or leaf missing from ``small_variables``.
+    ValueError: (numpy's) a leaf whose shape does not fit the ``keep`` counts.
+  """
   keep = {s: np.asarray(keep[s]) if s in keep else np.arange(full_arch.width(s))
           for s in full_arch.spaces}
   out = {"params": {}, "batch_stats": {}}

@@ -251,7 +251,15 @@ class PruneResult(NamedTuple):
 
 def progressive_prune(arch: Arch, variables: Mapping, target_speed_up: float,
                       input_shape=(1, 3, 32, 32), **kw) -> tuple[dict, float]:
-  """``(masks, speed_up)`` of :func:`prune_to_target` (same arguments)."""
+  """``(masks, speed_up)`` of :func:`prune_to_target` (same arguments).
+
+  Returns:
+    ``(masks, speed_up)``: ``{space: [width] float32}`` keep-vectors and the exact MACs
+    speed-up (float), as :class:`PruneResult`'s fields.
+
+  Raises:
+    ValueError: as :func:`prune_to_target`.
+  """
   res = prune_to_target(arch, variables, target_speed_up, input_shape, **kw)
   return res.masks, res.speed_up
 
@@ -311,7 +319,21 @@ def pruning_trajectory(arch: Arch, variables: Mapping, input_shape=(1, 3, 32, 32
   """Every step of a full schedule: ``({space: [steps, width]}, speed_ups [steps])``.
 
   Step ``i`` of the outputs is the state after pruning step ``i + 1``. Used for the
-  accuracy-vs-speed-up curves and adaptive pruning. ``round_to``: as :func:`prune_to_target`.
+  accuracy-vs-speed-up curves and adaptive pruning.
+
+  Args:
+    arch, variables, input_shape, masks, criterion, normalizer, rng, round_to: as
+      :func:`prune_to_target`.
+    steps: the schedule's number of steps (200); all of them are taken.
+
+  Returns:
+    ``(history, speed_ups)``: ``history`` is ``{space: [steps, width] float32}`` (numpy), the
+    keep-vector of every group space after each step; ``speed_ups`` is ``[steps]`` float64,
+    the MACs speed-up of each step relative to the network passed in (computed in float32
+    inside the search, not recounted exactly as :func:`prune_to_target` does).
+
+  Raises:
+    ValueError: bad masks, unknown criterion/normalizer, ``round_to`` not an integer >= 1.
   """
   round_to = check_round_to(round_to)
   plan, keep, fixed, params, start = _prepare(arch, variables, masks, input_shape, steps,
@@ -330,8 +352,25 @@ def adaptive_prune(arch: Arch, variables: Mapping, accuracy_fn: Callable[[dict],
   """Prunes step by step while ``accuracy_fn(masks) >= threshold``.
 
   ``accuracy_fn`` evaluates the masked network (e.g. test accuracy; the engine does no data
-  loading). Returns ``(masks, speed_up, history)`` of the last state at or above the
-  threshold, ``history`` = ``[(step, speed_up, accuracy), ...]``.
+  loading). The schedule is :func:`pruning_trajectory`'s; it stops at the first step below
+  ``threshold``, at ``max_speed_up`` or after ``steps`` steps.
+
+  Args:
+    arch, variables, input_shape, masks, criterion, normalizer, steps, rng, round_to: as
+      :func:`prune_to_target`.
+    accuracy_fn: ``masks -> float``, called once per step with ``{space: [width] float32}``
+      keep-vectors (the ``masks`` passed in updated).
+    threshold: the lowest accuracy accepted.
+    max_speed_up: stop once a step reaches this speed-up (that step is kept).
+
+  Returns:
+    ``(masks, speed_up, history)``: the masks and speed-up (float) of the last state at or
+    above the threshold (the ``masks`` passed in and 1.0 if the first step is already below);
+    ``history`` = ``[(step, speed_up, accuracy), ...]`` for every step evaluated, the failing
+    one included.
+
+  Raises:
+    ValueError: as :func:`pruning_trajectory`.
   """
   hist, speeds = pruning_trajectory(arch, variables, input_shape, masks=masks,
                                     criterion=criterion, normalizer=normalizer, steps=steps,

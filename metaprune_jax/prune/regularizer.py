@@ -76,10 +76,14 @@ def regularizer(arch: Arch, variables: Mapping, alpha: float = 16.0, reg: float 
     reg: strength (10).
     normalizer: importance normaliser before the square root (``max``).
     bias: also regularise biases (the reference's ``bias=False`` by default).
-    masks: optional channel masks (pruned channels excluded from max/min and from R).
+    masks: optional ``{space: [width] float}`` channel masks of a masked full-width network
+      (pruned channels excluded from max/min and from R).
 
   Returns:
-    scalar float32. Jittable (``arch`` static).
+    ``[]`` float32 scalar. Jittable (``arch`` static).
+
+  Raises:
+    ValueError: an unknown normalizer.
   """
   params = variables["params"] if "params" in variables else variables
   gammas = group_gammas(arch, params, alpha, normalizer, masks)

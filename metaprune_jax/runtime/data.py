@@ -449,6 +449,13 @@ def get_dataset(name: str, data_dir: str | None = None,
     val_fraction: share of the training split held out for validation (None or < 0: the
       dataset's default, ``spec.val_fraction``; 0: none).
 
+  Returns:
+    A :class:`Dataset` over all processes (``for_mesh`` narrows it to one run's). Its batches
+    are dicts of numpy arrays: ``train_batch`` gives ``{'image': [b, H, W, 3] float32
+    (normalised NHWC, ``spec.image_hw``), 'label': [b] int32}``, ``eval_batches`` adds ``'mask':
+    [b] float32`` (0 for the padding of the last batch), ``b`` this process's share of the
+    global batch.
+
   Raises:
     ValueError: unknown name, a fraction outside [0, 1).
     DatasetNotPreparedError: the tfds dataset is not prepared in `data_dir`.

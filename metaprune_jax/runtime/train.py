@@ -76,6 +76,10 @@ def evaluate(arch, variables, masks, dataset: data_lib.Dataset, batch_size: int,
 
   Returns:
     {'loss': mean CE, 'accuracy': fraction correct} over the whole split.
+
+  Raises:
+    ValueError: a batch size not divisible by the mesh's device count, an unknown split, or
+      ``'val'`` on a dataset without a validation split.
   """
   mesh = mesh or sharding.make_mesh()
   sharding.check_batch_size(batch_size, mesh, "eval batch size")
