@@ -87,6 +87,8 @@ def test_huge_pages_follow_the_switch():
   assert not host_memory.accelerator_likely({"JAX_PLATFORMS": "cpu"})
   assert not host_memory.accelerator_likely({}, files=("/no/such/device",))
   assert host_memory.accelerator_likely({}, files=(os.devnull,))
+  # private: the environment -> decision rule inside restart_with_huge_pages, which the public
+  # function only applies by re-executing the process
   want = host_memory._cpu_settings_wanted  # pylint: disable=protected-access
   assert want({"JAX_PLATFORMS": "cpu"})
   assert not want({"JAX_PLATFORMS": "cpu", host_memory.TUNING_ENV: "none"})
@@ -105,7 +107,7 @@ def _train_step_results(arch, v, masks_list):
     state = create_state(arch, v, tx, jax.random.PRNGKey(3), masks)
     new, metrics = step(state, batch)
     outs.append((metrics["loss"], new.params, new.batch_stats))
-  return outs, step._cache_size()
+  return outs, step._cache_size()  # jax's private counter: compilations of the jitted step
 
 
 def test_train_step_plain_jax_equals_cpu_path_and_compiles_once():
@@ -160,6 +162,8 @@ def test_meta_training_grads_plain_jax_equal_cpu_path_and_compile_once():
   full, models = _tiny_models(2)
   mc = metanet_lib.make_metanet_config(2, 8, 8, (9,), 0.1, 0.1)
   phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(0))
+  # private: the padded-slot core meta-training jits (see meta_test), here counted for
+  # compilations under each backend mode; the public meta_train_grads hides both
   spec = metatrain._spec(mc)  # pylint: disable=protected-access
   x = jax.random.normal(jax.random.PRNGKey(5), (1, 6, 8, 8, 3))
   y = (jnp.arange(6) % 10)[None]

@@ -49,6 +49,8 @@ class DigitsTest(absltest.TestCase):
 
   def test_validation_split_is_disjoint_and_fixed(self):
     ds = data.get_dataset("digits")
+    # private: the raw training split (before the validation carve and the transforms) has no
+    # public accessor; the test compares what the Dataset reads against it
     train_src, _ = data._digits_sources()  # pylint: disable=protected-access
     tr, va = data.validation_split(len(train_src), 0.2)
     # fixed across runs, seeds and processes: the carve depends on the split's size only
@@ -60,9 +62,12 @@ class DigitsTest(absltest.TestCase):
     self.assertEmpty(np.intersect1d(tr, va))
     np.testing.assert_array_equal(np.union1d(tr, va), np.arange(len(train_src)))
     self.assertEqual((ds.num_train, ds.num_val), (len(tr), len(va)))
-    for j in (0, 7, len(tr) - 1):  # training reads exactly the kept examples
+    # training reads exactly the kept examples (private ds._train: the carved source, before
+    # augmentation, which train_batch applies)
+    for j in (0, 7, len(tr) - 1):
       np.testing.assert_array_equal(ds._train[j]["image"], train_src[int(tr[j])]["image"])  # pylint: disable=protected-access
     # validation images are those training examples (eval transform), never test images
+    # private _eval_transform: the deterministic transform eval_batches applies, per example
     want = np.stack([data._eval_transform(train_src[int(i)], ds.spec)["image"] for i in va])  # pylint: disable=protected-access
     np.testing.assert_array_equal(self._images(ds, "val"), want)
     # the test split is another source (the fixed 80/20 carve of the whole set): it is untouched

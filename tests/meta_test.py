@@ -133,6 +133,8 @@ def test_padded_slot_path_equals_materialised_and_compiles_once():
   assert models[0][0].widths != models[1][0].widths  # two data models of different widths
   mc = metanet_lib.make_metanet_config(2, 8, 8, (9,), 0.1, 0.1)
   phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(0))
+  # private: the padded-slot core (one full-width program for data models of every width) is
+  # what meta-training jits; the public meta_train_grads runs one model at its own widths
   spec = metatrain._spec(mc)
   x = jax.random.normal(jax.random.PRNGKey(5), (1, 6, 8, 8, 3))
   y = jnp.arange(6) % 10
@@ -143,7 +145,7 @@ def test_padded_slot_path_equals_materialised_and_compiles_once():
     g = f(phi, metatrain.make_slot(full, sv, keep), x, y[None])
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
       np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6 * float(np.max(np.abs(b))) + 1e-8)
-  assert f._cache_size() == 1  # one compilation for every width
+  assert f._cache_size() == 1  # one compilation for every width (jax's private counter)
   # the transformed network has the data model's shape and keeps pruned channels at zero
   small, sv, keep = models[0]
   slot = metatrain.make_slot(full, sv, keep)
@@ -163,7 +165,7 @@ def test_one_meta_step_lowers_the_loss():
   slots = metatrain.stack_slots([metatrain.make_slot(full, sv, k) for _, sv, k in models])
   x = jax.random.normal(jax.random.PRNGKey(5), (2, 1, 8, 8, 8, 3))
   y = (jnp.arange(16).reshape(2, 1, 8) % 10).astype(jnp.int32)
-  spec = metatrain._spec(mc)
+  spec = metatrain._spec(mc)  # private: make_meta_step takes the hashable spec of the config
   import optax
   from metaprune_jax.runtime import sharding
   tx = optax.adamw(1e-3, weight_decay=0.0)
@@ -193,6 +195,7 @@ WORKER = textwrap.dedent("""
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (8, 1, 4, 8, 8, 3)))
   y = (np.arange(32).reshape(8, 1, 4) % 10).astype(np.int32)
   tx = optax.adamw(1e-3, weight_decay=5e-4)
+  # private _spec: make_meta_step takes the hashable spec of the config
   step = meta_modes.make_meta_step(metatrain._spec(mc), full, tx, sharding.make_mesh(), 16.0, 10.0,
                                    "max")
   phi, opt, m = step(phi, tx.init(phi), slots, x, y)

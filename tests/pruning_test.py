@@ -81,6 +81,8 @@ def test_masked_equals_materialized_after_pruning():
 def test_jit_equals_eager_step_and_one_compilation():
   arch = mp.get_arch("resnet_tiny", 10)
   v = mp.init_variables(arch, jax.random.PRNGKey(3), (8, 8))
+  # private: one pruning step, jitted vs eager, is the search's inner loop body; the public
+  # functions only run whole schedules (and _search's compilations are what the end counts)
   plan, keep, fixed, params, start = pruning._prepare(arch, v, None, (1, 3, 8, 8), 200, "l2",
                                                       "max")
   sq = pruning._layer_sq(arch, params)
@@ -95,7 +97,7 @@ def test_jit_equals_eager_step_and_one_compilation():
       np.testing.assert_array_equal(np.asarray(k_j[sp]), np.asarray(k_e[sp]))
   # repeated searches on other weights reuse one compiled search
   mp.progressive_prune(arch, v, 1.5, (1, 3, 8, 8))
-  before = pruning._search._cache_size()
+  before = pruning._search._cache_size()  # private (jax's and ours): compilations of the search
   for seed in range(3):
     v2 = mp.init_variables(arch, jax.random.PRNGKey(10 + seed), (8, 8))
     mp.progressive_prune(arch, v2, 1.3 + 0.2 * seed, (1, 3, 8, 8))

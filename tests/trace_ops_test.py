@@ -205,6 +205,8 @@ def test_conv2d_asymmetric_padding_matches_lax(padding, strides):
   def ours(x, w):
     return xla_hints.conv2d(x, w, strides, padding)
   np.testing.assert_allclose(ours(x, w), ref(x, w), atol=1e-5, rtol=1e-5)
+  # private: conv2d picks the CPU path by backend and mode; the test checks that path itself
+  # (forward and custom gradient) on any backend
   np.testing.assert_allclose(xla_hints._conv2d_cpu(x, w, strides, padding), ref(x, w),  # pylint: disable=protected-access
                              atol=1e-5, rtol=1e-5)
   cpu = functools.partial(xla_hints._conv2d_cpu, strides=strides, padding=padding)  # pylint: disable=protected-access
