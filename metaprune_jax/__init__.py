@@ -121,6 +121,9 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
   sys.meta_path.insert(0, _MovedModules())
+# `metaprune_jax.regularizer` is the function; the module of that name (earlier layout) still
+# imports: `from metaprune_jax.regularizer import regularizer`.
+sys.modules.setdefault(f"{__name__}.regularizer", sys.modules[f"{__name__}.prune.regularizer"])
 
 
 __all__ = [

@@ -83,6 +83,28 @@ class ApiTest(absltest.TestCase):
     with self.assertRaises(AttributeError):
       mp.no_such_name  # pylint: disable=pointless-statement
 
+  def test_flat_module_names_import_as_the_modules_at_their_new_place(self):
+    out = _python("""
+        import importlib
+        import metaprune_jax as mp
+        wrong = []
+        for old, new in sorted(mp._MOVED.items()):  # pylint: disable=protected-access
+          module = importlib.import_module(f"metaprune_jax.{new}")
+          via_import = importlib.import_module(f"metaprune_jax.{old}")  # import metaprune_jax.x
+          via_from = getattr(__import__("metaprune_jax", fromlist=[old]), old)  # from .. import
+          if not (via_import is module and via_from is module and getattr(mp, old) is module
+                  and module.__name__ == f"metaprune_jax.{new}"
+                  and module.__spec__.name == f"metaprune_jax.{new}"):
+            wrong.append(old)
+        import metaprune_jax.graph as g
+        from metaprune_jax.train import fit
+        import metaprune_jax.regularizer  # the module; mp.regularizer stays the function
+        from metaprune_jax.regularizer import regularizer
+        print(wrong, g.to_graph is mp.to_graph, fit is mp.fit, len(mp._MOVED),
+              regularizer is mp.regularizer, callable(mp.regularizer))
+        """)
+    self.assertEqual(out, "[] True True 33 True True")
+
   def test_import_does_not_patch_jax(self):
     out = _python("""
         import jax
