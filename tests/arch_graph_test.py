@@ -200,7 +200,7 @@ def test_fixture_macs(FIXTURES, case):
   ref = json.loads((FIXTURES / case / "macs.json").read_text())
   assert tuple(ref["example_input_shape"]) == input_shape
   assert macs_lib.count_macs(arch, input_shape) == (int(ref["macs"]), int(ref["params"]))
-  full = zoo.get_arch(reference._zoo_name(ref_name), num_classes)  # pylint: disable=protected-access
+  full = zoo.get_arch(ref_name, num_classes)  # get_arch reads reference names (any case)
   assert macs_lib.count_macs(full, input_shape) == (int(ref["full_width_macs"]),
                                                     int(ref["full_width_params"]))
 
@@ -353,6 +353,8 @@ def test_graph_conversion_first_called_under_jit():
   arch = zoo.get_arch("resnet20", 10, width_mult=0.125)
   variables = _random_variables(arch, 3)
   device_layout.device_layout.cache_clear()
+  # private: the test starts from empty caches, and the graph reader's cache (which the trace
+  # must not fill with tracers) has no public handle
   graph_lib._graph_reader.cache_clear()  # pylint: disable=protected-access
   jitted = jax.jit(lambda v: graph_lib.from_graph(arch, graph_lib.to_graph(arch, v)))
   _assert_trees_equal(jitted(variables), variables)

@@ -104,6 +104,7 @@ def _reference(a1, a3, a4, v, es, groups=_GROUPS):
 
 
 def _kernel(a1, a3, a4, v, es, groups=_GROUPS):
+  # private: the FFI call of one layer, tested against its XLA twin on hand-made geometries
   return metanet_blocks._layer_ffi(_geom(groups), a1, a3, a4, v, es)
 
 
@@ -212,7 +213,7 @@ class LayerKernelTest(parameterized.TestCase):
     # The whole block path, forward and gradient: kernels == XLA's fusions.
     arch = zoo.get_arch("resnet20", 10)
     config = metanet.make_metanet_config(2, hidden, 8, (9,), 0.1, 0.1)
-    spec = metanet._spec(config)
+    spec = metanet._spec(config)  # private: metanet_blocks.forward takes the hashable spec
     graph = graph_lib.to_graph(arch, cnn.init_variables(arch, jax.random.PRNGKey(0)))
     params = metanet.init_metanet(config, jax.random.PRNGKey(1))
     plan = metanet.block_plan(arch)
@@ -235,6 +236,8 @@ class LayerKernelTest(parameterized.TestCase):
 
 
 class SelectionTest(absltest.TestCase):
+  """private _use_kernels: the kernels-or-XLA decision, whose errors surface only deep inside a
+  traced forward through the public API."""
 
   def test_bad_grid_impl_is_named(self):
     with self.assertRaisesRegex(ValueError, "grid_impl must be"):

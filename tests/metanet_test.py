@@ -171,6 +171,7 @@ class PropertiesTest(parameterized.TestCase):
     graphs = [_drop_nodes(full, d) for d in (np.arange(3, 7), np.arange(20, 40),
                                              np.array([12, 50, 51, 52, 70]))]
     outs = [metanet.apply_metanet(self.config, self.params, graphs[0])]  # unpadded: own shape
+    # private: counts compilations of the jitted core, which the public apply_metanet hides
     before = metanet._forward_jit._cache_size()
     for g in graphs:
       padded = metanet.pad_graph(g, budget_nodes, budget_edges)
@@ -237,6 +238,8 @@ class PropertiesTest(parameterized.TestCase):
 
 def _assert_block_grad_equals_scatter(config, params, graph, plan):
   """Gradient w.r.t. the metanetwork params: dense-block path (``plan``) == scatter path."""
+  # private: _forward is the un-jitted core both paths share (apply_metanet adds jit and input
+  # checks around it); it takes the hashable spec _spec builds from the config
   spec = metanet._spec(config)
 
   def loss(p, plan):
@@ -298,7 +301,7 @@ class BlockPathTest(parameterized.TestCase):
     # the results must not depend on it: forward and gradient, with and without node masks.
     arch = zoo.get_arch("resnet20", 10)
     config = metanet.make_metanet_config(2, 8, 8, (9,), 0.1, 0.1)
-    spec = metanet._spec(config)
+    spec = metanet._spec(config)  # private: metanet_blocks.forward takes the hashable spec
     variables = cnn.init_variables(arch, jax.random.PRNGKey(0))
     graph = graph_lib.to_graph(arch, variables)
     params = metanet.init_metanet(config, jax.random.PRNGKey(1))
@@ -314,6 +317,7 @@ class BlockPathTest(parameterized.TestCase):
         return sum(jnp.sum(jnp.sin(3.0 * x)) for x in (out[0], *out[1])), out
       with mock.patch.object(metanet_blocks, "_CHUNK_BYTES", chunk_bytes):
         # 9 blocks of 16x16 (hidden 8: 8 KiB each): chunks of 3 under a 24 KiB budget
+        # private: the chunk size is internal; the test checks the patched budget took effect
         self.assertEqual(metanet_blocks._block_chunk((9, 16, 16, 8)),
                          3 if chunk_bytes < 2**20 else 9)
         # XLA's default emitters, as the library runs: bit for bit there (see _xla_env)
@@ -336,6 +340,8 @@ class BlockPathTest(parameterized.TestCase):
     embedded, _ = mp_masks.embed(full, small_vars, mp_masks.kept_indices(full, masks))
     graph = graph_lib.to_graph(full, embedded)
     valid = graph_lib.node_valid(full, masks)
+    # private: the node-validity mask (the masked, embedded form meta-training uses) is an
+    # argument of the core _forward only; apply_metanet has no such argument
     out = jax.jit(metanet._forward, static_argnums=(0, 3))(
         metanet._spec(config), params, graph, metanet.block_plan(full), valid)
     # the pruned network's nodes and edges, in the full graph's order
