@@ -8,7 +8,7 @@ runs the whole pipeline (mode `all`): pretrain `resnet8` (16/32/64 channels, 15 
 epoch (`visualize`, which also picks the epoch `prune` uses: `prune.metanet_epoch=0`), and prune
 the base network to 6x fewer MACs; about 10-15 minutes on a 2-core CPU. The meta-training recipe
 is the one the recipe search chose on validation (benchmarks/recipe_search.py, docs/results.md):
-regulariser strength 0.1, residual ratios 0.1, AdamW lr 3e-3 decayed x0.1 after epoch 6,
+regulariser strength 1.0, residual ratios 0.1, AdamW lr 3e-3 decayed x0.1 after epoch 6,
 cross-entropy over the whole training split at every step. One mode at a time:
 `--config.mode=pretrain` (generate, meta_train, visualize, prune). Every schedule section has the
 keys `metaprune_jax.runtime.train.fit` reads.
@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.meta_train.lr_milestones = (6,)  # epochs at which lr *= 0.1 (the reference: early too)
   config.meta_train.weight_decay = 5e-4
   config.meta_train.alpha = 16.0          # gamma base of the group-norm regulariser
-  config.meta_train.reg = 0.1             # regulariser strength (the reference: 10)
+  config.meta_train.reg = 1.0             # regulariser strength (the reference: 10)
   config.meta_train.normalizer = "max"
   config.meta_train.batch_size = 64       # images per data batch (CIFAR: 500)
   config.meta_train.batches_per_model = 0  # data batches per data model and step (0: the whole
