@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 import metaprune_jax as mp
+from _timing import interleaved  # noqa: E402
 from metaprune_jax.backends import xla_hints
 from metaprune_jax.graphs import graph as graph_lib
 from metaprune_jax.metanetwork import metanet as metanet_lib
@@ -62,18 +63,6 @@ def _timed(fn, runs):
     jax.block_until_ready(fn())
     ts.append(time.perf_counter() - t)
   return round(first, 3), round(float(np.median(ts)), 5)
-
-
-def _interleaved(fns, runs):
-  for f in fns.values():
-    jax.block_until_ready(f())
-  ts = {k: [] for k in fns}
-  for _ in range(runs):
-    for k, f in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(f())
-      ts[k].append(time.perf_counter() - t)
-  return {k: float(np.median(v)) for k, v in ts.items()}
 
 
 class Case:
@@ -173,7 +162,7 @@ def pruned_speed_up(case, runs):
          "full_b1": net(case.arch, case.v, x[:1]), "pruned_b1": net(*small, x[:1])}
   if case.pruned8 is not None:
     fns["pruned_r8"] = net(*mp.materialize(case.arch, case.v, case.pruned8.masks), x)
-  t = _interleaved(fns, runs)
+  t = interleaved(fns, runs)
   out = {"macs_speed_up": round(case.pruned.speed_up, 4), "full_s": round(t["full"], 5),
          "pruned_s": round(t["pruned"], 5), "wall_clock_speed_up": round(t["full"] / t["pruned"], 3),
          "batch1_full_ms": round(t["full_b1"] * 1e3, 3),

@@ -30,6 +30,7 @@ import os
 import time
 
 import _memory  # benchmarks/_memory.py (the script's folder is on sys.path)
+from _timing import interleaved
 import jax
 import numpy as np
 
@@ -59,26 +60,12 @@ def search(name, ncls, target, runs):
                         "speed_up": round(res.speed_up, 4), "target": target}
 
 
-def _interleaved(fns: dict, runs: int) -> dict:
-  """Median seconds of each ``fns[name]()``, the calls interleaved round-robin (after a warm-up)."""
-  for f in fns.values():
-    jax.block_until_ready(f())
-  ts = {k: [] for k in fns}
-  for _ in range(runs):
-    for k, f in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(f())
-      ts[k].append(time.perf_counter() - t)
-  return {k: float(np.median(v)) for k, v in ts.items()}
-
-
 def _torch_net(arch, variables):
   """``arch`` as a PyTorch module (NCHW), or None without torch. Inference only."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     return None, None
-  layers = arch.layer_map
   params, stats = variables["params"], variables.get("batch_stats", {})
   t = lambda a: torch.from_numpy(np.array(a, np.float32))
 
@@ -158,8 +145,8 @@ def inference_speed(arch, v, res, batch: int, runs: int, round_to_8=None) -> dic
           return m(xt).numpy()
       return f
     fns["torch_full"], fns["torch_small"] = tcall(tfull), tcall(tnet)
-  t = _interleaved(fns, runs)
-  lat = _interleaved({"full": net(ff, fv, x1), "small": net(fs, fsv, x1)}, runs * 10)
+  t = interleaved(fns, runs)
+  lat = interleaved({"full": net(ff, fv, x1), "small": net(fs, fsv, x1)}, runs * 10)
   out = {
       "batch": batch, "full_s": round(t["full"], 4), "materialised_s": round(t["small"], 4),
       "masked_full_width_s": round(t["masked"], 4),

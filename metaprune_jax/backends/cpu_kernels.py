@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import glob
 import hashlib
 import logging
 import os
@@ -98,6 +99,9 @@ def build(compiler: str | None = None, source_path: str = _SOURCE) -> str:
     raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
   with open(source_path, "rb") as f:
     source = f.read()
+  for header in sorted(glob.glob(os.path.join(os.path.dirname(source_path), "*.h"))):
+    with open(header, "rb") as f:  # the headers it may include (csrc/parallel_for.h)
+      source += b"\0" + f.read()
   key = hashlib.sha256(b"\0".join([
       source, " ".join(_compile_command(compiler, "OUT", source_path)).encode(),
       jaxlib.__version__.encode(), jax.__version__.encode(), platform.machine().encode(), _cpu_flags().encode(),

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel_for.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -35,29 +36,7 @@ namespace {
 
 typedef float v16 __attribute__((vector_size(64)));
 
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& fn) {
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
-  if (helpers <= 0) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto state = std::make_shared<State>();
-  const F* f = &fn;
-  auto work = [state, f, n]() {
-    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-      (*f)(i);
-      state->done.fetch_add(1);
-    }
-  };
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
-  work();
-  while (state->done.load() < n) std::this_thread::yield();
-}
+using metaprune_cpu::ParallelFor;
 
 struct Geom {
   int64_t B, H, W, C, O, Ho, Wo, kh, kw, sh, sw, ph, pw;
