@@ -6,7 +6,7 @@ runs the whole pipeline (mode `all`): pretrain `resnet8` (16/32/64 channels, 15 
 32, test accuracy ~0.99), generate 8 data models (trained like the base network, pruned to
 1.5x, finetuned), meta-train the metanetwork 30 epochs, draw the validation curves of every 5th
 epoch (`visualize`, which also picks the epoch `prune` uses: `prune.metanet_epoch=0`), and prune
-the base network to 6x fewer MACs; about 10-15 minutes on a 2-core CPU. The meta-training recipe
+the base network to 6x fewer MACs; about 3.5 minutes on a 2-core CPU. The meta-training recipe
 is the one the recipe search chose on validation (benchmarks/recipe_search.py, docs/results.md):
 regulariser strength 1.0, residual ratios 0.1, AdamW lr 3e-3 decayed x0.1 after epoch 6,
 cross-entropy over the whole training split at every step. One mode at a time:
