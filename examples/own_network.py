@@ -28,8 +28,9 @@ ModuleDef = Any
 
 # ---------------------------------------------------------------------------------------------
 # 1. A plain flax.linen ResNet, in the style of the flax examples (examples/imagenet/models.py).
-#    One difference: explicit symmetric padding (padding=1 for 3x3). flax's default 'SAME' pads
-#    a stride-2 conv on an even input asymmetrically, (0, 1), which the Arch cannot describe.
+#    Padding is written PyTorch-style (padding=1 for 3x3) so the network pads as the
+#    reference's ResNets do; flax's default 'SAME' (which pads a stride-2 conv on an even input
+#    by (0, 1)) traces as well.
 #    Widths are attributes, so the pruned network can be built again at its new widths.
 # ---------------------------------------------------------------------------------------------
 class ResNetBlock(nn.Module):

@@ -59,6 +59,10 @@ def init_metanet(config, rng) -> Any:
     The params pytree (``{'node_enc': ..., 'edge_enc_k': ..., 'convs': {'lin1'..'lin4',
     'downlin'}, 'node_dec': {'dense1', 'dense2'}, 'edge_dec_k': ...}``); the ``convs`` leaves
     carry a leading layer axis [L, ...] (the layers are one ``nn.scan``).
+
+  Raises:
+    ValueError: an unknown matmul precision in ``config``.
+    AttributeError, KeyError: ``config`` lacks a field of ``make_metanet_config``.
   """
   spec = _spec(config)
   nodes = jnp.zeros((2, spec.node_dim), jnp.float32)

@@ -145,6 +145,10 @@ def export_reference_metanet(config, params) -> "collections.OrderedDict[str, np
 
   Returns:
     Ordered dict reference key -> float32 numpy array (torch layout: Linear weight [out, in]).
+
+  Raises:
+    ValueError: an unknown matmul precision in ``config``.
+    KeyError: ``params`` lacks a leaf that ``config``'s layout needs (params of another config).
   """
   spec = _spec(config)
   h = spec.hidden
