@@ -127,18 +127,26 @@ def build(compiler: str | None = None, source_path: str = _SOURCE) -> str:
   return path
 
 
+def _load(source_path: str, what: str):
+  """The built library of ``source_path`` (ctypes), or None when switched off or unbuildable
+  (logged once per caller: both callers are cached)."""
+  if os.environ.get(_ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    return None
+  try:
+    return ctypes.cdll.LoadLibrary(build(source_path=source_path))
+  except (RuntimeError, OSError) as e:
+    logging.warning("metaprune_jax: %s unavailable, using XLA's: %s", what, e)
+    return None
+
+
 @functools.cache
 def available() -> bool:
   """Whether the CPU kernels are built and registered (once per process; cached).
 
   False when ``METAPRUNE_JAX_CPU_KERNELS=0`` or when the build fails (logged once).
   """
-  if os.environ.get(_ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-    return False
-  try:
-    lib = ctypes.cdll.LoadLibrary(build())
-  except (RuntimeError, OSError) as e:
-    logging.warning("metaprune_jax: CPU edge kernels unavailable, using XLA's fusions: %s", e)
+  lib = _load(_SOURCE, "CPU edge kernels")
+  if lib is None:
     return False
   for name, symbol in ((_LFWD, lib.MetapruneLayerFwd),
                        (_LFWD_NO_COUNTS, lib.MetapruneLayerFwdNoCounts),
@@ -154,12 +162,8 @@ def conv_available() -> bool:
 
   False when ``METAPRUNE_JAX_CPU_KERNELS=0`` or when the build fails (logged once).
   """
-  if os.environ.get(_ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-    return False
-  try:
-    lib = ctypes.cdll.LoadLibrary(build(source_path=_CONV_SOURCE))
-  except (RuntimeError, OSError) as e:
-    logging.warning("metaprune_jax: CPU convolution kernel unavailable, using XLA's: %s", e)
+  lib = _load(_CONV_SOURCE, "CPU convolution kernel")
+  if lib is None:
     return False
   jax.ffi.register_ffi_target(_CONV, jax.ffi.pycapsule(lib.MetapruneConvNhwc), platform="cpu")
   return True

@@ -48,6 +48,7 @@ settings stop with an error naming the problem.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -123,11 +124,9 @@ def inference_seconds(arch: Arch, variables, image_hw, batch: int = 128, runs: i
   the convolutions (``inference.fold_batchnorm``; networks without a foldable BatchNorm are timed
   as they are), as ``benchmarks/pruning.py`` times it.
   """
-  if fold:
-    try:
+  if fold:  # nothing to fold, or a BatchNorm not after a conv: timed as it is
+    with contextlib.suppress(ValueError):
       arch, variables = inference.fold_batchnorm(arch, variables)
-    except ValueError:  # nothing to fold, or a BatchNorm not after a conv: time it as it is
-      pass
   fn = jax.jit(lambda v, x: cnn.apply_model(arch, v, x),
                compiler_options=xla_hints.conv_compiler_options())
   v = jax.device_put({"params": variables["params"], "batch_stats": variables["batch_stats"]})
