@@ -85,7 +85,24 @@ class AvgNet(nn.Module):
     return nn.Dense(5, name="head")(jnp.mean(x, axis=(1, 2)))
 
 
-NETS = {"same_resnet": SameResNet, "activations": Activations, "avgpool": AvgNet}
+class FlatVGG(nn.Module):
+  """VGG/AlexNet-style head: a spatial map flattened into a hidden dense layer (torchvision's
+  classifier), then the classifier."""
+  c1: int = 8
+  c2: int = 12
+  hidden: int = 20
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.max_pool(nn.relu(nn.Conv(self.c1, (3, 3), padding=1, name="c1")(x)), (2, 2), (2, 2))
+    x = nn.relu(nn.Conv(self.c2, (3, 3), padding=1, name="c2")(x))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))
+    return nn.Dense(5, name="head")(x)
+
+
+NETS = {"same_resnet": SameResNet, "activations": Activations, "avgpool": AvgNet,
+        "flat_vgg": FlatVGG}
 
 
 @pytest.mark.parametrize("net", sorted(NETS))
@@ -215,3 +232,68 @@ def test_conv2d_asymmetric_padding_matches_lax(padding, strides):
   for a, b in zip(gc, gr):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
   assert pad_pairs(padding) == padding
+
+
+def test_flattened_dense_is_a_conv_covering_the_map():
+  m = FlatVGG()
+  x, v = _setup(m, hw=16)  # c2 reads 8x8 maps: fc1 reads 8*8*12 features
+  arch, ours = from_flax(m, v, x, count_relu=False)
+  fc1 = arch.layer("fc1")
+  assert (fc1.kind, fc1.kernel, fc1.stride, fc1.padding, fc1.bias) == ("conv", 8, 1, 0, True)
+  assert ours["params"]["fc1"]["kernel"].shape == (8, 8, 12, 20)
+  np.testing.assert_array_equal(ours["params"]["fc1"]["kernel"].reshape(-1, 20),
+                                v["params"]["fc1"]["kernel"])
+  assert [o.op for o in arch.ops][-4:] == ["conv", "flatten", "relu", "dense"]
+  # MACs as Torch-Pruning counts the PyTorch twin (conv, maxpool, Linear; flatten and
+  # functional relus 0): closed form per image
+  want = (9 * 3 * 8 * 256 + 8 * 256 + 8 * 256 + 9 * 8 * 12 * 64 + 12 * 64
+          + 768 * 20 + 20 + 20 * 5 + 5)
+  assert macs.count_macs(arch, (1, 3, 16, 16))[0] == want
+  # pruned: the user's own module at the new widths computes what the pruned Arch computes
+  res = pruning.prune_to_target(arch, ours, 2.5, (1, 3, 16, 16))
+  small, sv = masks_lib.materialize(arch, masks_lib.mask_variables(arch, ours, res.masks),
+                                    res.masks)
+  c2, hidden = small.width(small.layer("c2").out_space), small.width(fc1.out_space)
+  assert c2 < 12 and hidden < 20  # the flattened channels and the hidden layer both pruned
+  small_m = FlatVGG(c1=small.width(small.layer("c1").out_space), c2=c2, hidden=hidden)
+  tree = to_flax_variables(small, sv, like=small_m.init(jax.random.key(0), x))
+  assert tree["params"]["fc1"]["kernel"].shape == (64 * c2, hidden)
+  np.testing.assert_allclose(small_m.apply(tree, x), cnn.apply_model(small, sv, x), atol=1e-5,
+                             rtol=1e-5)
+
+
+class FlatIntoHead(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), padding=1, name="a")(x)
+    return nn.Dense(3, name="head")(x.reshape((x.shape[0], -1)))
+
+
+class ReluAfterFlatten(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), padding=1, name="a")(x).reshape((x.shape[0], -1))
+    return nn.Dense(3, name="head")(nn.Dense(6, name="fc")(nn.relu(x)))
+
+
+class NonSquareFlatten(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), padding=1, name="a")(x)
+    x = x.reshape((x.shape[0], -1))
+    return nn.Dense(3, name="head")(nn.Dense(6, name="fc")(x))
+
+
+@pytest.mark.parametrize("cls, shape, words", [
+    (FlatIntoHead, (2, 8, 8, 3), "reads a flattened spatial map"),
+    (ReluAfterFlatten, (2, 8, 8, 3), "only a dense layer may read a flattened map"),
+    (NonSquareFlatten, (2, 8, 6, 3), "only square maps flatten"),
+])
+def test_flatten_refusals_named(cls, shape, words):
+  m = cls()
+  x = jnp.ones(shape)
+  v = m.init(jax.random.key(0), x)
+  with pytest.raises(Exception) as e:
+    from_flax(m, v, x)
+  assert type(e.value).__name__ == "TraceError"
+  assert words in str(e.value)

@@ -82,8 +82,10 @@ class Op:
   :data:`metaprune_jax.nets.activations.REGISTRY`, ``alpha`` is its parameter, ``counted`` as
   for relu), ``add``, ``maxpool`` and ``avgpool`` (``window``, ``stride``, ``padding`` as a
   :class:`Layer`'s; avgpool divides by the window area, padding included, as flax's and
-  PyTorch's defaults) and ``gap`` (global average pool, the reference's
-  AvgPool(8)/AdaptiveAvgPool((1, 1)) followed by a flatten).
+  PyTorch's defaults), ``gap`` (global average pool, the reference's
+  AvgPool(8)/AdaptiveAvgPool((1, 1)) followed by a flatten) and ``flatten`` ([B, 1, 1, C] ->
+  [B, C]: after a conv whose kernel covers the whole map, which is how a traced flatten of a
+  spatial map into a dense layer is described).
   """
 
   op: str
@@ -98,7 +100,7 @@ class Op:
   alpha: float = 0.0
 
 
-_OP_KINDS = ("conv", "bn", "dense", "relu", "act", "add", "maxpool", "avgpool", "gap")
+_OP_KINDS = ("conv", "bn", "dense", "relu", "act", "add", "maxpool", "avgpool", "gap", "flatten")
 _OP_DEFAULTS_LEFT_OUT = {"fn": "", "alpha": 0.0}  # not written to JSON: old files stay as they are
 
 

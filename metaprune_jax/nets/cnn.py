@@ -156,6 +156,8 @@ class CNN(nn.Module):
           y = jax.lax.reduce_window(a, 0.0, jax.lax.add, win, st, pads) / (op.window * op.window)
       elif op.op == "gap":
         y = jnp.mean(a, axis=(1, 2))
+      elif op.op == "flatten":  # [B, 1, 1, C] -> [B, C] (after a conv covering the whole map)
+        y = a.reshape(a.shape[0], -1)
       else:
         raise ValueError(f"unknown op {op.op!r}")
       env[op.output] = y

@@ -101,6 +101,8 @@ def count_terms(arch: Arch, input_shape: tuple) -> tuple[CountTerms, CountTerms]
     elif op.op == "gap":
       macs.append((h * w * n_batch, s_in, -1))
       hw[op.output], space[op.output] = (1, 1), s_in
+    elif op.op == "flatten":  # a reshape of a 1x1 map: no arithmetic (Torch-Pruning: 0)
+      hw[op.output], space[op.output] = (1, 1), s_in
     elif op.op == "add":
       hw[op.output], space[op.output] = (h, w), s_in
     else:

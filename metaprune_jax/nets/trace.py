@@ -24,7 +24,10 @@ or inlined) -> ``relu`` or ``act`` once its values on a grid of probe points mat
 :mod:`metaprune_jax.nets.activations` (gelu, silu, tanh, leaky_relu, elu, relu6, ...);
 activation + activation -> ``add``; ``reduce_window_max`` -> ``maxpool``; a window sum divided by
 its window area -> ``avgpool``, or ``gap`` when the window (or a ``reduce_sum``) covers the whole
-image; reshapes that only drop unit spatial axes -> nothing. Calls (``jit``,
+image; reshapes that only drop unit spatial axes -> nothing; a flatten of a square ``[B, k, k,
+C]`` map read by a dense layer ``[k*k*C, O]`` -> a ``conv`` with a ``k x k`` kernel (no padding,
+the same arithmetic in NHWC flatten order; the kernel is reshaped both ways) and a ``flatten``
+of its ``1 x 1`` output. Calls (``jit``,
 ``custom_jvp_call``, ``custom_vjp_call``, remat) are walked inside. Anything else
 raises :class:`TraceError` naming the primitive, the user's source line and the flax module
 path (the jaxpr's name stack); nothing is guessed.
@@ -50,8 +53,9 @@ Limits (each raises with the reason): square kernels and windows, equal strides;
 groups (depthwise), concatenation, transposes, attention or gating (products of two
 activations), activations that map 0 elsewhere than 0 (sigmoid, softplus) or are not in the
 registry, activations with learned parameters, average pooling that excludes the padding from
-its count (``count_include_pad=False`` with padding), flattening a spatial map into the
-classifier, or float types other than float32.
+its count (``count_include_pad=False`` with padding), a flattened spatial map read by anything
+but a hidden dense layer (the classifier itself must read [B, C] features), or float types
+other than float32.
 """
 
 from __future__ import annotations
@@ -267,6 +271,11 @@ def _trace(fwd, variables, leaves, shape, name, count_relu, node_style, edge_sty
     raise TraceError("the module's output is not a dense layer's output (does it end in a "
                      "classifier? trailing per-channel transforms, softmax etc. are not "
                      "supported)")
+  if tr.ops and tr.ops[-1].op == "flatten" and tr.ops[-1].output == out.tensor:
+    raise TraceError(f"the classifier at {tr.flatten_at[out.tensor]} reads a flattened "
+                     "spatial map; the Arch's classifier is a dense layer over [B, C] "
+                     "features: pool to 1x1 first, or put a hidden dense layer between the "
+                     "flatten and the classifier")
   if not tr.ops or tr.ops[-1].output != out.tensor or tr.ops[-1].op != "dense":
     raise TraceError("the module's output must be the output of its last dense layer (the "
                      "classifier)")
@@ -332,6 +341,9 @@ def _assemble(tr, out, shape, variables, leaves, name, ref_name, init, node_styl
       origin.append((coll, layer, leaf, (), shift))
     else:
       a = leaves[path]
+      lay = next(l for l in layers if l.name == layer)
+      if lay.kind == "conv" and leaf == "kernel" and np.ndim(a) == 2:  # a flattened dense
+        a = jnp.reshape(a, (lay.kernel, lay.kernel, -1, np.shape(a)[-1]))
       if shift:
         a = a + jnp.asarray(shift, a.dtype)
       origin.append((coll, layer, leaf, tuple(path), float(shift)))
@@ -401,6 +413,8 @@ def to_flax_variables(arch: Arch, variables: Mapping, like: Mapping) -> dict:
       if k not in node:
         raise ValueError(f"{arch.name}: 'like' has no {_p(path)}")
       node = node[k]
+    if np.ndim(a) == 4 and np.ndim(node.get(path[-1])) == 2:  # a conv kernel of a flattened
+      a = jnp.reshape(a, (-1, np.shape(a)[-1]))               # dense layer: [k*k*C, O]
     node[path[-1]] = a
   return out
 

@@ -56,6 +56,12 @@ class _Param:
   eps: tuple = ()
 
 
+# Primitives that may read a flattened spatial map (``_Act.spatial``): the dense layer, and
+# steps that leave it as it is.
+_READS_FLATTENED = ("dot_general", "reshape", "convert_element_type", "copy", "copy_p",
+                    "stop_gradient")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Act:
   """An activation: Arch tensor ``tensor`` [B, H, W, C] or [B, C] in channel space ``space``.
@@ -76,6 +82,7 @@ class _Act:
   pool: int = 0
   flat: bool = False  # a [B, C] tensor of the Arch (after gap/dense), whatever its shape here
   pooling: tuple | None = None
+  spatial: tuple | None = None  # (H, W, C) of a [B, H, W, C] map flattened to [B, H*W*C]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -145,6 +152,7 @@ class _Tracer:
     self.layer_space: dict[str, tuple] = {}  # layer -> (in_space id | None, out_space id)
     self.origin: dict[tuple, tuple] = {}  # (coll, layer, leaf) -> (user path, shift)
     self.read: set = set()
+    self.flatten_at: dict[str, str] = {}  # tensor of a `flatten` op -> where the model flattens
     self.n = 0
     self.flushed: dict[int, _Act] = {}
     self.closed: dict[int, tuple] = {}  # id(_Elem) -> (_Elem, _Act)
@@ -225,6 +233,12 @@ class _Tracer:
     if not any(isinstance(a, (_Act, _Elem)) for a in ins):
       return self.param_eqn(eqn, ins)
     where = _where(eqn, prefix)
+    flat_map = next((a for a in ins if isinstance(a, _Act) and a.spatial), None)
+    if flat_map is not None and name not in _CALLS and name not in _READS_FLATTENED:
+      h, w, c = flat_map.spatial
+      raise TraceError(f"a {name} on a {h}x{w}x{c} feature map flattened into "
+                       f"{h * w * c} features at {where}: only a dense layer may read a "
+                       "flattened map (pool to 1x1 first, or apply it before the flatten)")
     if name in _CALLS:
       key = _CALLS[name]
       inner = eqn.params[key]
@@ -455,6 +469,8 @@ class _Tracer:
     x, w = ins
     if isinstance(w, _Act):
       raise TraceError(f"a product of two activations (attention or gating) at {where}")
+    if isinstance(x, _Act) and x.spatial:
+      return self.flattened_dense(eqn, x, w, where)
     x = self.flush(x, where)
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     if len(x.shape) == 4 and (x.shape[1:3] != (1, 1) or not x.flat):
@@ -474,6 +490,27 @@ class _Tracer:
     y = self.tmp()
     self.emit(Op("dense", (x.tensor,), y, layer=name))
     return _Act(y, out_space, tuple(eqn.outvars[0].aval.shape), fresh=name, flat=True)
+
+  def flattened_dense(self, eqn, x, w, where):
+    """``dense(flatten([B, k, k, C]))`` as ``flatten(conv_kxk(x))``: the kernel [k*k*C, O] is
+    the conv kernel [k, k, C, O] in NHWC flatten order (``trace.py`` reshapes it both ways)."""
+    k, _, c = x.spatial
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if tuple(lc) != (1,) or tuple(rc) != (0,) or lb or rb or np.ndim(w.val) != 2:
+      raise TraceError(f"a dot_general with dimension numbers {eqn.params['dimension_numbers']}"
+                       f" on a flattened {k}x{k}x{c} map at {where}")
+    path = self.leaf_of(w, "dense kernel", where, 2)
+    cout = np.shape(w.val)[1]
+    name, ref = self.layer_name(path, where)
+    out_space = self.new_space(cout, ref)
+    self.layers.append(Layer(name, ref, "conv", "?", "?", int(k), 1, 0))
+    self.layer_space[name] = (x.space, out_space)
+    self.take(path, "params", name, "kernel")
+    y, z = self.tmp(), self.tmp()
+    self.emit(Op("conv", (x.tensor,), y, layer=name))
+    self.emit(Op("flatten", (y,), z))
+    self.flatten_at[z] = where
+    return _Act(z, out_space, tuple(eqn.outvars[0].aval.shape), fresh=name, flat=True)
 
   def _affine(self, eqn, ins, where, op):
     a, b = ins
@@ -758,10 +795,13 @@ class _Tracer:
         all(d == 1 for d in new[1:-1]) and len(new) in (2, 4):
       return dataclasses.replace(act, shape=new)
     if len(old) == 4 and len(new) == 2 and new[1] == old[1] * old[2] * old[3]:
-      raise TraceError(f"a flatten of a {old[1]}x{old[2]}x{old[3]} feature map into {new[1]} "
-                       f"features at {where}: it mixes spatial positions into the channel axis. "
-                       "The Arch's classifier reads globally pooled channels: pool to 1x1 "
-                       "first")
+      if old[1] != old[2] or act.pool or act.flat or act.spatial:
+        raise TraceError(f"a flatten of a {old[1]}x{old[2]}x{old[3]} feature map into {new[1]} "
+                         f"features at {where}: only square maps flatten (into a dense layer, "
+                         "described as a convolution whose kernel covers the map)")
+      # a dense layer must read it: p_dot_general describes the pair as a conv with an HxW
+      # kernel (the same arithmetic in NHWC flatten order) and a flatten of its 1x1 output
+      return dataclasses.replace(self.flush(act, where), shape=new, spatial=old[1:])
     raise TraceError(f"a channel-mixing reshape {old} -> {new} at {where}")
 
   def p_squeeze(self, eqn, ins, where):
