@@ -101,8 +101,18 @@ class FlatVGG(nn.Module):
     return nn.Dense(5, name="head")(x)
 
 
+class FlatHead(nn.Module):
+  """LeNet-style: the classifier reads the flattened map itself."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.max_pool(nn.relu(nn.Conv(6, (3, 3), padding=1, name="c1")(x)), (2, 2), (2, 2))
+    x = nn.relu(nn.Conv(10, (3, 3), padding=1, name="c2")(x))
+    return nn.Dense(5, name="head")(x.reshape((x.shape[0], -1)))
+
+
 NETS = {"same_resnet": SameResNet, "activations": Activations, "avgpool": AvgNet,
-        "flat_vgg": FlatVGG}
+        "flat_vgg": FlatVGG, "flat_head": FlatHead}
 
 
 @pytest.mark.parametrize("net", sorted(NETS))
@@ -262,13 +272,6 @@ def test_flattened_dense_is_a_conv_covering_the_map():
                              rtol=1e-5)
 
 
-class FlatIntoHead(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Conv(4, (3, 3), padding=1, name="a")(x)
-    return nn.Dense(3, name="head")(x.reshape((x.shape[0], -1)))
-
-
 class ReluAfterFlatten(nn.Module):
   @nn.compact
   def __call__(self, x):
@@ -285,7 +288,6 @@ class NonSquareFlatten(nn.Module):
 
 
 @pytest.mark.parametrize("cls, shape, words", [
-    (FlatIntoHead, (2, 8, 8, 3), "reads a flattened spatial map"),
     (ReluAfterFlatten, (2, 8, 8, 3), "only a dense layer may read a flattened map"),
     (NonSquareFlatten, (2, 8, 6, 3), "only square maps flatten"),
 ])
@@ -297,3 +299,12 @@ def test_flatten_refusals_named(cls, shape, words):
     from_flax(m, v, x)
   assert type(e.value).__name__ == "TraceError"
   assert words in str(e.value)
+
+
+def test_classifier_reading_a_flattened_map():
+  m = FlatHead()
+  x, v = _setup(m, hw=16)
+  arch, _ = from_flax(m, v, x)
+  assert arch.classifier == "head"
+  assert (arch.layer("head").kind, arch.layer("head").kernel) == ("conv", 8)
+  assert [o.op for o in arch.ops][-2:] == ["conv", "flatten"]

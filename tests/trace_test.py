@@ -326,13 +326,6 @@ class Grouped(nn.Module):
     return _head(x)
 
 
-class Flatten(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Conv(4, (3, 3), padding=1, name="a")(x)
-    return nn.Dense(3, name="head")(x.reshape((x.shape[0], -1)))
-
-
 class Attention(nn.Module):
   @nn.compact
   def __call__(self, x):
@@ -376,7 +369,7 @@ class Gated(nn.Module):  # a product of two different activations (squeeze-excit
 
 @pytest.mark.parametrize("cls, words", [
     (Concat, "concatenation"), (Depthwise, "depthwise convolution"),
-    (Grouped, "grouped convolution"), (Flatten, "flatten"),
+    (Grouped, "grouped convolution"),
     (Attention, "product of two activations"), (Sigmoid, "logistic"),
     (Sigmoid, "maps 0 to 0.5"), (Cube, "none of the Arch's activations"),
     (AvgRect, "average pooling with window (2, 3)"), (AvgNoPad, "count_include_pad=False"),

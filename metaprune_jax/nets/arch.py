@@ -203,8 +203,9 @@ class Arch:
 
   @property
   def classifier(self) -> str:
-    """Name of the final dense layer."""
-    return [l.name for l in self.layers if l.kind == "dense"][-1]
+    """Name of the classifier: the last layer writing the classes (a dense layer, or a conv
+    covering a flattened map)."""
+    return [l.name for l in self.layers if l.out_space == CLASSES][-1]
 
   def with_widths(self, widths: Mapping[str, int]) -> "Arch":
     """The same network with some spaces resized (unknown spaces raise)."""

@@ -25,7 +25,8 @@ or inlined) -> ``relu`` or ``act`` once its values on a grid of probe points mat
 activation + activation -> ``add``; ``reduce_window_max`` -> ``maxpool``; a window sum divided by
 its window area -> ``avgpool``, or ``gap`` when the window (or a ``reduce_sum``) covers the whole
 image; reshapes that only drop unit spatial axes -> nothing; a flatten of a square ``[B, k, k,
-C]`` map read by a dense layer ``[k*k*C, O]`` -> a ``conv`` with a ``k x k`` kernel (no padding,
+C]`` map read by a dense layer ``[k*k*C, O]`` (hidden, or the classifier) -> a ``conv`` with a
+``k x k`` kernel (no padding,
 the same arithmetic in NHWC flatten order; the kernel is reshaped both ways) and a ``flatten``
 of its ``1 x 1`` output. Calls (``jit``,
 ``custom_jvp_call``, ``custom_vjp_call``, remat) are walked inside. Anything else
@@ -53,9 +54,8 @@ Limits (each raises with the reason): square kernels and windows, equal strides;
 groups (depthwise), concatenation, transposes, attention or gating (products of two
 activations), activations that map 0 elsewhere than 0 (sigmoid, softplus) or are not in the
 registry, activations with learned parameters, average pooling that excludes the padding from
-its count (``count_include_pad=False`` with padding), a flattened spatial map read by anything
-but a hidden dense layer (the classifier itself must read [B, C] features), or float types
-other than float32.
+its count (``count_include_pad=False`` with padding), a flattened spatial map that is not square
+or is read by anything but a dense layer, or float types other than float32.
 """
 
 from __future__ import annotations
@@ -271,12 +271,10 @@ def _trace(fwd, variables, leaves, shape, name, count_relu, node_style, edge_sty
     raise TraceError("the module's output is not a dense layer's output (does it end in a "
                      "classifier? trailing per-channel transforms, softmax etc. are not "
                      "supported)")
-  if tr.ops and tr.ops[-1].op == "flatten" and tr.ops[-1].output == out.tensor:
-    raise TraceError(f"the classifier at {tr.flatten_at[out.tensor]} reads a flattened "
-                     "spatial map; the Arch's classifier is a dense layer over [B, C] "
-                     "features: pool to 1x1 first, or put a hidden dense layer between the "
-                     "flatten and the classifier")
-  if not tr.ops or tr.ops[-1].output != out.tensor or tr.ops[-1].op != "dense":
+  flat_head = (len(tr.ops) >= 2 and tr.ops[-1].op == "flatten" and tr.ops[-2].op == "conv"
+               and tr.ops[-1].output == out.tensor)  # a classifier reading a flattened map
+  if not tr.ops or tr.ops[-1].output != out.tensor or (tr.ops[-1].op != "dense"
+                                                       and not flat_head):
     raise TraceError("the module's output must be the output of its last dense layer (the "
                      "classifier)")
   unread = sorted(_p(p) for p in flat_paths if p not in tr.read
