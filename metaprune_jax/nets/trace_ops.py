@@ -455,15 +455,22 @@ class _Tracer:
     if len(pad) != 2 or min(v for q in pad for v in q) < 0:
       raise TraceError(f"a convolution with padding {pad} at {where}; the Arch pads with zeros "
                        "(no negative padding, which crops)")
+    name, out_space, y = self.kernel_layer(x, path, cout, where, "conv", int(kh), int(sh),
+                                           compact_padding(pad))
+    return _Act(y, out_space, tuple(eqn.outvars[0].aval.shape), fresh=name)
+
+  def kernel_layer(self, x, path, cout, where, kind, *geometry):
+    """A conv/dense layer reading ``x`` with the kernel leaf at ``path`` and ``cout`` outputs:
+    its output space, the layer, the kernel's origin and its op. Returns (name, space, tensor).
+    ``geometry``: a conv's kernel size, stride and padding."""
     name, ref = self.layer_name(path, where)
     out_space = self.new_space(cout, ref)
-    self.layers.append(Layer(name, ref, "conv", "?", "?", int(kh), int(sh),
-                             compact_padding(pad)))
+    self.layers.append(Layer(name, ref, kind, "?", "?", *geometry))
     self.layer_space[name] = (x.space, out_space)
     self.take(path, "params", name, "kernel")
     y = self.tmp()
-    self.emit(Op("conv", (x.tensor,), y, layer=name))
-    return _Act(y, out_space, tuple(eqn.outvars[0].aval.shape), fresh=name)
+    self.emit(Op(kind, (x.tensor,), y, layer=name))
+    return name, out_space, y
 
   def p_dot_general(self, eqn, ins, where):
     x, w = ins
@@ -481,14 +488,7 @@ class _Tracer:
       raise TraceError(f"a dot_general with dimension numbers {eqn.params['dimension_numbers']}"
                        f" on {x.shape} at {where}; the Arch's dense layers are [B, C] x [C, O]")
     path = self.leaf_of(w, "dense kernel", where, 2)
-    cout = np.shape(w.val)[1]
-    name, ref = self.layer_name(path, where)
-    out_space = self.new_space(cout, ref)
-    self.layers.append(Layer(name, ref, "dense", "?", "?"))
-    self.layer_space[name] = (x.space, out_space)
-    self.take(path, "params", name, "kernel")
-    y = self.tmp()
-    self.emit(Op("dense", (x.tensor,), y, layer=name))
+    name, out_space, y = self.kernel_layer(x, path, np.shape(w.val)[1], where, "dense")
     return _Act(y, out_space, tuple(eqn.outvars[0].aval.shape), fresh=name, flat=True)
 
   def flattened_dense(self, eqn, x, w, where):
@@ -500,14 +500,9 @@ class _Tracer:
       raise TraceError(f"a dot_general with dimension numbers {eqn.params['dimension_numbers']}"
                        f" on a flattened {k}x{k}x{c} map at {where}")
     path = self.leaf_of(w, "dense kernel", where, 2)
-    cout = np.shape(w.val)[1]
-    name, ref = self.layer_name(path, where)
-    out_space = self.new_space(cout, ref)
-    self.layers.append(Layer(name, ref, "conv", "?", "?", int(k), 1, 0))
-    self.layer_space[name] = (x.space, out_space)
-    self.take(path, "params", name, "kernel")
-    y, z = self.tmp(), self.tmp()
-    self.emit(Op("conv", (x.tensor,), y, layer=name))
+    name, out_space, y = self.kernel_layer(x, path, np.shape(w.val)[1], where, "conv", int(k),
+                                           1, 0)
+    z = self.tmp()
     self.emit(Op("flatten", (y,), z))
     self.flatten_at[z] = where
     return _Act(z, out_space, tuple(eqn.outvars[0].aval.shape), fresh=name, flat=True)
