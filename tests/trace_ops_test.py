@@ -308,3 +308,15 @@ def test_classifier_reading_a_flattened_map():
   assert arch.classifier == "head"
   assert (arch.layer("head").kind, arch.layer("head").kernel) == ("conv", 8)
   assert [o.op for o in arch.ops][-2:] == ["conv", "flatten"]
+
+
+def test_tracing_keeps_the_processs_compiled_functions():
+  # private: `_cache_size` counts a jitted function's compilations (no public counter); tracing
+  # switches the XLA:CPU settings off for its jaxpr without clearing jax's caches
+  f = jax.jit(lambda a: a * 2.0)
+  f(jnp.ones(3))
+  before = f._cache_size()  # pylint: disable=protected-access
+  m = AvgNet()
+  x, v = _setup(m, hw=16)
+  from_flax(m, v, x)
+  assert f._cache_size() == before == 1  # pylint: disable=protected-access

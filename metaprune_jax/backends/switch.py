@@ -52,7 +52,7 @@ def cpu_tuning(platform: str | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def backend_tuning(mode: str) -> Iterator[None]:
+def backend_tuning(mode: str, clear_caches: bool = True) -> Iterator[None]:
   """Runs a block with the backend-tuning ``mode`` (``'auto'``, ``'cpu'`` or ``'none'``).
 
   Clears jax's tracing and compilation caches on entry and exit: the choice is made when a
@@ -62,6 +62,9 @@ def backend_tuning(mode: str) -> Iterator[None]:
     mode: ``'auto'`` (the CPU settings where the backend is the CPU), ``'cpu'`` (on every
       backend) or ``'none'`` (plain JAX); it overrides ``METAPRUNE_JAX_BACKEND_TUNING`` inside
       the block (blocks nest).
+    clear_caches: False only where nothing traced in the block is cached (``make_jaxpr`` of a
+      function without inner ``jax.jit``, as the Flax tracer does): the process keeps its
+      compiled functions.
 
   Yields:
     None.
@@ -71,11 +74,13 @@ def backend_tuning(mode: str) -> Iterator[None]:
   """
   if mode not in TUNING_MODES:
     raise ValueError(f"unknown backend tuning mode {mode!r}; choose from {TUNING_MODES}")
-  jax.clear_caches()
+  if clear_caches:
+    jax.clear_caches()
   _override.append(mode)
   try:
     yield
   finally:
     _override.pop()
-    jax.clear_caches()
+    if clear_caches:
+      jax.clear_caches()
 

@@ -239,8 +239,9 @@ def _trace(fwd, variables, leaves, shape, name, count_relu, node_style, edge_sty
   x_spec = jax.ShapeDtypeStruct(shape, jnp.float32)
   v_spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
   try:
-    # plain JAX ops (the XLA:CPU settings would put C++ kernel calls into the jaxpr)
-    with switch.backend_tuning("none"):
+    # plain JAX ops (the XLA:CPU settings would put C++ kernel calls into the jaxpr); the
+    # network's forward has no inner jit, so nothing traced here is cached: keep the caches
+    with switch.backend_tuning("none", clear_caches=False):
       closed = jax.make_jaxpr(fwd)(v_spec, x_spec)
   except flax.errors.FlaxError as e:
     msg = str(e).split("\n")[0]
