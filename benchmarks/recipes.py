@@ -38,6 +38,14 @@ RECIPES = {
     # v5 with the paper's ResNet-56 metanetwork size (8 layers, hidden 64)
     "v8_early_8x64": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
                           metanet__num_layers=8, metanet__hidden=64),
+    # v7 with the relative (scale-invariant) regulariser: uniform shrinking no longer lowers it,
+    # only moving norm from a group's less important channels to its more important ones does
+    "v9_rel_01": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
+                      meta_train__reg_form="relative"),
+    "v10_rel_1": dict(meta_train__lr_milestones=(6,), meta_train__reg=1.0,
+                      meta_train__reg_form="relative"),
+    "v11_rel_10": dict(meta_train__lr_milestones=(6,), meta_train__reg=10.0,
+                       meta_train__reg_form="relative"),
 }
 
 

@@ -80,6 +80,59 @@ def test_regularizer_finite_differences_and_degenerate_groups():
   assert np.abs(np.asarray(gs["layer1_0_bn1"]["scale"])).sum() > 0
 
 
+def test_relative_regularizer_is_scale_invariant_and_moves_norm_between_channels():
+  """``form='relative'``: per group the gamma-weighted mean of the channels' summed squares."""
+  arch = mp.get_arch("resnet_tiny", 10)
+  params = mp.init_variables(arch, jax.random.PRNGKey(0), (8, 8))["params"]
+  # BatchNorm scales away from 1, so gamma spreads over [1, alpha]
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, a: a * (0.5 + jax.random.uniform(jax.random.PRNGKey(len(str(path))), a.shape))
+      if "scale" in str(path[-1]) else a, params)
+  f = lambda p: regularizer(arch, {"params": p}, alpha=16.0, reg=0.3, form="relative")
+  val, g = jax.value_and_grad(f)(params)
+  # independent value: numpy, one group at a time, from the frozen gammas
+  from metaprune_jax.prune.regularizer import group_gammas
+  gam = group_gammas(arch, params, 16.0)
+  want, counted_groups = 0.0, 0
+  for grp, gamma in zip(mp.pruning_groups(arch), gam):
+    s = 0.0
+    for m in grp.members:
+      p = np.asarray(params[m.layer]["scale" if m.kind == "bn" else "kernel"], np.float64)
+      if m.kind == "bn":
+        s = s + p ** 2
+      else:
+        axes = ((0, 1, 2) if m.role == "out" else (0, 1, 3)) if m.kind == "conv" else \
+            ((0,) if m.role == "out" else (1,))
+        s = s + np.sum(p ** 2, axis=axes)
+    gamma = np.asarray(gamma, np.float64)
+    if np.any(gamma > 0):
+      counted_groups += 1
+      want += 0.3 * np.sum(gamma * s) / np.sum(s)
+  assert counted_groups >= 3
+  assert float(val) == pytest.approx(want, rel=1e-5)
+  # scaling every weight leaves it unchanged, so the gradient is orthogonal to the weights
+  # (Euler), unlike the absolute form's
+  doubled = jax.tree_util.tree_map(lambda a: 2 * a, params)
+  assert float(f(doubled)) == pytest.approx(float(val), rel=1e-5)
+  dot = sum(float(jnp.sum(a * b)) for a, b in zip(jax.tree_util.tree_leaves(g),
+                                                    jax.tree_util.tree_leaves(params)))
+  norm = sum(float(jnp.sum(a * a)) for a in jax.tree_util.tree_leaves(g)) ** 0.5
+  assert abs(dot) <= 1e-4 * norm * sum(float(jnp.sum(a * a)) for a in
+                                       jax.tree_util.tree_leaves(params)) ** 0.5
+  g_abs = jax.grad(lambda p: regularizer(arch, {"params": p}, alpha=16.0, reg=0.3))(params)
+  assert sum(float(jnp.sum(a * b)) for a, b in zip(jax.tree_util.tree_leaves(g_abs),
+                                                   jax.tree_util.tree_leaves(params))) > 0
+  # the least important channel of a group is pushed down, the most important one up
+  grp = next(gr for gr, ga in zip(mp.pruning_groups(arch), gam) if float(jnp.max(ga)) > 1)
+  bn = next(m for m in grp.members if m.kind == "bn")
+  gamma = np.asarray(gam[mp.pruning_groups(arch).index(grp)])
+  scale, gscale = np.asarray(params[bn.layer]["scale"]), np.asarray(g[bn.layer]["scale"])
+  lo, hi = int(np.argmax(gamma)), int(np.argmin(gamma))
+  assert gscale[lo] * scale[lo] > 0 > gscale[hi] * scale[hi]
+  with pytest.raises(ValueError, match="regulariser form"):
+    regularizer(arch, {"params": params}, form="squared")
+
+
 def _frozen_reg(arch, params, gammas, reg):
   total = 0.0
   for grp, gamma in zip(mp.pruning_groups(arch), gammas):

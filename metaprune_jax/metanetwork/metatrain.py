@@ -153,7 +153,7 @@ def network_grads(arch: Arch, params, batch_stats, masks, images, labels,
 
 
 def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, normalizer,
-                      use_masks=True, compat=False, chunk=DEFAULT_CHUNK):
+                      use_masks=True, compat=False, chunk=DEFAULT_CHUNK, form="absolute"):
   """Per-slot ``(loss, ce, r, accuracy, grads_phi)``; images ``[B, b, H, W, 3]``.
 
   The network runs in eval mode (running BatchNorm statistics, docs/design.md section 5), so its
@@ -176,14 +176,15 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
                                          labels, chunk)
   r, g_r = jax.value_and_grad(
       lambda th: regularizer(full_arch, {"params": th}, alpha, reg, normalizer,
-                             masks=masks))(theta)
+                             masks=masks, form=form))(theta)
   (g_phi,) = pull(jax.tree_util.tree_map(jnp.add, g_ce, g_r))
   return ce_sum + r, ce_sum, r, accuracy, g_phi
 
 
 def meta_train_grads(config, params, arch: Arch, variables: Mapping, images_nhwc, labels,
                      alpha: float = 16.0, reg: float = 10.0, reference_compat: bool = False,
-                     normalizer: str = "max", chunk: int = DEFAULT_CHUNK):
+                     normalizer: str = "max", chunk: int = DEFAULT_CHUNK,
+                     form: str = "absolute"):
   """Gradient of one data model's meta-training loss w.r.t. the metanetwork ``params``.
 
   Args:
@@ -198,6 +199,8 @@ def meta_train_grads(config, params, arch: Arch, variables: Mapping, images_nhwc
       its gradients.
     normalizer: importance normaliser of the regulariser.
     chunk: images per scanned forward/backward (memory; see :func:`_model_loss_grads`).
+    form: the regulariser's form (:func:`metaprune_jax.regularizer`): ``absolute`` (the
+      reference's) or ``relative``.
 
   Returns:
     A pytree with the structure and shapes of ``params`` (float32): the gradient of the
@@ -215,23 +218,24 @@ def meta_train_grads(config, params, arch: Arch, variables: Mapping, images_nhwc
   slot = ModelSlot(graph_lib.flatten_variables(arch, variables), graph_lib.graph_layout(arch).arrays(),
                    masks_lib.full_masks(arch), variables["batch_stats"])
   return _grads_jit()(_spec(config), arch, params, slot, x, y, float(alpha), float(reg),
-                      normalizer, bool(reference_compat), int(chunk))
+                      normalizer, bool(reference_compat), int(chunk), str(form))
 
 
 @functools.cache
 def _grads_jit():
   """The jitted single-model gradient (made on first use: its compiler options need the
   backend)."""
-  def grads(spec, arch, params, slot, x, y, alpha, reg, normalizer, compat, chunk):
+  def grads(spec, arch, params, slot, x, y, alpha, reg, normalizer, compat, chunk, form):
     *_, g = _model_loss_grads(spec, arch, params, slot, x, y, alpha, reg, normalizer,
-                              use_masks=False, compat=compat, chunk=chunk)
+                              use_masks=False, compat=compat, chunk=chunk, form=form)
     return g
-  return jax.jit(grads, static_argnums=(0, 1, 6, 7, 8, 9, 10),
+  return jax.jit(grads, static_argnums=(0, 1, 6, 7, 8, 9, 10, 11),
                  compiler_options=xla_hints.conv_compiler_options())
 
 
 def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, alpha, reg,
-                       normalizer, lanes: int = 1, chunk: int = DEFAULT_CHUNK):
+                       normalizer, lanes: int = 1, chunk: int = DEFAULT_CHUNK,
+                       form: str = "absolute"):
   """Mean over a stack of data models ``[M, ...]`` of the loss gradients (and metrics).
 
   The ``M`` models are cut into ``lanes`` groups (``M % lanes == 0``; the data-parallel width,
@@ -249,7 +253,7 @@ def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, a
     def one(g_sum, xs):
       s, x, y = xs
       loss, ce, r, acc, g = _model_loss_grads(spec, full_arch, phi, s, x, y, alpha, reg,
-                                              normalizer, chunk=chunk)
+                                              normalizer, chunk=chunk, form=form)
       return jax.tree_util.tree_map(jnp.add, g_sum, g), (loss, ce, r, acc)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, phi)
     return jax.lax.scan(one, zeros, (lane_slots, lane_images, lane_labels))

@@ -163,6 +163,9 @@ def check_config(config, *, num_devices: int | None = None,
     value = _get(config, f"{section}.normalizer")
     if value is not None:
       _one_of(f"{section}.normalizer", value, NORMALIZERS, "normalizer")
+  value = _get(config, "meta_train.reg_form")
+  if value is not None:
+    _one_of("meta_train.reg_form", value, ("absolute", "relative"), "regulariser form")
   for section in ("visualize", "prune"):
     value = _get(config, f"{section}.criterion")
     if value is not None:

@@ -138,17 +138,19 @@ def _generate_models(config, workdir, dataset, full, root, indices, done, mesh, 
 
 
 def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
-                   chunk: int = metatrain.DEFAULT_CHUNK):
+                   chunk: int = metatrain.DEFAULT_CHUNK, form: str = "absolute"):
   """Jitted ``(phi, opt_state, slots[M], images[M,B,b,H,W,3], labels[M,B,b]) -> (phi,
   opt_state, metrics)``; the model axis is sharded over the mesh's ``data`` axis (one lane of
   models per device, see :func:`metatrain.batched_loss_grads`); ``chunk``: images per scanned
-  network forward/backward."""
+  network forward/backward; ``form``: the regulariser's form (``absolute``, the reference's, or
+  ``relative``)."""
   model_sharded = NamedSharding(mesh, P("data"))
   repl = NamedSharding(mesh, P())
 
   def step(phi, opt_state, slots, images, labels):
     g, m = metatrain.batched_loss_grads(spec, full_arch, phi, slots, images, labels, alpha, reg,
-                                        normalizer, lanes=mesh.shape["data"], chunk=chunk)
+                                        normalizer, lanes=mesh.shape["data"], chunk=chunk,
+                                        form=form)
     updates, opt_state = tx.update(g, opt_state, phi)
     return optax.apply_updates(phi, updates), opt_state, m
   return jax.jit(step, in_shardings=(repl, repl, model_sharded, model_sharded, model_sharded),
@@ -230,7 +232,8 @@ def meta_train(config, workdir: str) -> dict:
     logging.info("meta_train: resumed after epoch %d from %s", start, ckpt.directory)
   step_fn = make_meta_step(spec, full, tx, mesh, float(mt.alpha), float(mt.reg),
                            str(mt.get("normalizer", "max")),
-                           int(mt.get("chunk_size", metatrain.DEFAULT_CHUNK)))
+                           int(mt.get("chunk_size", metatrain.DEFAULT_CHUNK)),
+                           str(mt.get("reg_form", "absolute")))
   stacked = jax.device_get(metatrain.stack_slots([slots[p] for p in train_pos]))
   bsz, nb = int(mt.batch_size), int(mt.batches_per_model)
   if nb <= 0:  # the whole training split at every step (the reference's faithful setting)

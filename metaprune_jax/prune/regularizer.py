@@ -64,9 +64,12 @@ def _groups(arch, masks):
   return groups_lib.pruning_groups(arch, ignore_classes=masks is None)
 
 
+FORMS = ("absolute", "relative")
+
+
 def regularizer(arch: Arch, variables: Mapping, alpha: float = 16.0, reg: float = 10.0,
                 normalizer: str = "max", bias: bool = False,
-                masks: Mapping | None = None) -> jax.Array:
+                masks: Mapping | None = None, form: str = "absolute") -> jax.Array:
   """The group-norm regulariser value (scalar); differentiate it w.r.t. ``variables['params']``.
 
   Args:
@@ -78,17 +81,27 @@ def regularizer(arch: Arch, variables: Mapping, alpha: float = 16.0, reg: float 
     bias: also regularise biases (the reference's ``bias=False`` by default).
     masks: optional ``{space: [width] float}`` channel masks of a masked full-width network
       (pruned channels excluded from max/min and from R).
+    form: ``absolute``, DepGraph's and the reference's ``reg / 2 * sum_g sum_c gamma_c s_c``
+      with ``s_c`` channel ``c``'s summed squares over the group's members; or ``relative``,
+      ``reg * sum_g (sum_c gamma_c s_c) / (sum_c s_c)``: a gamma-weighted mean per group,
+      unchanged when a group's weights are scaled uniformly, so its gradient
+      ``2 reg w (gamma_c - R_g) / sum_c s_c`` only moves norm from the less to the more
+      important channels of a group (a polarisation objective for meta-training; see
+      docs/results.md).
 
   Returns:
     ``[]`` float32 scalar. Jittable (``arch`` static).
 
   Raises:
-    ValueError: an unknown normalizer.
+    ValueError: an unknown normalizer or form.
   """
+  if form not in FORMS:
+    raise ValueError(f"unknown regulariser form {form!r}; choose from {FORMS}")
   params = variables["params"] if "params" in variables else variables
   gammas = group_gammas(arch, params, alpha, normalizer, masks)
   total = jnp.float32(0.0)
   for g, gamma in zip(_groups(arch, masks), gammas):
+    per_channel = 0.0
     for m in g.members:
       p = params[m.layer]
       if m.kind == "bn":
@@ -104,5 +117,12 @@ def regularizer(arch: Arch, variables: Mapping, alpha: float = 16.0, reg: float 
         sq = jnp.sum(jnp.square(k), axis=axes)
         if bias and m.role == "out" and "bias" in p:
           sq = sq + jnp.square(p["bias"])
-      total = total + jnp.sum(gamma * sq)
+      if form == "absolute":
+        total = total + jnp.sum(gamma * sq)
+      else:
+        per_channel = per_channel + sq
+    if form == "relative":
+      # gamma is 0 on masked-out channels and on ignored groups: they weigh nothing here either
+      counted = jnp.where(gamma > 0, per_channel, 0.0)
+      total = total + 2.0 * jnp.sum(gamma * counted) / jnp.maximum(jnp.sum(counted), 1e-12)
   return 0.5 * reg * total
