@@ -86,6 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.meta_train.alpha = 16.0          # gamma base of the group-norm regulariser
   config.meta_train.reg = 1.0             # regulariser strength (the reference: 10)
   config.meta_train.normalizer = "max"
+  # config.meta_train.reg_form = "relative": a scale-invariant per-group regulariser (see
+  # metaprune_jax.regularizer and docs/results.md); unset, the reference's ("absolute")
   config.meta_train.batch_size = 64       # images per data batch (CIFAR: 500)
   config.meta_train.batches_per_model = 0  # data batches per data model and step (0: the whole
                                            # training split, faithful; low-memory: 1)
