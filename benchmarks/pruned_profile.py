@@ -30,7 +30,7 @@ import metaprune_jax as mp
 from metaprune_jax.backends import cpu_kernels
 from metaprune_jax.backends import xla_hints
 from metaprune_jax.nets import inference
-from pruning import _interleaved
+from _timing import interleaved as _interleaved
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _CONVS = ((32, 16, 16), (32, 15, 7), (32, 7, 15), (32, 8, 8), (32, 6, 6), (32, 3, 16),
