@@ -46,6 +46,14 @@ RECIPES = {
                       meta_train__reg_form="relative"),
     "v11_rel_10": dict(meta_train__lr_milestones=(6,), meta_train__reg=10.0,
                        meta_train__reg_form="relative"),
+    # the metanetwork also reads each node's normalised group importance (where its channel
+    # stands in its group, which round 3 suggested it cannot compute): v7, v9 and v10 with it
+    "v12_imp_v7": dict(meta_train__lr_milestones=(6,), meta_train__reg=1.0,
+                       metanet__importance_input=True),
+    "v13_imp_rel_01": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
+                           meta_train__reg_form="relative", metanet__importance_input=True),
+    "v14_imp_rel_1": dict(meta_train__lr_milestones=(6,), meta_train__reg=1.0,
+                          meta_train__reg_form="relative", metanet__importance_input=True),
 }
 
 

@@ -181,10 +181,40 @@ def _tiny_models(n, seed=0):
   return full, out
 
 
-def test_padded_slot_path_equals_materialised_and_compiles_once():
+def test_node_importance_is_the_normalised_group_importance_of_each_node():
+  arch = mp.get_arch("resnet_tiny", 10)
+  v = mp.init_variables(arch, jax.random.PRNGKey(4), (8, 8))
+  imp = np.asarray(metanet_lib.node_importance(arch, v["params"]))
+  from metaprune_jax.graphs import graph as graph_lib
+  from metaprune_jax.prune import groups as groups_lib
+  groups = groups_lib.pruning_groups(arch, ignore_classes=False)
+  per_space = {g.space: np.asarray(x) for g, x in
+               zip(groups, groups_lib.group_importance(arch, v, "max"))}
+  sets = graph_lib.graph_layout(arch).node_sets
+  assert imp.shape == (graph_lib.graph_layout(arch).num_nodes,)
+  checked = 0
+  for _, space, start, count in sets:
+    want = per_space.get(space, np.ones(count))
+    np.testing.assert_allclose(imp[start:start + count], want, rtol=1e-6)
+    checked += space in per_space
+  assert checked >= 5
+  # a metanetwork reading it refuses a call without it
+  mc = metanet_lib.make_metanet_config(2, 8, 8, (9,), 0.1, 0.1, importance_input=True)
+  phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="node importances"):
+    mp.apply_metanet(mc, phi, mp.to_graph(arch, v))
+  with pytest.raises(ValueError, match="no reference counterpart"):
+    mp.export_reference_metanet(mc, phi)
+
+
+@pytest.mark.parametrize("importance_input", [False, True])
+def test_padded_slot_path_equals_materialised_and_compiles_once(importance_input):
+  """Also with the node-importance input: its masked form (kept channels, full width) must give
+  the materialised network's importances."""
   full, models = _tiny_models(2)
   assert models[0][0].widths != models[1][0].widths  # two data models of different widths
-  mc = metanet_lib.make_metanet_config(2, 8, 8, (9,), 0.1, 0.1)
+  mc = metanet_lib.make_metanet_config(2, 8, 8, (9,), 0.1, 0.1,
+                                       importance_input=importance_input)
   phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(0))
   # private: the padded-slot core (one full-width program for data models of every width) is
   # what meta-training jits; the public meta_train_grads runs one model at its own widths

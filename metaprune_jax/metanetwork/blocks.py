@@ -518,7 +518,8 @@ def forward(spec, params, nodes, edges, plan: BlockPlan, node_valid: Optional[ja
   Args:
     spec: ``config._Spec``.
     params: metanetwork params (as ``metanet.init_metanet``).
-    nodes: [N, node_dim]; edges: per-kind [E_k, d_k], laid out as ``plan`` says.
+    nodes: [N, node_dim] (``[N, node_dim + 1]`` with ``spec.importance_input``: the last
+      column is an input only); edges: per-kind [E_k, d_k], laid out as ``plan`` says.
     plan: the graph's :class:`BlockPlan`.
     node_valid: optional [N] float (1 valid, 0 masked): see the module docstring.
     senders, receivers: [E] (needed with ``node_valid``, to zero invalid edges' outputs).
@@ -629,7 +630,7 @@ def forward(spec, params, nodes, edges, plan: BlockPlan, node_valid: Optional[ja
   else:
     # One scanned layer: a small program, and one layer's temporaries in memory at a time.
     (node_h, es), _ = jax.lax.scan(layer, (node_h, tuple(es)), params["convs"])
-  nodes_out = nodes + spec.node_res_ratio * _decoder(params["node_dec"], node_h, prec)
+  nodes_out = nodes[:, :spec.node_dim] + spec.node_res_ratio * _decoder(params["node_dec"], node_h, prec)
   if masked:
     nodes_out = jnp.where(node_valid[:, None] > 0, nodes_out, 0.0)
   edges_out = []

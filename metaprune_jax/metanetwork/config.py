@@ -40,7 +40,8 @@ def matmul_precision(name: str) -> jax.lax.Precision:
 
 
 def make_metanet_config(num_layers, hidden, node_dim, edge_dims, node_res_ratio,
-                        edge_res_ratio, precision: str = "default") -> ml_collections.ConfigDict:
+                        edge_res_ratio, precision: str = "default",
+                        importance_input: bool = False) -> ml_collections.ConfigDict:
   """Builds a metanetwork config block.
 
   Args:
@@ -53,6 +54,10 @@ def make_metanet_config(num_layers, hidden, node_dim, edge_dims, node_res_ratio,
     edge_res_ratio: same for the edges.
     precision: the metanetwork's matmul precision (:func:`matmul_precision`): ``'highest'``
       where parity with the reference is checked, ``'default'`` (the backend's) otherwise.
+    importance_input: also give the node encoder each node's normalised group importance
+      (its channel's group-L2 importance over its group's maximum, 1 for input and class
+      nodes) as one more input column: where the channel stands in its group, which message
+      passing cannot compute (docs/results.md). Not in the reference (False keeps parity).
 
   Returns:
     An ``ml_collections.ConfigDict`` with those fields.
@@ -61,6 +66,7 @@ def make_metanet_config(num_layers, hidden, node_dim, edge_dims, node_res_ratio,
     ValueError: an unknown precision name.
   """
   matmul_precision(precision)
+  extra = {"importance_input": True} if importance_input else {}  # absent: the reference's
   return ml_collections.ConfigDict({
       "num_layers": int(num_layers),
       "hidden": int(hidden),
@@ -69,6 +75,7 @@ def make_metanet_config(num_layers, hidden, node_dim, edge_dims, node_res_ratio,
       "node_res_ratio": float(node_res_ratio),
       "edge_res_ratio": float(edge_res_ratio),
       "precision": str(precision).lower(),
+      **extra,
   })
 
 
@@ -99,6 +106,7 @@ class _Spec(NamedTuple):
   node_res_ratio: float
   edge_res_ratio: float
   precision: str = "default"
+  importance_input: bool = False
 
 
 def _spec(config) -> _Spec:
@@ -106,4 +114,5 @@ def _spec(config) -> _Spec:
   matmul_precision(precision)
   return _Spec(int(config.num_layers), int(config.hidden), int(config.node_dim),
                tuple(int(d) for d in config.edge_dims), float(config.node_res_ratio),
-               float(config.edge_res_ratio), precision)
+               float(config.edge_res_ratio), precision,
+               bool(config.get("importance_input", False)))

@@ -65,13 +65,13 @@ def init_metanet(config, rng) -> Any:
     AttributeError, KeyError: ``config`` lacks a field of ``make_metanet_config``.
   """
   spec = _spec(config)
-  nodes = jnp.zeros((2, spec.node_dim), jnp.float32)
+  nodes = jnp.zeros((2, spec.node_dim + int(spec.importance_input)), jnp.float32)
   edges = tuple(jnp.zeros((1, d), jnp.float32) for d in spec.edge_dims)
   idx = jnp.zeros((len(spec.edge_dims),), jnp.int32)
   return _module(spec).init(rng, nodes, edges, idx, idx)["params"]
 
 
-def _forward(spec: _Spec, params, graph, plan=None, node_valid=None):
+def _forward(spec: _Spec, params, graph, plan=None, node_valid=None, importance=None):
   """The metanetwork on ``graph``. Traceable.
 
   Args:
@@ -82,14 +82,21 @@ def _forward(spec: _Spec, params, graph, plan=None, node_valid=None):
       dense-block fast path (``block_plan``); None: the generic scatter path (any graph).
     node_valid: optional [N] validity mask (fast path only): masked channels of a full-width
       graph; their nodes and edges take no part and output 0 (``metanetwork.blocks``).
+    importance: [N] (:func:`node_importance`), read when ``spec.importance_input``.
   """
+  nodes_in = graph.nodes
+  if spec.importance_input:
+    if importance is None:
+      raise ValueError("this metanetwork reads node importances (importance_input=True): pass "
+                       "node_importance (metanet.node_importance) or use transform()")
+    nodes_in = jnp.concatenate([nodes_in, importance[:, None].astype(nodes_in.dtype)], axis=1)
   if plan is not None:
-    nodes, edges = metanet_blocks.forward(spec, params, graph.nodes, tuple(graph.edges), plan,
+    nodes, edges = metanet_blocks.forward(spec, params, nodes_in, tuple(graph.edges), plan,
                                           node_valid, graph.senders, graph.receivers)
     return graph._replace(nodes=nodes, edges=edges)
   if node_valid is not None:
     raise ValueError("node_valid needs a block plan (the dense-block path)")
-  nodes, edges = _module(spec).apply({"params": params}, graph.nodes, tuple(graph.edges),
+  nodes, edges = _module(spec).apply({"params": params}, nodes_in, tuple(graph.edges),
                                      graph.senders, graph.receivers)
   return graph._replace(nodes=nodes, edges=edges)
 
@@ -152,7 +159,49 @@ def validate_graph(config, graph, check_finite: bool = True) -> None:
                          f"first rows {rows}; the input network has NaN/Inf parameters")
 
 
-def apply_metanet(config, params, graph, check_finite: bool = True, plan=None):
+def node_importance(arch, params, masks=None, num_nodes: int | None = None) -> jax.Array:
+  """Each node's normalised group importance, the metanetwork's extra input with
+  ``importance_input``: ``raw / max(raw)`` over its channel's group (group-L2, as pruning
+  ranks channels; kept channels only when ``masks`` are given), 1 for input and class nodes,
+  0 for masked channels and padding nodes. Traceable (``arch`` static); no gradient flows.
+
+  Args:
+    arch: the graph's architecture (the full-width one for a masked network).
+    params: its params.
+    masks: optional ``{space: [width]}`` channel masks (a masked full-width network).
+    num_nodes: the graph's node count when padded (default: the real nodes).
+
+  Returns:
+    ``[num_nodes]`` float32, in the graph's node order.
+  """
+  from metaprune_jax.graphs import graph as graph_lib  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.prune import groups as groups_lib  # pylint: disable=g-import-not-at-top
+  layout = graph_lib.graph_layout(arch)
+  groups = {g.space: g for g in groups_lib.pruning_groups(arch, ignore_classes=False)}
+  pieces, seen = [], 0
+  for _, space, start, count in layout.node_sets:
+    if start != seen:
+      raise AssertionError(f"node sets are not contiguous at {start}")
+    seen = start + count
+    g = groups.get(space)
+    if g is None:
+      pieces.append(jnp.ones((count,), jnp.float32))
+      continue
+    raw = groups_lib.raw_group_importance(arch, params, g)
+    keep = None if masks is None or space not in masks else masks[space] > 0
+    if keep is None:
+      imp = raw / jnp.maximum(jnp.max(raw), 1e-30)
+    else:
+      imp = jnp.where(keep, raw / jnp.maximum(jnp.max(jnp.where(keep, raw, 0.0)), 1e-30), 0.0)
+    pieces.append(imp.astype(jnp.float32))
+  out = jnp.concatenate(pieces)
+  total = layout.num_real_nodes if num_nodes is None else int(num_nodes)
+  out = jnp.pad(out, (0, total - out.shape[0]))
+  return jax.lax.stop_gradient(out)
+
+
+def apply_metanet(config, params, graph, check_finite: bool = True, plan=None,
+                  node_importance=None):
   """Applies the metanetwork to a graph (jitted; one compile per config and graph shapes).
 
   Args:
@@ -165,6 +214,8 @@ def apply_metanet(config, params, graph, check_finite: bool = True, plan=None):
     check_finite: raise on NaN/Inf input features (checked outside jit; skipped for tracers).
     plan: optional ``block_plan(arch)`` of the graph's architecture (graphs made by
       ``graph.to_graph(arch, ...)``, unpadded): the dense-block fast path, same outputs.
+    node_importance: ``[N]`` (:func:`node_importance`); needed by a metanetwork with
+      ``importance_input`` (``transform`` computes it), ignored otherwise.
 
   Returns:
     A ``GraphsTuple`` of the same structure with the predicted nodes and edges.
@@ -182,7 +233,18 @@ def apply_metanet(config, params, graph, check_finite: bool = True, plan=None):
     raise ValueError(f"graph ({graph.nodes.shape[0]} nodes, edges "
                      f"{tuple(int(e.shape[0]) for e in graph.edges)}) does not fit the block plan "
                      f"({plan.num_nodes} nodes, edges {plan.num_edges})")
-  return _forward_jit(_spec(config), params, graph, plan)
+  spec = _spec(config)
+  if spec.importance_input:
+    if node_importance is None:
+      raise ValueError("this metanetwork reads node importances (importance_input=True): pass "
+                       "node_importance=metanet.node_importance(arch, params) or use transform()")
+    node_importance = jnp.asarray(node_importance, jnp.float32)
+    if node_importance.shape != (graph.nodes.shape[0],):
+      raise ValueError(f"node_importance has shape {node_importance.shape}, the graph "
+                       f"{graph.nodes.shape[0]} nodes")
+  else:
+    node_importance = None
+  return _forward_jit(spec, params, graph, plan, None, node_importance)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +373,9 @@ def transform(config, params, arch, variables, reference_compat: bool = False):
   from metaprune_jax.graphs import graph as graph_lib  # pylint: disable=g-import-not-at-top
 
   graph = graph_lib.to_graph(arch, variables)
-  out = apply_metanet(config, params, graph, plan=block_plan(arch))
+  imp = (node_importance(arch, variables["params"]) if _spec(config).importance_input
+         else None)
+  out = apply_metanet(config, params, graph, plan=block_plan(arch), node_importance=imp)
   new = graph_lib.from_graph(arch, out)
   new = {"params": new["params"], "batch_stats": variables["batch_stats"]}
   if reference_compat and getattr(arch, "edge_style", "single") == "single":

@@ -99,7 +99,12 @@ def transformed_params(spec, phi, full_arch: Arch, slot: ModelSlot, masked: bool
   flat = jnp.asarray(slot.flat)
   g = graph_lib.graph_from_flat(slot.layout, flat)
   valid = graph_lib.node_valid(full_arch, slot.masks) if masked else None
-  out = metanet_lib._forward(spec, phi, g, metanet_lib.block_plan(full_arch), valid)  # pylint: disable=protected-access
+  imp = None
+  if spec.importance_input:
+    params_in = graph_lib.unflatten_variables(full_arch, flat)["params"]
+    imp = metanet_lib.node_importance(full_arch, params_in, slot.masks if masked else None,
+                                      g.nodes.shape[0])
+  out = metanet_lib._forward(spec, phi, g, metanet_lib.block_plan(full_arch), valid, imp)  # pylint: disable=protected-access
   new_flat = graph_lib.flat_from_graph(slot.layout, out, flat.shape[0])
   # the flat cotangent is a sum of one padded slice per leaf: computed once, not per gathered
   # element of flat_from_graph's transpose (0.3 s of a ResNet-56 meta step otherwise)

@@ -197,13 +197,15 @@ class MetaNet(nn.Module):
   node_res_ratio: float
   edge_res_ratio: float
   precision: str = "default"
+  importance_input: bool = False
 
   @nn.compact
   def __call__(self, nodes, edges, senders, receivers):
     """Runs the metanetwork.
 
     Args:
-      nodes: [N, node_dim] float32.
+      nodes: [N, node_dim] float32 (``[N, node_dim + 1]`` with ``importance_input``: the last
+        column is an input only).
       edges: tuple of per-kind [E_k, edge_dims[k]] float32, in kind order.
       senders: [E] int32, E = sum E_k, kind blocks contiguous in kind order.
       receivers: [E] int32.
@@ -234,7 +236,7 @@ class MetaNet(nn.Module):
     unsort = jnp.zeros((num_edges,), jnp.int32).at[order].set(
         jnp.arange(num_edges, dtype=jnp.int32), unique_indices=True)
     edge_h = jnp.take(edge_h, unsort, axis=0)
-    nodes_out = nodes + self.node_res_ratio * _Decoder(h, self.node_dim, self.precision, name="node_dec")(node_h)
+    nodes_out = nodes[:, :self.node_dim] + self.node_res_ratio * _Decoder(h, self.node_dim, self.precision, name="node_dec")(node_h)
     edges_out, start = [], 0
     for k, e in enumerate(edges):
       dec = _Decoder(h, self.edge_dims[k], self.precision, name=f"edge_dec_{k}")

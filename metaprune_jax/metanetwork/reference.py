@@ -147,10 +147,14 @@ def export_reference_metanet(config, params) -> "collections.OrderedDict[str, np
     Ordered dict reference key -> float32 numpy array (torch layout: Linear weight [out, in]).
 
   Raises:
-    ValueError: an unknown matmul precision in ``config``.
+    ValueError: an unknown matmul precision in ``config``, or ``config.importance_input`` (the
+      reference's metanetwork has no such input).
     KeyError: ``params`` lacks a leaf that ``config``'s layout needs (params of another config).
   """
   spec = _spec(config)
+  if spec.importance_input:
+    raise ValueError("a metanetwork with importance_input=True has no reference counterpart "
+                     "(its node encoder reads one more column)")
   h = spec.hidden
   out = collections.OrderedDict()
   for key, shape, path in _reference_layout(spec):

@@ -164,7 +164,8 @@ def metanet_config_for(config, arch: Arch) -> ml_collections.ConfigDict:
   mc = metanet_lib.make_metanet_config(
       config.metanet.num_layers, config.metanet.hidden, graph_lib.node_dim(arch),
       graph_lib.edge_kinds(arch), config.metanet.node_res_ratio, config.metanet.edge_res_ratio,
-      config.metanet.get("precision", "default"))
+      config.metanet.get("precision", "default"),
+      bool(config.metanet.get("importance_input", False)))
   for key, want in (("node_dim", mc.node_dim), ("edge_dims", mc.edge_dims)):
     given = config.metanet.get(key, None)
     if given not in (None, 0, ()) and tuple(np.atleast_1d(given)) != tuple(np.atleast_1d(want)):
