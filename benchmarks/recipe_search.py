@@ -65,7 +65,10 @@ def main(argv):
   for name, c in configs.items():  # recipes vary meta-training only: one base and data-model set
     for key in ("arch", "dataset", "pretrain", "generate", "finetune_after_metanet",
                 "finetune_after_pruning", "prune"):
-      if c[key] != first[key]:
+      mine, theirs = c[key], first[key]
+      if key == "prune":  # which metanetwork epoch a recipe prunes with is the recipe's
+        mine, theirs = (dict(x.to_dict(), metanet_epoch=None) for x in (mine, theirs))
+      if mine != theirs:
         raise app.UsageError(f"recipe {name} changes config.{key}; the search shares one base "
                              "network and data-model set per seed")
   from metaprune_jax import modes  # pylint: disable=g-import-not-at-top

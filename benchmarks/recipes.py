@@ -54,6 +54,34 @@ RECIPES = {
                            meta_train__reg_form="relative", metanet__importance_input=True),
     "v14_imp_rel_1": dict(meta_train__lr_milestones=(6,), meta_train__reg=1.0,
                           meta_train__reg_form="relative", metanet__importance_input=True),
+    # the relative regulariser without the early decay (it cannot collapse a network by
+    # shrinking it, the reason for v5's early decay), with and without the importance input
+    "v15_imp_rel_1_late": dict(meta_train__lr_milestones=(24,), meta_train__reg=1.0,
+                               meta_train__reg_form="relative",
+                               metanet__importance_input=True),
+    "v16_imp_rel_10_late": dict(meta_train__lr_milestones=(24,), meta_train__reg=10.0,
+                                meta_train__reg_form="relative",
+                                metanet__importance_input=True),
+    "v17_rel_10_late": dict(meta_train__lr_milestones=(24,), meta_train__reg=10.0,
+                            meta_train__reg_form="relative"),
+    # stronger: at reg 10 the cross-entropy still decides the metanetwork's direction
+    "v18_imp_rel_100_late": dict(meta_train__lr_milestones=(24,), meta_train__reg=100.0,
+                                 meta_train__reg_form="relative",
+                                 metanet__importance_input=True),
+    "v19_imp_rel_1000_late": dict(meta_train__lr_milestones=(24,), meta_train__reg=1000.0,
+                                  meta_train__reg_form="relative",
+                                  metanet__importance_input=True),
+    # the metanetwork epoch chosen on validation curves (visualize), as the shipped config and
+    # the final comparison do, instead of the last one: v18 polarises between epochs 9 and 13
+    # and has destroyed the networks by the last epoch
+    "v20_imp_rel_100_sel": dict(meta_train__lr_milestones=(24,), meta_train__reg=100.0,
+                                meta_train__reg_form="relative",
+                                metanet__importance_input=True, prune__metanet_epoch=0,
+                                visualize__every=2),
+    "v21_imp_rel_30_sel": dict(meta_train__lr_milestones=(24,), meta_train__reg=30.0,
+                               meta_train__reg_form="relative",
+                               metanet__importance_input=True, prune__metanet_epoch=0,
+                               visualize__every=2),
 }
 
 
