@@ -82,6 +82,17 @@ RECIPES = {
                                meta_train__reg_form="relative",
                                metanet__importance_input=True, prune__metanet_epoch=0,
                                visualize__every=2),
+    # the share form: push only the least important half of each group, towards zero, so the
+    # optimum leaves the other half free (the relative form's optimum is one channel per group)
+    "v22_share05_10_sel": dict(meta_train__lr_milestones=(24,), meta_train__reg=10.0,
+                               meta_train__reg_form="share:0.5", prune__metanet_epoch=0,
+                               visualize__every=2),
+    "v23_share05_100_sel": dict(meta_train__lr_milestones=(24,), meta_train__reg=100.0,
+                                meta_train__reg_form="share:0.5", prune__metanet_epoch=0,
+                                visualize__every=2),
+    "v24_share05_1000_sel": dict(meta_train__lr_milestones=(24,), meta_train__reg=1000.0,
+                                 meta_train__reg_form="share:0.5", prune__metanet_epoch=0,
+                                 visualize__every=2),
 }
 
 

@@ -78,6 +78,8 @@ class CheckConfigTest(parameterized.TestCase):
       ("pruning__method", "x", "config.pruning.method='x': unknown pruning method"),
       ("meta_train__normalizer", "sum", "config.meta_train.normalizer='sum': unknown norm"),
       ("meta_train__reg_form", "l1", "config.meta_train.reg_form='l1': unknown regulariser form"),
+      ("meta_train__reg_form", "share:1.5", "config.meta_train.reg_form='share:1.5': unknown "
+       "regulariser form"),
       ("visualize__criterion", "l1", "config.visualize.criterion='l1': unknown criterion"),
       ("prune__normalizer", "l2", "config.prune.normalizer='l2': unknown normalizer"),
       ("prune__round_to", 0, "config.prune.round_to=0: must be a positive integer"),

@@ -133,6 +133,45 @@ def test_relative_regularizer_is_scale_invariant_and_moves_norm_between_channels
     regularizer(arch, {"params": params}, form="squared")
 
 
+def test_share_regularizer_pushes_only_the_least_important_share_of_each_group():
+  arch = mp.get_arch("resnet_tiny", 10)
+  params = mp.init_variables(arch, jax.random.PRNGKey(0), (8, 8))["params"]
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, a: a * (0.5 + jax.random.uniform(jax.random.PRNGKey(len(str(path))), a.shape))
+      if "scale" in str(path[-1]) else a, params)
+  f = lambda p: regularizer(arch, {"params": p}, alpha=16.0, reg=0.7, form="share:0.5")
+  val, g = jax.value_and_grad(f)(params)
+  from metaprune_jax.prune.regularizer import group_gammas
+  gam = group_gammas(arch, params, 16.0)
+  want = 0.0
+  for grp, gamma in zip(mp.pruning_groups(arch), gam):
+    s = 0.0
+    for m in grp.members:
+      p = np.asarray(params[m.layer]["scale" if m.kind == "bn" else "kernel"], np.float64)
+      axes = () if m.kind == "bn" else (
+          ((0, 1, 2) if m.role == "out" else (0, 1, 3)) if m.kind == "conv" else
+          ((0,) if m.role == "out" else (1,)))
+      s = s + (p ** 2 if m.kind == "bn" else np.sum(p ** 2, axis=axes))
+    gamma = np.asarray(gamma, np.float64)
+    kept = gamma > 0
+    if not kept.any():
+      continue
+    n_push = int(np.floor(0.5 * kept.sum()))
+    pushed = np.argsort(-gamma, kind="stable")[:n_push]  # least important: the largest gammas
+    want += 0.7 * np.sum(s[pushed]) / np.sum(s[kept])
+    # only the pushed channels get a gradient, towards zero
+    bn = next(m for m in grp.members if m.kind == "bn")
+    gs, sc = np.asarray(g[bn.layer]["scale"]), np.asarray(params[bn.layer]["scale"])
+    if len({m.layer for m in grp.members if m.kind == "bn"}) == 1:
+      others = np.setdiff1d(np.arange(len(gamma)), pushed)
+      assert np.all(gs[others] == 0.0)
+      assert np.all(gs[pushed] * sc[pushed] > 0)
+  assert float(val) == pytest.approx(want, rel=1e-5)
+  for bad in ("share:0", "share:1", "share:x", "share"):
+    with pytest.raises(ValueError, match="regulariser form"):
+      regularizer(arch, {"params": params}, form=bad)
+
+
 def _frozen_reg(arch, params, gammas, reg):
   total = 0.0
   for grp, gamma in zip(mp.pruning_groups(arch), gammas):

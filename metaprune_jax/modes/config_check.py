@@ -164,8 +164,16 @@ def check_config(config, *, num_devices: int | None = None,
     if value is not None:
       _one_of(f"{section}.normalizer", value, NORMALIZERS, "normalizer")
   value = _get(config, "meta_train.reg_form")
-  if value is not None:
-    _one_of("meta_train.reg_form", value, ("absolute", "relative"), "regulariser form")
+  if value is not None and value not in ("absolute", "relative"):
+    # regularizer.parse_form's rule, without importing jax here
+    share = value.split(":", 1)[1] if isinstance(value, str) and value.startswith("share:") else ""
+    try:
+      ok = 0.0 < float(share) < 1.0
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ConfigError("meta_train.reg_form", value, "unknown regulariser form; choose one of "
+                        "'absolute', 'relative' or 'share:Q' with 0 < Q < 1")
   for section in ("visualize", "prune"):
     value = _get(config, f"{section}.criterion")
     if value is not None:

@@ -64,7 +64,26 @@ def _groups(arch, masks):
   return groups_lib.pruning_groups(arch, ignore_classes=masks is None)
 
 
-FORMS = ("absolute", "relative")
+FORMS = ("absolute", "relative", "share:Q")
+
+
+def parse_form(form: str) -> tuple[str, float]:
+  """``(kind, q)`` of a regulariser form name; ``q`` is the share of ``share:Q`` (else 0).
+
+  Raises:
+    ValueError: an unknown form, or a share outside (0, 1).
+  """
+  if form in ("absolute", "relative"):
+    return form, 0.0
+  if isinstance(form, str) and form.startswith("share:"):
+    try:
+      q = float(form.split(":", 1)[1])
+    except ValueError:
+      q = float("nan")
+    if 0.0 < q < 1.0:
+      return "share", q
+    raise ValueError(f"regulariser form {form!r}: the share must be a number in (0, 1)")
+  raise ValueError(f"unknown regulariser form {form!r}; choose from {FORMS}")
 
 
 def regularizer(arch: Arch, variables: Mapping, alpha: float = 16.0, reg: float = 10.0,
@@ -87,7 +106,11 @@ def regularizer(arch: Arch, variables: Mapping, alpha: float = 16.0, reg: float 
       unchanged when a group's weights are scaled uniformly, so its gradient
       ``2 reg w (gamma_c - R_g) / sum_c s_c`` only moves norm from the less to the more
       important channels of a group (a polarisation objective for meta-training; see
-      docs/results.md).
+      docs/results.md); or ``share:Q`` (``0 < Q < 1``), ``reg * sum_g (sum over the group's
+      least important Q share of channels of s_c) / sg(sum_c s_c)`` (``sg``: no gradient): it
+      pushes only those channels, towards zero, and is 0 once they are, so its optimum keeps the
+      rest of the group free (a target share instead of the relative form's all-in-one-channel
+      optimum). The share is of the kept channels, ranked by normalised importance.
 
   Returns:
     ``[]`` float32 scalar. Jittable (``arch`` static).
@@ -95,8 +118,7 @@ def regularizer(arch: Arch, variables: Mapping, alpha: float = 16.0, reg: float 
   Raises:
     ValueError: an unknown normalizer or form.
   """
-  if form not in FORMS:
-    raise ValueError(f"unknown regulariser form {form!r}; choose from {FORMS}")
+  kind, q = parse_form(form)
   params = variables["params"] if "params" in variables else variables
   gammas = group_gammas(arch, params, alpha, normalizer, masks)
   total = jnp.float32(0.0)
@@ -117,11 +139,21 @@ def regularizer(arch: Arch, variables: Mapping, alpha: float = 16.0, reg: float 
         sq = jnp.sum(jnp.square(k), axis=axes)
         if bias and m.role == "out" and "bias" in p:
           sq = sq + jnp.square(p["bias"])
-      if form == "absolute":
+      if kind == "absolute":
         total = total + jnp.sum(gamma * sq)
       else:
         per_channel = per_channel + sq
-    if form == "relative":
+    if kind == "share":
+      counted = jnp.where(gamma > 0, per_channel, 0.0)
+      n_kept = jnp.sum(gamma > 0)
+      # gamma decreases with importance: the q share with the largest gammas is the least
+      # important one; rank by gamma (ties broken by index), kept channels only
+      order = jnp.argsort(-jnp.where(gamma > 0, gamma, -1.0), stable=True)
+      rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
+      pushed = (gamma > 0) & (rank < jnp.floor(q * n_kept))
+      total = total + 2.0 * jnp.sum(jnp.where(pushed, per_channel, 0.0)) / jax.lax.stop_gradient(
+          jnp.maximum(jnp.sum(counted), 1e-12))
+    elif kind == "relative":
       # gamma is 0 on masked-out channels and on ignored groups: they weigh nothing here either
       counted = jnp.where(gamma > 0, per_channel, 0.0)
       total = total + 2.0 * jnp.sum(gamma * counted) / jnp.maximum(jnp.sum(counted), 1e-12)
