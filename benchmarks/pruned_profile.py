@@ -9,8 +9,10 @@ Prints JSON:
   each cut jitted on its own; the differences are the stages' times (interleaved medians);
 * ``kernel_rules``: the full network and the pruned ones (``round_to`` 1 and 8), folded, batch
   ``--batch``, compiled with the narrow-convolution kernel for no layer (``none``), for layers with
-  at most 16 output channels (``out16``) and for layers reading at most 16 channels
-  (``in16``, the library's rule: ``cpu_kernels.CONV_MAX_IN``), all interleaved: ms and speed-ups;
+  at most 16 output channels (``out16``), for layers reading at most 16 channels (``in16``), and
+  ``in16`` plus the kernel's pixel-vectorised path for layers writing at most 8, 16 or 32
+  channels at stride 1 (``in16_pixel8/16/32``; the library's rule is ``in16_pixel16``:
+  ``cpu_kernels.CONV_MAX_IN``, ``CONV_PIXEL_MAX_OUT``), all interleaved: ms and speed-ups;
 * ``convs_ms``: isolated 3x3 convolutions at the pruned network's kinds of widths, batch 128:
   XLA:CPU as the library compiles it (``xla``), XLA:CPU with its default YNNPACK convolutions
   (``xla_ynnpack``) and the narrow-convolution kernel (``kernel``, ``cpu_kernels.conv_nhwc``), with
@@ -79,18 +81,24 @@ def kernel_rules(batch, runs):
   for rt in (1, 8):
     res = mp.prune_to_target(arch, v, 2.3, round_to=rt)
     nets[f"round_to_{rt}"] = inference.fold_batchnorm(*mp.materialize(arch, v, res.masks))
-  rules = {"none": (0, 0), "out16": (10**9, 16), "in16": (16, 64)}
-  saved = cpu_kernels.CONV_MAX_IN, cpu_kernels.CONV_MAX_OUT
+  # (max in, max out) of the channel-vectorised path, max out of the pixel-vectorised one (0: off)
+  rules = {"none": (0, 0, 0), "out16": (10**9, 16, 0), "in16": (16, 64, 0),
+           "in16_pixel8": (16, 64, 8), "in16_pixel16": (16, 64, 16),
+           "in16_pixel32": (16, 64, 32)}
+  names = ("CONV_MAX_IN", "CONV_MAX_OUT", "CONV_PIXEL_MAX_OUT")
+  saved = tuple(getattr(cpu_kernels, n) for n in names)
   fns = {}
   try:
-    for rule, (max_in, max_out) in rules.items():  # read when tracing: compile under each
-      cpu_kernels.CONV_MAX_IN, cpu_kernels.CONV_MAX_OUT = max_in, max_out
+    for rule, values in rules.items():  # read when tracing: compile under each
+      for n, value in zip(names, values):
+        setattr(cpu_kernels, n, value)
       for k, (a, vv) in nets.items():
         f = jax.jit(lambda vv, x, a=a: mp.apply_model(a, vv, x), compiler_options=opts)
         f.lower(vv, x).compile()
         fns[f"{rule}/{k}"] = (lambda f=f, vv=vv: f(vv, x))
   finally:
-    cpu_kernels.CONV_MAX_IN, cpu_kernels.CONV_MAX_OUT = saved
+    for n, value in zip(names, saved):
+      setattr(cpu_kernels, n, value)
   t = _interleaved(fns, runs)
   out = {}
   for rule in rules:

@@ -18,6 +18,9 @@ machine's drift hits them alike) and reports medians:
 * ``unfolded_speed_up``: the same with BatchNorm layers (the previous measurement);
 * ``masked_full_width_s``: the masked full-width network (what the search and finetuning run);
 * ``round_to_8``: the search with ``round_to=8`` (kept widths multiples of 8), folded;
+* ``without_pixel_path``: the folded pair (and ``round_to_8.without_pixel_path_speed_up``)
+  compiled without the narrow-convolution kernel's pixel-vectorised path
+  (``cpu_kernels.CONV_PIXEL_PATH``), i.e. with the kernel as it was before that path;
 * ``ynnpack_convs``: the folded pair compiled with XLA:CPU's default YNNPACK convolutions;
 * ``batch1_latency_ms``: batch-1 latency of the folded full and materialised networks;
 * ``torch_wall_clock_speed_up``: when torch is importable, the same pruned widths as a PyTorch
@@ -35,6 +38,7 @@ import jax
 import numpy as np
 
 import metaprune_jax as mp
+from metaprune_jax.backends import cpu_kernels
 from metaprune_jax.backends import xla_hints
 from metaprune_jax.nets import inference
 
@@ -123,17 +127,26 @@ def inference_speed(arch, v, res, batch: int, runs: int, round_to_8=None) -> dic
   x1 = x[:1]
   opts = xla_hints.conv_compiler_options()  # as the library's jitted networks
 
-  def net(a, vv, xx, o=opts):
-    f = jax.jit(lambda vv, xx: mp.apply_model(a, vv, xx), compiler_options=o)
+  def net(a, vv, xx, o=opts, pixel_path=True):
+    def body(vv, xx):  # the kernel's pixel path is chosen when the call is traced
+      old, cpu_kernels.CONV_PIXEL_PATH = cpu_kernels.CONV_PIXEL_PATH, pixel_path
+      try:
+        return mp.apply_model(a, vv, xx)
+      finally:
+        cpu_kernels.CONV_PIXEL_PATH = old
+    f = jax.jit(body, compiler_options=o)
     return lambda: f(vv, xx)
   f_masked = jax.jit(lambda v, m, x: mp.apply_model(arch, v, x, masks=m), compiler_options=opts)
   fns = {"full": net(ff, fv, x), "small": net(fs, fsv, x),
          "full_bn": net(arch, v, x), "small_bn": net(small, sv, x),
          "masked": lambda: f_masked(v, res.masks, x),
-         "full_ynn": net(ff, fv, x, {}), "small_ynn": net(fs, fsv, x, {})}
+         "full_ynn": net(ff, fv, x, {}), "small_ynn": net(fs, fsv, x, {}),
+         "small_no_pixel_path": net(fs, fsv, x, pixel_path=False),
+         "full_no_pixel_path": net(ff, fv, x, pixel_path=False)}
   if round_to_8 is not None:
     s8, sv8 = inference.fold_batchnorm(*mp.materialize(arch, v, round_to_8.masks))
     fns["small_r8"] = net(s8, sv8, x)
+    fns["small_r8_no_pixel_path"] = net(s8, sv8, x, pixel_path=False)
   torch, tnet = _torch_net(small, sv)
   if torch is not None:
     _, tfull = _torch_net(arch, v)
@@ -159,6 +172,11 @@ def inference_speed(arch, v, res, batch: int, runs: int, round_to_8=None) -> dic
       "unfolded_speed_up": round(t["full_bn"] / t["small_bn"], 3),
       "folding_speed_up_full": round(t["full_bn"] / t["full"], 3),
       "folding_speed_up_materialised": round(t["small_bn"] / t["small"], 3),
+      # both networks compiled without the kernel's pixel-vectorised path (the kernel before it)
+      "without_pixel_path": {"full_s": round(t["full_no_pixel_path"], 4),
+                             "materialised_s": round(t["small_no_pixel_path"], 4),
+                             "speed_up": round(t["full_no_pixel_path"] / t["small_no_pixel_path"],
+                                               3)},
       "ynnpack_convs": {"full_s": round(t["full_ynn"], 4),
                         "materialised_s": round(t["small_ynn"], 4),
                         "speed_up": round(t["full_ynn"] / t["small_ynn"], 3)},
@@ -171,7 +189,9 @@ def inference_speed(arch, v, res, batch: int, runs: int, round_to_8=None) -> dic
   if round_to_8 is not None:
     out["round_to_8"] = {"materialised_s": round(t["small_r8"], 4),
                          "speed_up": round(t["full"] / t["small_r8"], 3),
-                         "macs_speed_up": round(round_to_8.speed_up, 4), "steps": round_to_8.steps}
+                         "macs_speed_up": round(round_to_8.speed_up, 4), "steps": round_to_8.steps,
+                         "without_pixel_path_speed_up": round(
+                             t["full_no_pixel_path"] / t["small_r8_no_pixel_path"], 3)}
   if torch is not None:
     out["torch_full_s"] = round(t["torch_full"], 4)
     out["torch_materialised_s"] = round(t["torch_small"], 4)

@@ -222,8 +222,19 @@ def test_run_config_precision_reaches_the_metanetwork():
 @pytest.mark.parametrize("shape,stride,pad", [((2, 9, 9, 5, 7), 1, 1), ((2, 10, 10, 3, 16), 2, 1),
                                               ((1, 8, 8, 16, 40), 1, 1), ((1, 6, 6, 20, 9), 1, 1), ((2, 8, 8, 6, 16), 2, 0),
                                               ((3, 5, 7, 4, 64), 1, 2), ((2, 9, 9, 15, 1), 1, 1),
-                                              ((2, 9, 8, 20, 2), 2, 1), ((1, 6, 6, 3, 2), 1, 0)])
-def test_conv_kernel_equals_xla(shape, stride, pad):
+                                              ((2, 9, 8, 20, 2), 2, 1), ((1, 6, 6, 3, 2), 1, 0),
+                                              # 3-8 outputs, stride 1: the pixel-vectorised path
+                                              # (several 16-pixel tiles and a tail; 1x1)
+                                              ((2, 33, 20, 15, 7), 1, 1), ((1, 17, 17, 9, 3), 1, 1),
+                                              ((2, 12, 12, 5, 8), 1, 0), ((2, 10, 10, 15, 5), 2, 1),
+                                              ((2, 9, 9, 40, 6), 1, 1),
+                                              # 8-pixel rows: two rows per 16-lane tile (an odd
+                                              # row count leaves a lone last row)
+                                              ((2, 8, 8, 24, 16), 1, 1), ((1, 7, 8, 5, 11), 1, 1),
+                                              ((2, 4, 4, 24, 6), 1, 1)])
+@pytest.mark.parametrize("pixel_path", [True, False])
+def test_conv_kernel_equals_xla(shape, stride, pad, pixel_path, monkeypatch):
+  monkeypatch.setattr(cpu_kernels, "CONV_PIXEL_PATH", pixel_path)
   b, h, w_, c, o = shape
   k = 3 if pad else 1
   x = jax.random.normal(jax.random.PRNGKey(0), (b, h, w_, c))
@@ -240,7 +251,9 @@ def test_conv_kernel_equals_xla(shape, stride, pad):
   _close(got, jnp.maximum(want + bias + res, 0.0), 1e-5)
   # inference (not differentiated) takes the kernel for narrow layers; the gradient XLA's conv
   f = jax.jit(lambda x, w: mp.cnn.conv2d(x, w, (stride, stride), padding))
-  assert ("custom_call" in f.lower(x, w).as_text()) == (c <= cpu_kernels.CONV_MAX_IN)
+  kernel = c <= cpu_kernels.CONV_MAX_IN or (pixel_path and o <= cpu_kernels.CONV_PIXEL_MAX_OUT
+                                            and stride == 1 and w_ >= 8)
+  assert ("custom_call" in f.lower(x, w).as_text()) == kernel
   _close(f(x, w), want, 1e-5)
   with xla_hints.backend_tuning("none"):
     assert "custom_call" not in jax.jit(lambda x, w: mp.cnn.conv2d(

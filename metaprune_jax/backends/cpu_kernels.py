@@ -53,9 +53,13 @@ _CONV_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "conv_cpu.cc")
 _CONV = "metaprune_conv_nhwc"
 # narrow layers: the direct kernel wins where a layer reads at most CONV_MAX_IN channels
 # (benchmarks/pruned_profile.py: 15 -> 7 at 32x32 2.5x faster than XLA, 9 -> 32 at 16x16 1.5x;
-# 32 -> 9 and 64 -> 24 slower), up to the kernel's 64 output channels
+# 32 -> 9 and 64 -> 24 slower with the channel-vectorised path), up to the kernel's 64 output
+# channels; and, with its pixel-vectorised path, where a layer writes at most CONV_PIXEL_MAX_OUT
+# channels at stride 1 along x, whatever it reads (32 -> 8 at 16x16 1.4x, 64 -> 8 at 8x8 1.4x,
+# 15 -> 7 at 32x32 4.4x faster than XLA)
 CONV_MAX_IN = 16
 CONV_MAX_OUT = 64
+CONV_PIXEL_MAX_OUT = 16
 _LFWD, _LFWD_NO_COUNTS, _LBWD = ("metaprune_layer_fwd", "metaprune_layer_fwd_no_counts",
                                  "metaprune_layer_bwd")
 _ENV_SWITCH = "METAPRUNE_JAX_CPU_KERNELS"
@@ -169,15 +173,26 @@ def conv_available() -> bool:
   return True
 
 
-def conv_use_for(x, w) -> bool:
+def conv_use_for(x, w, strides=(1, 1)) -> bool:
   """Whether :func:`conv_nhwc` runs the convolution of ``x`` [B, H, W, C] and ``w``
-  [kh, kw, C, O] here: the CPU backend with its settings on (``xla_hints.cpu_tuning``), float32,
-  at most :data:`CONV_MAX_IN` input and :data:`CONV_MAX_OUT` output channels (the narrow
-  layers, where XLA:CPU's convolution costs per pixel rather than per MAC) and the kernel
-  built."""
+  [kh, kw, C, O] at ``strides`` here: the CPU backend with its settings on
+  (``xla_hints.cpu_tuning``), float32, the kernel built, and a narrow layer (where XLA:CPU's
+  convolution costs per pixel rather than per MAC): at most :data:`CONV_MAX_IN` input and
+  :data:`CONV_MAX_OUT` output channels, or at most :data:`CONV_PIXEL_MAX_OUT` output channels
+  (stride 1 along x, rows at least 8 pixels wide: the kernel's pixel-vectorised path) with any
+  input."""
+  narrow = ((w.shape[-2] <= CONV_MAX_IN and w.shape[-1] <= CONV_MAX_OUT)
+            or (w.shape[-1] <= CONV_PIXEL_MAX_OUT and CONV_PIXEL_PATH and strides[1] == 1
+                and x.shape[2] >= 8))
   return (jax.default_backend() == "cpu" and switch.cpu_tuning("cpu")
           and x.dtype == jnp.float32 and w.dtype == jnp.float32 and x.ndim == 4
-          and w.shape[-2] <= CONV_MAX_IN and w.shape[-1] <= CONV_MAX_OUT and conv_available())
+          and narrow and conv_available())
+
+
+# Whether conv_nhwc may take the kernel's pixel-vectorised path for at most CONV_PIXEL_MAX_OUT
+# output channels (stride 1 along x, rows >= 8 pixels); read when a call is traced. The
+# benchmarks flip it to time both paths.
+CONV_PIXEL_PATH = True
 
 
 def conv_nhwc(x, w, strides, padding, bias=None, residual=None, relu: bool = False):
@@ -205,7 +220,9 @@ def conv_nhwc(x, w, strides, padding, bias=None, residual=None, relu: bool = Fal
   empty = jnp.zeros((0,), jnp.float32)
   return jax.ffi.ffi_call(_CONV, out, vmap_method="sequential")(
       x, w, empty if bias is None else bias, empty if residual is None else residual,
-      geom=np.asarray([strides[0], strides[1], pt, pl, int(bool(relu))], np.int64))
+      geom=np.asarray([strides[0], strides[1], pt, pl, int(bool(relu)),
+                       CONV_PIXEL_MAX_OUT if CONV_PIXEL_PATH else 0],
+                      np.int64))
 
 
 def use_for(*arrays) -> bool:

@@ -254,15 +254,16 @@ def _conv2d_cpu(x, w, strides, padding):
   it falls back to a direct convolution that was ~20x slower (ResNet-20, 4 scanned batches of
   10 images: 2.2 s a step). Written out, every context gets the fast form.
 
-  Not differentiated (inference, evaluation), a narrow convolution (at most
-  ``cpu_kernels.CONV_MAX_IN`` input channels) runs in the direct C++ kernel
+  Not differentiated (inference, evaluation), a narrow convolution (``cpu_kernels.conv_use_for``:
+  at most ``CONV_MAX_IN`` input channels, or at most ``CONV_PIXEL_MAX_OUT`` output channels at
+  stride 1) runs in the direct C++ kernel
   ``cpu_kernels.conv_nhwc``: XLA:CPU's convolution costs about the same per pixel whatever the
   channel count below ~16, so a pruned network's narrow layers did not get faster (measured in
   ``docs/xla_cpu_notes.md``). Under differentiation the forward is XLA's (the same numbers
   up to rounding)."""
   from metaprune_jax.backends import cpu_kernels  # pylint: disable=g-import-not-at-top (cycle)
   if padding[0][0] == padding[0][1] and padding[1][0] == padding[1][1] and \
-      cpu_kernels.conv_use_for(x, w):
+      cpu_kernels.conv_use_for(x, w, strides):
     return cpu_kernels.conv_nhwc(x, w, strides, padding)
   return _conv_forward(x, w, strides, padding)
 

@@ -6,14 +6,19 @@
 //
 // with the bias and the residual optional (empty operands) and act the identity or ReLU: a
 // folded network's conv -> bias -> (residual add) -> ReLU in one pass over memory.
-// The output channels are padded to whole 16-float vectors (kNV vectors, a template argument),
-// the weights repacked to [kh, kw, C, kNV * 16] once per call, and kTile output pixels of a row
-// are computed together so that each weight vector load feeds kTile FMAs; pixels whose window
-// leaves the image take the same loop with bounds checks. Rows (b, oy) run on XLA's intra-op
-// thread pool. Very narrow outputs (at most kDotMaxOut = 2 channels, AVX-512 builds) take RowDot
-// instead: a window row of kw pixels is kw * C contiguous floats in NHWC, so each output channel
-// is kh dot products of contiguous spans (masked loads for the tails), and the work per pixel
-// follows the output width instead of a whole vector per input channel.
+// Three paths, chosen per call (ConvImpl):
+// * RowDot, very narrow outputs (at most kDotMaxOut = 2 channels, AVX-512 builds): a window row
+//   of kw pixels is kw * C contiguous floats in NHWC, so each output channel is kh dot products
+//   of contiguous spans (masked loads for the tails).
+// * RowsPix / RowsPix8, at most geom[5] output channels (cpu_kernels.CONV_PIXEL_MAX_OUT, 16) at
+//   stride 1 along x, output rows at least 8 pixels wide: vectorised over 16 output pixels (two 8-pixel rows for 8-wide outputs),
+//   from input rows transposed into channel planes once per task; no lane is idle whatever the
+//   channel counts.
+// * Row, otherwise: the output channels padded to whole 16-float vectors (kNV vectors, a
+//   template argument), the weights repacked to [kh, kw, C, kNV * 16] once per call, and kTile
+//   output pixels of a row computed together so that each weight vector load feeds kTile FMAs;
+//   pixels whose window leaves the image take the same loop with bounds checks.
+// Work is split over XLA's intra-op thread pool by output rows.
 
 #include <algorithm>
 #include <atomic>
@@ -21,6 +26,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -172,6 +178,146 @@ void RunDot(ffi::ThreadPool& pool, const Geom& g, const float* x, const float* w
 }
 #endif
 
+// The pixel-vectorised path (stride 1 along x; the caller decides for which widths, geom[5]):
+// vectorised over 16 output pixels of a row instead of over the output channels, so no vector
+// lane is idle when O is not a multiple of 16 (over the channels, O = 7 would use 7 of 16
+// lanes), and a tile of 16 pixels x kO <= 16 channels keeps kO accumulators in registers. Each
+// task (kPixRows output rows of one image) transposes the input rows it needs into zero-padded
+// channel planes [row][C][wp] once (16 consecutive pixels of one channel are then one
+// contiguous load), then runs the output channels in blocks of kPixBlock, broadcasting each
+// weight w[ky, kx, c, o] into its FMA; the epilogue (residual, ReLU) writes the NHWC output
+// through a small [kO][16] tile.
+constexpr int64_t kPixBlock = 16;
+constexpr int64_t kPixRows = 4;
+
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+struct Planes {
+  const float* data;
+  int64_t wp, iy_lo;
+};
+
+template <int kO>
+void RowsPix(const Geom& g, const Planes& pl, const float* w, const float* bias, float* out,
+             int64_t b, int64_t oy0, int64_t oy1, int64_t o0) {
+  const int64_t tiles = (g.Wo + 15) / 16;
+  alignas(64) float tile[kO][16];
+  for (int64_t oy = oy0; oy < oy1; ++oy) {
+    const int64_t r0 = oy * g.sh - g.ph - pl.iy_lo;
+    float* orow = out + (b * g.Ho + oy) * g.Wo * g.O + o0;
+    const float* rrow = g.res ? g.res + (b * g.Ho + oy) * g.Wo * g.O + o0 : nullptr;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t ox0 = t * 16;
+      v16 acc[kO];
+      for (int o = 0; o < kO; ++o) acc[o] = v16{} + (bias ? bias[o0 + o] : 0.0f);
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        const float* pr = pl.data + (r0 + ky) * g.C * pl.wp + ox0;
+        for (int64_t c = 0; c < g.C; ++c) {
+          const float* pc = pr + c * pl.wp;
+          for (int64_t kx = 0; kx < g.kw; ++kx) {
+            const v16 xv = *reinterpret_cast<const v16u*>(pc + kx);
+            const float* wk = w + ((ky * g.kw + kx) * g.C + c) * g.O + o0;
+            for (int o = 0; o < kO; ++o) acc[o] += xv * wk[o];
+          }
+        }
+      }
+      for (int o = 0; o < kO; ++o) std::memcpy(tile[o], &acc[o], sizeof(v16));
+      const int64_t n = std::min<int64_t>(16, g.Wo - ox0);
+      for (int64_t p = 0; p < n; ++p) {
+        float* op = orow + (ox0 + p) * g.O;
+        for (int o = 0; o < kO; ++o) {
+          const float v = tile[o][p] + (rrow ? rrow[(ox0 + p) * g.O + o] : 0.0f);
+          op[o] = g.relu ? std::max(v, 0.0f) : v;
+        }
+      }
+    }
+  }
+}
+
+// The same for an 8-pixel-wide output (a CIFAR ResNet's last stage): a 16-lane tile is two
+// output rows of 8 pixels, so no lane is idle there either.
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+
+template <int kO>
+void RowsPix8(const Geom& g, const Planes& pl, const float* w, const float* bias, float* out,
+              int64_t b, int64_t oy0, int64_t oy1, int64_t o0) {
+  alignas(64) float tile[kO][16];
+  for (int64_t oy = oy0; oy < oy1; oy += 2) {
+    const bool two = oy + 1 < oy1;
+    const int64_t r0 = oy * g.sh - g.ph - pl.iy_lo;
+    const int64_t r1 = two ? r0 + g.sh : r0;  // a lone last row computes itself twice
+    v16 acc[kO];
+    for (int o = 0; o < kO; ++o) acc[o] = v16{} + (bias ? bias[o0 + o] : 0.0f);
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      const float* pa = pl.data + (r0 + ky) * g.C * pl.wp;
+      const float* pb = pl.data + (r1 + ky) * g.C * pl.wp;
+      for (int64_t c = 0; c < g.C; ++c) {
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          const v8u lo = *reinterpret_cast<const v8u*>(pa + c * pl.wp + kx);
+          const v8u hi = *reinterpret_cast<const v8u*>(pb + c * pl.wp + kx);
+          const v16 xv = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                 13, 14, 15);
+          const float* wk = w + ((ky * g.kw + kx) * g.C + c) * g.O + o0;
+          for (int o = 0; o < kO; ++o) acc[o] += xv * wk[o];
+        }
+      }
+    }
+    for (int o = 0; o < kO; ++o) std::memcpy(tile[o], &acc[o], sizeof(v16));
+    for (int64_t p = 0; p < (two ? 16 : 8); ++p) {
+      const int64_t row = oy + p / 8, ox = p % 8;
+      float* op = out + ((b * g.Ho + row) * g.Wo + ox) * g.O + o0;
+      const float* rp = g.res ? g.res + ((b * g.Ho + row) * g.Wo + ox) * g.O + o0 : nullptr;
+      for (int o = 0; o < kO; ++o) {
+        const float v = tile[o][p] + (rp ? rp[o] : 0.0f);
+        op[o] = g.relu ? std::max(v, 0.0f) : v;
+      }
+    }
+  }
+}
+
+template <int... kOs>
+void RowsPixBlock(int64_t n, const Geom& g, const Planes& pl, const float* w, const float* bias,
+                  float* out, int64_t b, int64_t oy0, int64_t oy1, int64_t o0,
+                  std::integer_sequence<int, kOs...>) {
+  // RowsPix<n> (RowsPix8<n> for 8-pixel rows), n in 1..kPixBlock
+  if (g.Wo == 8)
+    ((n == kOs + 1 ? (RowsPix8<kOs + 1>(g, pl, w, bias, out, b, oy0, oy1, o0), 0) : 0), ...);
+  else
+    ((n == kOs + 1 ? (RowsPix<kOs + 1>(g, pl, w, bias, out, b, oy0, oy1, o0), 0) : 0), ...);
+}
+
+void RowsPixAll(const Geom& g, const float* x, const float* w, const float* bias, float* out,
+                int64_t b, int64_t oy0, int64_t oy1) {
+  const int64_t iy_lo = oy0 * g.sh - g.ph;
+  const int64_t nr = (oy1 - 1) * g.sh + g.kh - oy0 * g.sh;
+  const int64_t tiles = (g.Wo + 15) / 16;
+  // loads reach position (tiles - 1) * 16 + kw - 1 + 15 of a plane; 16 floats of slack
+  const int64_t wp = std::max<int64_t>(tiles * 16 + g.kw - 1, g.W + 2 * g.pw) + 16;
+  thread_local std::vector<float> buf;
+  buf.assign(nr * g.C * wp, 0.0f);
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t iy = iy_lo + r;
+    if (iy < 0 || iy >= g.H) continue;
+    const float* xr = x + (b * g.H + iy) * g.W * g.C;
+    float* pr = buf.data() + r * g.C * wp + g.pw;
+    for (int64_t ix = 0; ix < g.W; ++ix)
+      for (int64_t c = 0; c < g.C; ++c) pr[c * wp + ix] = xr[ix * g.C + c];
+  }
+  const Planes pl{buf.data(), wp, iy_lo};
+  for (int64_t o0 = 0; o0 < g.O; o0 += kPixBlock)
+    RowsPixBlock(std::min<int64_t>(kPixBlock, g.O - o0), g, pl, w, bias, out, b, oy0, oy1, o0,
+                 std::make_integer_sequence<int, kPixBlock>{});
+}
+
+void RunPix(ffi::ThreadPool& pool, const Geom& g, const float* x, const float* w,
+            const float* bias, float* out) {
+  const int64_t per_b = (g.Ho + kPixRows - 1) / kPixRows;
+  ParallelFor(pool, g.B * per_b, [&](int64_t i) {
+    const int64_t b = i / per_b, oy0 = (i % per_b) * kPixRows;
+    RowsPixAll(g, x, w, bias, out, b, oy0, std::min<int64_t>(oy0 + kPixRows, g.Ho));
+  });
+}
+
 template <int kNV>
 void Run(ffi::ThreadPool& pool, const Geom& g, const float* x, const float* w, const float* bias,
          float* out) {
@@ -192,7 +338,8 @@ void Run(ffi::ThreadPool& pool, const Geom& g, const float* x, const float* w, c
 ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer X, ffi::AnyBuffer Wt, ffi::AnyBuffer Bias,
                     ffi::AnyBuffer Res, ffi::Result<ffi::AnyBuffer> Out,
                     ffi::Span<const int64_t> geom) {
-  if (geom.size() != 5) return ffi::Error::InvalidArgument("geom: sh, sw, ph, pw, relu");
+  if (geom.size() != 6)
+    return ffi::Error::InvalidArgument("geom: sh, sw, ph, pw, relu, pixel path's max outputs");
   auto xd = X.dimensions(), wd = Wt.dimensions(), od = Out->dimensions();
   if (xd.size() != 4 || wd.size() != 4 || od.size() != 4)
     return ffi::Error::InvalidArgument("x, w and out must be rank 4 (NHWC, HWIO, NHWC)");
@@ -217,6 +364,10 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer X, ffi::AnyBuffer Wt, f
     return ffi::Error::Success();
   }
 #endif
+  if (g.O <= geom[5] && g.sw == 1 && g.Wo >= 8) {  // narrower rows would leave lanes idle
+    RunPix(pool, g, x, w, bias, out);
+    return ffi::Error::Success();
+  }
   if (g.O <= 16) Run<1>(pool, g, x, w, bias, out);
   else if (g.O <= 32) Run<2>(pool, g, x, w, bias, out);
   else if (g.O <= 48) Run<3>(pool, g, x, w, bias, out);
