@@ -197,6 +197,33 @@ struct Planes {
   int64_t wp, iy_lo;
 };
 
+// Writes n <= 16 consecutive output pixels of channels [o0, o0 + kO) from tile[o][p]: out and
+// res point at the first pixel's channel o0 (pixel stride g.O). When the block covers every
+// channel (kO == g.O) the n pixels are one contiguous run of n * kO floats: transposed through a
+// buffer, then one vectorisable pass adds the residual and applies the ReLU.
+template <int kO>
+inline void Epilogue(const Geom& g, const float (&tile)[kO][16], int64_t n, float* out,
+                     const float* res) {
+  if (kO == g.O) {
+    alignas(64) float run[16 * kO];
+    for (int64_t p = 0; p < n; ++p)
+      for (int o = 0; o < kO; ++o) run[p * kO + o] = tile[o][p];
+    const int64_t m = n * kO;
+    if (res)
+      for (int64_t i = 0; i < m; ++i) run[i] += res[i];
+    if (g.relu)
+      for (int64_t i = 0; i < m; ++i) run[i] = run[i] > 0.0f ? run[i] : 0.0f;
+    std::memcpy(out, run, sizeof(float) * m);
+    return;
+  }
+  for (int64_t p = 0; p < n; ++p) {
+    for (int o = 0; o < kO; ++o) {
+      const float v = tile[o][p] + (res ? res[p * g.O + o] : 0.0f);
+      out[p * g.O + o] = g.relu ? std::max(v, 0.0f) : v;
+    }
+  }
+}
+
 template <int kO>
 void RowsPix(const Geom& g, const Planes& pl, const float* w, const float* bias, float* out,
              int64_t b, int64_t oy0, int64_t oy1, int64_t o0) {
@@ -223,13 +250,7 @@ void RowsPix(const Geom& g, const Planes& pl, const float* w, const float* bias,
       }
       for (int o = 0; o < kO; ++o) std::memcpy(tile[o], &acc[o], sizeof(v16));
       const int64_t n = std::min<int64_t>(16, g.Wo - ox0);
-      for (int64_t p = 0; p < n; ++p) {
-        float* op = orow + (ox0 + p) * g.O;
-        for (int o = 0; o < kO; ++o) {
-          const float v = tile[o][p] + (rrow ? rrow[(ox0 + p) * g.O + o] : 0.0f);
-          op[o] = g.relu ? std::max(v, 0.0f) : v;
-        }
-      }
+      Epilogue<kO>(g, tile, n, orow + ox0 * g.O, rrow ? rrow + ox0 * g.O : nullptr);
     }
   }
 }
@@ -263,15 +284,9 @@ void RowsPix8(const Geom& g, const Planes& pl, const float* w, const float* bias
       }
     }
     for (int o = 0; o < kO; ++o) std::memcpy(tile[o], &acc[o], sizeof(v16));
-    for (int64_t p = 0; p < (two ? 16 : 8); ++p) {
-      const int64_t row = oy + p / 8, ox = p % 8;
-      float* op = out + ((b * g.Ho + row) * g.Wo + ox) * g.O + o0;
-      const float* rp = g.res ? g.res + ((b * g.Ho + row) * g.Wo + ox) * g.O + o0 : nullptr;
-      for (int o = 0; o < kO; ++o) {
-        const float v = tile[o][p] + (rp ? rp[o] : 0.0f);
-        op[o] = g.relu ? std::max(v, 0.0f) : v;
-      }
-    }
+    // rows oy and oy + 1 are consecutive in memory (Wo = 8): one run of pixels
+    const int64_t off = (b * g.Ho + oy) * g.Wo * g.O + o0;
+    Epilogue<kO>(g, tile, two ? 16 : 8, out + off, g.res ? g.res + off : nullptr);
   }
 }
 
