@@ -258,3 +258,33 @@ def test_conv_kernel_equals_xla(shape, stride, pad, pixel_path, monkeypatch):
   with xla_hints.backend_tuning("none"):
     assert "custom_call" not in jax.jit(lambda x, w: mp.cnn.conv2d(
         x, w, (stride, stride), padding)).lower(x, w).as_text()
+
+
+@pytest.mark.skipif(not cpu_kernels.conv_available(), reason="the CPU kernels cannot be built")
+def test_folded_network_epilogues_fuse_and_compute_the_plain_path():
+  """Inference of a folded, unmasked network runs conv -> bias [-> add] -> relu as one kernel
+  call with its epilogue; its outputs and (custom-VJP) gradients are the plain path's."""
+  from metaprune_jax.nets import cnn, inference
+  arch = mp.get_arch("resnet20", 10)
+  v = mp.init_variables(arch, jax.random.PRNGKey(0), (16, 16))
+  v = jax.tree_util.tree_map(
+      lambda a: a * (1 + 0.2 * jax.random.normal(jax.random.PRNGKey(3), a.shape)), v)
+  res = mp.prune_to_target(arch, v, 2.0, input_shape=(1, 3, 16, 16))
+  fa, fv = inference.fold_batchnorm(*mp.materialize(arch, v, res.masks))
+  plan = cnn._epilogues(fa)  # private: which convs the interpreter fuses
+  relus_after_conv = sum(1 for i, op in enumerate(fa.ops[:-1])
+                         if op.op == "conv" and fa.ops[i + 1].op in ("relu", "add"))
+  assert len(plan) >= relus_after_conv - 2 > 0  # all but the classifier's and shortcuts'
+  assert sum(r is not None for _, r in plan.values()) >= 3  # residual joins too
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
+  f = jax.jit(lambda vv, x: mp.apply_model(fa, vv, x))
+  assert "custom_call" in f.lower(fv, x).as_text()
+  with xla_hints.backend_tuning("none"):
+    g = jax.jit(lambda vv, x: mp.apply_model(fa, vv, x))
+    want = g(fv, x)
+    assert "custom_call" not in g.lower(fv, x).as_text()
+    g_want = jax.grad(lambda vv: jnp.sum(mp.apply_model(fa, vv, x) ** 2))(fv)
+  _close(f(fv, x), want, 1e-5)
+  g_got = jax.grad(lambda vv: jnp.sum(mp.apply_model(fa, vv, x) ** 2))(fv)
+  for a, b in zip(jax.tree_util.tree_leaves(g_got), jax.tree_util.tree_leaves(g_want)):
+    _close(a, b, 1e-4)

@@ -295,3 +295,76 @@ def _conv2d_bwd(strides, padding, res, dy):
 
 
 _conv2d_cpu.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def conv_bias_relu(x, w, bias, residual, strides, padding):
+  """``relu(conv2d(x, w) + bias [+ residual])``: a folded network's conv with its epilogue.
+
+  Not differentiated, on the CPU where the narrow-convolution kernel takes the layer
+  (``cpu_kernels.conv_use_for``, symmetric padding), one kernel call does it all (the residual
+  and the ReLU applied as its output is written: no separate pass over the output). Otherwise,
+  and for its gradient, the unfused composition the network interpreter runs: :func:`conv2d`,
+  ``+ bias``, ``materialize(+ residual)``, ReLU (the same numbers up to float rounding).
+
+  Args:
+    x: ``[B, H, W, C]``; w: ``[kh, kw, C, O]``; bias: ``[O]``.
+    residual: ``[B, Ho, Wo, O]`` or None.
+    strides, padding: as :func:`conv2d`.
+  """
+  if not cpu_tuning():
+    return _plain_epilogue(x, w, bias, residual, strides, padding)
+  if residual is None:
+    return _conv_bias_relu(x, w, bias, strides, padding)
+  return _conv_bias_add_relu(x, w, bias, residual, strides, padding)
+
+
+def _plain_epilogue(x, w, bias, residual, strides, padding):
+  y = conv2d(x, w, strides, padding) + bias
+  if residual is not None:
+    y = materialize(y + residual)
+  return jax.nn.relu(y)
+
+
+def _fused_epilogue(x, w, bias, residual, strides, padding):
+  from metaprune_jax.backends import cpu_kernels  # pylint: disable=g-import-not-at-top (cycle)
+  if padding[0][0] == padding[0][1] and padding[1][0] == padding[1][1] and \
+      cpu_kernels.conv_use_for(x, w, strides):
+    return cpu_kernels.conv_nhwc(x, w, strides, padding, bias, residual, relu=True)
+  return _plain_epilogue(x, w, bias, residual, strides, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv_bias_relu(x, w, bias, strides, padding):
+  return _fused_epilogue(x, w, bias, None, strides, padding)
+
+
+def _cbr_fwd(x, w, bias, strides, padding):
+  y, pull = jax.vjp(lambda x, w, b: _plain_epilogue(x, w, b, None, strides, padding), x, w, bias)
+  return y, pull
+
+
+def _cbr_bwd(strides, padding, pull, ct):
+  del strides, padding
+  return pull(ct)
+
+
+_conv_bias_relu.defvjp(_cbr_fwd, _cbr_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _conv_bias_add_relu(x, w, bias, residual, strides, padding):
+  return _fused_epilogue(x, w, bias, residual, strides, padding)
+
+
+def _cbar_fwd(x, w, bias, residual, strides, padding):
+  y, pull = jax.vjp(lambda x, w, b, r: _plain_epilogue(x, w, b, r, strides, padding),
+                    x, w, bias, residual)
+  return y, pull
+
+
+def _cbar_bwd(strides, padding, pull, ct):
+  del strides, padding
+  return pull(ct)
+
+
+_conv_bias_add_relu.defvjp(_cbar_fwd, _cbar_bwd)

@@ -11,6 +11,11 @@ when a traced network pads asymmetrically), BatchNorm normalising with the biase
 while its running variance takes the unbiased one, momentum 0.1 in torch terms, eps 1e-5;
 max-pool pads with -inf, average pooling divides by the window area (padding included).
 
+Inference of an unmasked network with conv biases (a folded one, ``fold_batchnorm``) runs each
+conv -> bias [-> residual add] -> ReLU as one :func:`xla_hints.conv_bias_relu` (on the CPU the
+narrow-convolution kernel applies the epilogue as it writes its output; elsewhere, and for
+gradients, the same composition as below).
+
 Residual joins go through :func:`xla_hints.materialize` (on the CPU backend, an exact division
 by 1.0; elsewhere the identity). Without it, XLA:CPU fuses the whole elementwise residual stream
 of a stage (BN, add, ReLU of every earlier block) into each transpose that the weight-gradient
@@ -27,6 +32,7 @@ computes.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping
 
@@ -118,8 +124,23 @@ class CNN(nn.Module):
     arch = self.arch
     layers = arch.layer_map
     env = {"x": x}
-    for op in arch.ops:
+    # inference of an unmasked network: conv -> bias [-> add] -> relu runs as one op
+    # (xla_hints.conv_bias_relu: on the CPU the kernel writes its output with the epilogue)
+    fuse = {} if train or masks is not None or self.is_initializing() else _epilogues(arch)
+    done = set()
+    for i, op in enumerate(arch.ops):
+      if i in done:
+        continue
       a = env[op.inputs[0]]
+      if i in fuse:
+        l = layers[op.layer]
+        last, residual = fuse[i]
+        p = self.variables["params"][l.name]
+        env[arch.ops[last].output] = xla_hints.conv_bias_relu(
+            a, p["kernel"], p["bias"], None if residual is None else env[residual],
+            (l.stride, l.stride), pad_pairs(l.padding))
+        done.update(range(i + 1, last + 1))
+        continue
       if op.op == "conv":
         l = layers[op.layer]
         binit = nn.initializers.zeros  # conv biases (VGG) start at zero in the reference
@@ -162,6 +183,32 @@ class CNN(nn.Module):
         raise ValueError(f"unknown op {op.op!r}")
       env[op.output] = y
     return env[arch.ops[-1].output]
+
+
+@functools.lru_cache(maxsize=64)
+def _epilogues(arch: Arch) -> dict:
+  """``{conv op index: (index of the relu ending the pattern, residual value name or None)}``
+  for each biased conv followed by a relu, or by an add then a relu, whose intermediate values
+  nothing else reads (a folded network's blocks)."""
+  reads = {}
+  for op in arch.ops:
+    for name in op.inputs:
+      reads[name] = reads.get(name, 0) + 1
+  final = arch.ops[-1].output
+  once = lambda name: reads.get(name, 0) == 1 and name != final  # pylint: disable=unnecessary-lambda-assignment
+  layers, ops, out = arch.layer_map, arch.ops, {}
+  for i, op in enumerate(ops):
+    if op.op != "conv" or not layers[op.layer].bias or not once(op.output) or i + 1 >= len(ops):
+      continue
+    nxt = ops[i + 1]
+    if nxt.op == "relu" and nxt.inputs[0] == op.output:
+      out[i] = (i + 1, None)
+    elif (nxt.op == "add" and op.output in nxt.inputs and len(nxt.inputs) == 2
+          and nxt.inputs[0] != nxt.inputs[1] and once(nxt.output) and i + 2 < len(ops)
+          and ops[i + 2].op == "relu" and ops[i + 2].inputs[0] == nxt.output):
+      other = nxt.inputs[1] if nxt.inputs[0] == op.output else nxt.inputs[0]
+      out[i] = (i + 2, other)
+  return out
 
 
 def _mask(y, masks, space):

@@ -7,13 +7,13 @@
 // with the bias and the residual optional (empty operands) and act the identity or ReLU: a
 // folded network's conv -> bias -> (residual add) -> ReLU in one pass over memory.
 // Three paths, chosen per call (ConvImpl):
-// * RowDot, very narrow outputs (at most kDotMaxOut = 2 channels, AVX-512 builds): a window row
-//   of kw pixels is kw * C contiguous floats in NHWC, so each output channel is kh dot products
-//   of contiguous spans (masked loads for the tails).
 // * RowsPix / RowsPix8, at most geom[5] output channels (cpu_kernels.CONV_PIXEL_MAX_OUT, 16) at
 //   stride 1 along x, output rows at least 8 pixels wide: vectorised over 16 output pixels (two 8-pixel rows for 8-wide outputs),
 //   from input rows transposed into channel planes once per task; no lane is idle whatever the
 //   channel counts.
+// * RowDot, otherwise for very narrow outputs (at most kDotMaxOut = 2 channels, AVX-512 builds):
+//   a window row of kw pixels is kw * C contiguous floats in NHWC, so each output channel is kh
+//   dot products of contiguous spans (masked loads for the tails).
 // * Row, otherwise: the output channels padded to whole 16-float vectors (kNV vectors, a
 //   template argument), the weights repacked to [kh, kw, C, kNV * 16] once per call, and kTile
 //   output pixels of a row computed together so that each weight vector load feeds kTile FMAs;
@@ -182,13 +182,13 @@ void RunDot(ffi::ThreadPool& pool, const Geom& g, const float* x, const float* w
 // vectorised over 16 output pixels of a row instead of over the output channels, so no vector
 // lane is idle when O is not a multiple of 16 (over the channels, O = 7 would use 7 of 16
 // lanes), and a tile of 16 pixels x kO <= 16 channels keeps kO accumulators in registers. Each
-// task (kPixRows output rows of one image) transposes the input rows it needs into zero-padded
+// task (a block of output rows of one image, RunPix) transposes the input rows it needs into zero-padded
 // channel planes [row][C][wp] once (16 consecutive pixels of one channel are then one
 // contiguous load), then runs the output channels in blocks of kPixBlock, broadcasting each
 // weight w[ky, kx, c, o] into its FMA; the epilogue (residual, ReLU) writes the NHWC output
 // through a small [kO][16] tile.
 constexpr int64_t kPixBlock = 16;
-constexpr int64_t kPixRows = 4;
+constexpr int64_t kPixMinRows = 4;  // output rows per task at least (see RunPix)
 
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 
@@ -326,10 +326,15 @@ void RowsPixAll(const Geom& g, const float* x, const float* w, const float* bias
 
 void RunPix(ffi::ThreadPool& pool, const Geom& g, const float* x, const float* w,
             const float* bias, float* out) {
-  const int64_t per_b = (g.Ho + kPixRows - 1) / kPixRows;
+  // A task transposes kh - sh more input rows than its output rows need (the window's halo):
+  // as many rows per task as still leave ~4 tasks per thread (a whole image at batch 128, 4
+  // rows at batch 1).
+  const int64_t threads = pool.num_threads() + 1;
+  const int64_t rows = std::clamp<int64_t>(g.B * g.Ho / (4 * threads), kPixMinRows, g.Ho);
+  const int64_t per_b = (g.Ho + rows - 1) / rows;
   ParallelFor(pool, g.B * per_b, [&](int64_t i) {
-    const int64_t b = i / per_b, oy0 = (i % per_b) * kPixRows;
-    RowsPixAll(g, x, w, bias, out, b, oy0, std::min<int64_t>(oy0 + kPixRows, g.Ho));
+    const int64_t b = i / per_b, oy0 = (i % per_b) * rows;
+    RowsPixAll(g, x, w, bias, out, b, oy0, std::min<int64_t>(oy0 + rows, g.Ho));
   });
 }
 
@@ -373,16 +378,16 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer X, ffi::AnyBuffer Wt, f
   const float* x = X.typed_data<float>();
   const float* w = Wt.typed_data<float>();
   float* out = Out->typed_data<float>();
+  if (g.O <= geom[5] && g.sw == 1 && g.Wo >= 8) {  // narrower rows would leave lanes idle
+    RunPix(pool, g, x, w, bias, out);
+    return ffi::Error::Success();
+  }
 #ifdef __AVX512F__
   if (g.O <= kDotMaxOut) {
     RunDot(pool, g, x, w, bias, out);
     return ffi::Error::Success();
   }
 #endif
-  if (g.O <= geom[5] && g.sw == 1 && g.Wo >= 8) {  // narrower rows would leave lanes idle
-    RunPix(pool, g, x, w, bias, out);
-    return ffi::Error::Success();
-  }
   if (g.O <= 16) Run<1>(pool, g, x, w, bias, out);
   else if (g.O <= 32) Run<2>(pool, g, x, w, bias, out);
   else if (g.O <= 48) Run<3>(pool, g, x, w, bias, out);
