@@ -80,14 +80,33 @@ def test_regularizer_finite_differences_and_degenerate_groups():
   assert np.abs(np.asarray(gs["layer1_0_bn1"]["scale"])).sum() > 0
 
 
-def test_relative_regularizer_is_scale_invariant_and_moves_norm_between_channels():
-  """``form='relative'``: per group the gamma-weighted mean of the channels' summed squares."""
+def _spread_scales_net():
+  """resnet_tiny with BatchNorm scales away from 1, so gamma spreads over [1, alpha]."""
   arch = mp.get_arch("resnet_tiny", 10)
   params = mp.init_variables(arch, jax.random.PRNGKey(0), (8, 8))["params"]
-  # BatchNorm scales away from 1, so gamma spreads over [1, alpha]
   params = jax.tree_util.tree_map_with_path(
       lambda path, a: a * (0.5 + jax.random.uniform(jax.random.PRNGKey(len(str(path))), a.shape))
       if "scale" in str(path[-1]) else a, params)
+  return arch, params
+
+
+def _channel_squares(grp, params):
+  """Independent numpy (float64): each channel's summed squares over the group's slices."""
+  s = 0.0
+  for m in grp.members:
+    p = np.asarray(params[m.layer]["scale" if m.kind == "bn" else "kernel"], np.float64)
+    if m.kind == "bn":
+      s = s + p ** 2
+    else:
+      axes = ((0, 1, 2) if m.role == "out" else (0, 1, 3)) if m.kind == "conv" else \
+          ((0,) if m.role == "out" else (1,))
+      s = s + np.sum(p ** 2, axis=axes)
+  return s
+
+
+def test_relative_regularizer_is_scale_invariant_and_moves_norm_between_channels():
+  """``form='relative'``: per group the gamma-weighted mean of the channels' summed squares."""
+  arch, params = _spread_scales_net()
   f = lambda p: regularizer(arch, {"params": p}, alpha=16.0, reg=0.3, form="relative")
   val, g = jax.value_and_grad(f)(params)
   # independent value: numpy, one group at a time, from the frozen gammas
@@ -95,15 +114,7 @@ def test_relative_regularizer_is_scale_invariant_and_moves_norm_between_channels
   gam = group_gammas(arch, params, 16.0)
   want, counted_groups = 0.0, 0
   for grp, gamma in zip(mp.pruning_groups(arch), gam):
-    s = 0.0
-    for m in grp.members:
-      p = np.asarray(params[m.layer]["scale" if m.kind == "bn" else "kernel"], np.float64)
-      if m.kind == "bn":
-        s = s + p ** 2
-      else:
-        axes = ((0, 1, 2) if m.role == "out" else (0, 1, 3)) if m.kind == "conv" else \
-            ((0,) if m.role == "out" else (1,))
-        s = s + np.sum(p ** 2, axis=axes)
+    s = _channel_squares(grp, params)
     gamma = np.asarray(gamma, np.float64)
     if np.any(gamma > 0):
       counted_groups += 1
@@ -134,24 +145,14 @@ def test_relative_regularizer_is_scale_invariant_and_moves_norm_between_channels
 
 
 def test_share_regularizer_pushes_only_the_least_important_share_of_each_group():
-  arch = mp.get_arch("resnet_tiny", 10)
-  params = mp.init_variables(arch, jax.random.PRNGKey(0), (8, 8))["params"]
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, a: a * (0.5 + jax.random.uniform(jax.random.PRNGKey(len(str(path))), a.shape))
-      if "scale" in str(path[-1]) else a, params)
+  arch, params = _spread_scales_net()
   f = lambda p: regularizer(arch, {"params": p}, alpha=16.0, reg=0.7, form="share:0.5")
   val, g = jax.value_and_grad(f)(params)
   from metaprune_jax.prune.regularizer import group_gammas
   gam = group_gammas(arch, params, 16.0)
   want = 0.0
   for grp, gamma in zip(mp.pruning_groups(arch), gam):
-    s = 0.0
-    for m in grp.members:
-      p = np.asarray(params[m.layer]["scale" if m.kind == "bn" else "kernel"], np.float64)
-      axes = () if m.kind == "bn" else (
-          ((0, 1, 2) if m.role == "out" else (0, 1, 3)) if m.kind == "conv" else
-          ((0,) if m.role == "out" else (1,)))
-      s = s + (p ** 2 if m.kind == "bn" else np.sum(p ** 2, axis=axes))
+    s = _channel_squares(grp, params)
     gamma = np.asarray(gamma, np.float64)
     kept = gamma > 0
     if not kept.any():
