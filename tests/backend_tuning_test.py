@@ -231,7 +231,9 @@ def test_run_config_precision_reaches_the_metanetwork():
                                               # 8-pixel rows: two rows per 16-lane tile (an odd
                                               # row count leaves a lone last row)
                                               ((2, 8, 8, 24, 16), 1, 1), ((1, 7, 8, 5, 11), 1, 1),
-                                              ((2, 4, 4, 24, 6), 1, 1)])
+                                              ((2, 4, 4, 24, 6), 1, 1),
+                                              # odd widths above 16: the pixel path in blocks
+                                              ((2, 16, 16, 32, 23), 1, 1), ((1, 8, 8, 40, 51), 1, 1)])
 @pytest.mark.parametrize("pixel_path", [True, False])
 def test_conv_kernel_equals_xla(shape, stride, pad, pixel_path, monkeypatch):
   monkeypatch.setattr(cpu_kernels, "CONV_PIXEL_PATH", pixel_path)
@@ -251,8 +253,8 @@ def test_conv_kernel_equals_xla(shape, stride, pad, pixel_path, monkeypatch):
   _close(got, jnp.maximum(want + bias + res, 0.0), 1e-5)
   # inference (not differentiated) takes the kernel for narrow layers; the gradient XLA's conv
   f = jax.jit(lambda x, w: mp.cnn.conv2d(x, w, (stride, stride), padding))
-  kernel = c <= cpu_kernels.CONV_MAX_IN or (pixel_path and o <= cpu_kernels.CONV_PIXEL_MAX_OUT
-                                            and stride == 1 and w_ >= 8)
+  pixel = o <= cpu_kernels.CONV_PIXEL_MAX_OUT or (cpu_kernels.CONV_PIXEL_ODD and o % 16 != 0)
+  kernel = c <= cpu_kernels.CONV_MAX_IN or (pixel_path and pixel and stride == 1 and w_ >= 8)
   assert ("custom_call" in f.lower(x, w).as_text()) == kernel
   _close(f(x, w), want, 1e-5)
   with xla_hints.backend_tuning("none"):

@@ -358,8 +358,9 @@ void Run(ffi::ThreadPool& pool, const Geom& g, const float* x, const float* w, c
 ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer X, ffi::AnyBuffer Wt, ffi::AnyBuffer Bias,
                     ffi::AnyBuffer Res, ffi::Result<ffi::AnyBuffer> Out,
                     ffi::Span<const int64_t> geom) {
-  if (geom.size() != 6)
-    return ffi::Error::InvalidArgument("geom: sh, sw, ph, pw, relu, pixel path's max outputs");
+  if (geom.size() != 7)
+    return ffi::Error::InvalidArgument(
+        "geom: sh, sw, ph, pw, relu, pixel path's max outputs, pixel path for odd widths");
   auto xd = X.dimensions(), wd = Wt.dimensions(), od = Out->dimensions();
   if (xd.size() != 4 || wd.size() != 4 || od.size() != 4)
     return ffi::Error::InvalidArgument("x, w and out must be rank 4 (NHWC, HWIO, NHWC)");
@@ -378,7 +379,10 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::AnyBuffer X, ffi::AnyBuffer Wt, f
   const float* x = X.typed_data<float>();
   const float* w = Wt.typed_data<float>();
   float* out = Out->typed_data<float>();
-  if (g.O <= geom[5] && g.sw == 1 && g.Wo >= 8) {  // narrower rows would leave lanes idle
+  // the pixel path up to geom[5] outputs, and (geom[6]) for widths that are not a multiple of
+  // 16, where a channel-vectorised convolution leaves lanes idle; rows >= 8 pixels
+  const bool pixel = g.O <= geom[5] || (geom[6] != 0 && g.O % 16 != 0);
+  if (pixel && g.sw == 1 && g.Wo >= 8) {
     RunPix(pool, g, x, w, bias, out);
     return ffi::Error::Success();
   }
