@@ -14,7 +14,13 @@ and the division barriers, which is what they would cost there) it times, after 
   AdamW) on a data model pruned to ~1.3x, ``--meta-batch`` images, and the number of
   compilations over two data models of different widths (must be 1);
 * ``pruned_speed_up``: inference of the full ResNet-56 and of the one pruned to 2.3x MACs (and
-  with ``round_to=8``), BatchNorm folded, batch 128 and batch 1, interleaved.
+  with ``round_to=8``), BatchNorm folded, batch 128 and batch 1, interleaved; off the CPU also at
+  ``--big-batch`` (1024), where an accelerator is no longer bound by launch overhead.
+
+When PyTorch is importable it also times the same full and pruned widths as PyTorch modules
+(``torch_pruned_speed_up``, on the GPU when torch sees one, ``channels_last`` and cuDNN's
+autotuner there; BatchNorm in eval mode), so the two frameworks' pruned speed-ups come from the
+same run.
 
 In the backend's default mode it also times the metanetwork at matmul precision ``highest``
 against ``default`` (``config.metanet.precision``) and reports the largest output difference.
@@ -149,7 +155,7 @@ def meta_train_step(case, runs):
           "compilations_over_2_widths": int(step._cache_size())}  # pylint: disable=protected-access
 
 
-def pruned_speed_up(case, runs):
+def pruned_speed_up(case, runs, big_batch=0):
   opts = xla_hints.conv_compiler_options()
 
   def net(a, v, x):
@@ -162,6 +168,9 @@ def pruned_speed_up(case, runs):
          "full_b1": net(case.arch, case.v, x[:1]), "pruned_b1": net(*small, x[:1])}
   if case.pruned8 is not None:
     fns["pruned_r8"] = net(*mp.materialize(case.arch, case.v, case.pruned8.masks), x)
+  if big_batch:
+    xb = jax.random.normal(jax.random.PRNGKey(7), (big_batch, *case.hw, 3))
+    fns["full_big"], fns["pruned_big"] = net(case.arch, case.v, xb), net(*small, xb)
   t = interleaved(fns, runs)
   out = {"macs_speed_up": round(case.pruned.speed_up, 4), "full_s": round(t["full"], 5),
          "pruned_s": round(t["pruned"], 5), "wall_clock_speed_up": round(t["full"] / t["pruned"], 3),
@@ -172,6 +181,55 @@ def pruned_speed_up(case, runs):
     out["round_to_8"] = {"macs_speed_up": round(case.pruned8.speed_up, 4),
                          "pruned_s": round(t["pruned_r8"], 5),
                          "wall_clock_speed_up": round(t["full"] / t["pruned_r8"], 3)}
+  if big_batch:
+    out["big_batch"] = {"batch": big_batch, "full_s": round(t["full_big"], 5),
+                        "pruned_s": round(t["pruned_big"], 5),
+                        "wall_clock_speed_up": round(t["full_big"] / t["pruned_big"], 3)}
+  return out
+
+
+def torch_pruned_speed_up(case, runs, big_batch):
+  """The full and pruned widths as PyTorch modules (``benchmarks/pruning.py``'s twin), or None."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  from pruning import _torch_net  # pylint: disable=import-outside-toplevel
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  small = mp.materialize(case.arch, case.v, case.pruned.masks)
+  _, tfull = _torch_net(case.arch, case.v)
+  _, tsmall = _torch_net(*small)
+  fmt = torch.channels_last if dev == "cuda" else torch.contiguous_format
+  if dev == "cuda":
+    torch.backends.cudnn.benchmark = True
+  tfull, tsmall = (m.to(dev, memory_format=fmt) for m in (tfull, tsmall))
+
+  def call(m, n):
+    x = torch.randn(n, 3, *case.hw, device=dev).contiguous(memory_format=fmt)
+
+    def f():
+      with torch.no_grad():
+        m(x)
+      if dev == "cuda":
+        torch.cuda.synchronize()
+    return f
+  batches = {"": 128, "_b1": 1}
+  if dev == "cuda":
+    batches["_big"] = big_batch
+  fns = {}
+  for suffix, n in batches.items():
+    fns["full" + suffix], fns["pruned" + suffix] = call(tfull, n), call(tsmall, n)
+  t = interleaved(fns, runs)
+  out = {"torch": torch.__version__, "device": dev, "full_s": round(t["full"], 5),
+         "pruned_s": round(t["pruned"], 5),
+         "torch_wall_clock_speed_up": round(t["full"] / t["pruned"], 3),
+         "batch1_full_ms": round(t["full_b1"] * 1e3, 3),
+         "batch1_pruned_ms": round(t["pruned_b1"] * 1e3, 3),
+         "batch1_speed_up": round(t["full_b1"] / t["pruned_b1"], 3)}
+  if "_big" in batches:
+    out["big_batch"] = {"batch": big_batch, "full_s": round(t["full_big"], 5),
+                        "pruned_s": round(t["pruned_big"], 5),
+                        "wall_clock_speed_up": round(t["full_big"] / t["pruned_big"], 3)}
   return out
 
 
@@ -182,6 +240,8 @@ def main():
   p.add_argument("--runs", type=int, default=5)
   p.add_argument("--batch", type=int, default=None, help="train-step batch (128; tiny 8)")
   p.add_argument("--meta-batch", type=int, default=None, help="meta-step batch (100; tiny 8)")
+  p.add_argument("--big-batch", type=int, default=1024,
+                 help="a second inference batch off the CPU (0: none; tiny 32)")
   args = p.parse_args()
   t0 = time.perf_counter()
   backend = jax.default_backend()
@@ -192,6 +252,7 @@ def main():
                                                                         time.gmtime())}
   batch = args.batch or (8 if args.tiny else 128)
   meta_batch = args.meta_batch or (8 if args.tiny else 100)
+  big_batch = 0 if backend == "cpu" else (min(args.big_batch, 32) if args.tiny else args.big_batch)
   _log(f"backend {backend} ({d}); building the case")
   case = Case(args.tiny, batch, meta_batch)
   out["case"] = {"arch": case.arch.name, "image_hw": list(case.hw),
@@ -207,17 +268,19 @@ def main():
       json.dump(out, f, indent=1)
   for mode in modes:
     with xla_hints.backend_tuning(mode):
-      r = {"cpu_settings": xla_hints.cpu_tuning(),
-           "conv_compiler_options": xla_hints.conv_compiler_options()}
+      r = out["modes"][mode] = {"cpu_settings": xla_hints.cpu_tuning(),
+                                "conv_compiler_options": xla_hints.conv_compiler_options()}
       _log(f"mode {mode}: train step")
       r["train_step"] = train_step(case, args.runs)
+      save()
       _log(f"mode {mode}: metanetwork")
       r["metanet_forward_backward"], outputs[mode] = metanet_fwd_bwd(case, args.runs)
+      save()
       _log(f"mode {mode}: meta-training step")
       r["meta_train_step"] = meta_train_step(case, max(2, args.runs // 2))
+      save()
       _log(f"mode {mode}: pruned speed-up")
-      r["pruned_speed_up"] = pruned_speed_up(case, args.runs * 2)
-      out["modes"][mode] = r
+      r["pruned_speed_up"] = pruned_speed_up(case, args.runs * 2, big_batch)
       save()
       print(json.dumps({mode: r}), file=sys.stderr, flush=True)
   a, b = outputs[modes[0]], outputs[modes[1]]
@@ -235,6 +298,12 @@ def main():
       "max_abs_output_diff": float(max(
           [float(jnp.max(jnp.abs(out_hi.nodes - out_lo.nodes)))] +
           [float(jnp.max(jnp.abs(e1 - e2))) for e1, e2 in zip(out_hi.edges, out_lo.edges)]))}
+  save()
+  _log("PyTorch twin")
+  try:
+    out["torch_pruned_speed_up"] = torch_pruned_speed_up(case, args.runs * 2, big_batch)
+  except Exception as e:  # pylint: disable=broad-except
+    out["torch_pruned_speed_up"] = {"error": f"{type(e).__name__}: {e}"}
   save()
   print(json.dumps(out, indent=1))
 
