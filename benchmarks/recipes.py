@@ -93,6 +93,17 @@ RECIPES = {
     "v24_share05_1000_sel": dict(meta_train__lr_milestones=(24,), meta_train__reg=1000.0,
                                  meta_train__reg_form="share:0.5", prune__metanet_epoch=0,
                                  visualize__every=2),
+    # the reference's classifier scramble in meta-training and when applying the metanetwork
+    # (``reference_compat``, docs/design.md 3.2): every network the metanetwork returns has its
+    # classifier permuted unless the metanetwork learns to pre-invert it, so the metanetwork can
+    # no longer stay an identity map. With v7's settings, and with the reference's balance
+    # (reg 10, ratios 0.01, lr 1e-3, v1); the metanetwork epoch chosen on validation curves
+    "v25_scramble_v7": dict(meta_train__lr_milestones=(6,), meta_train__reg=1.0,
+                            reference_compat=True, prune__metanet_epoch=0),
+    "v26_scramble_ref": dict(meta_train__lr_milestones=(24,), meta_train__reg=10.0,
+                             meta_train__lr=1e-3, metanet__node_res_ratio=0.01,
+                             metanet__edge_res_ratio=0.01, reference_compat=True,
+                             prune__metanet_epoch=0),
 }
 
 
@@ -112,6 +123,9 @@ def get_config(arg: str | None = None):
   c = mod.get_config()
   c.prune.metanet_epoch = -1  # the search scored each recipe's last epoch
   for key, value in RECIPES[arg].items():
-    section, field = key.split("__")
-    c[section][field] = value
+    if "__" in key:
+      section, field = key.split("__")
+      c[section][field] = value
+    else:  # a top-level field (reference_compat)
+      c[key] = value
   return c

@@ -103,8 +103,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.finetune_after_metanet = schedule(epochs=10, lr=0.01, milestones=(7,))
   # "after pruning": keeps the best validation-accuracy epoch.
   config.finetune_after_pruning = schedule(epochs=10, lr=0.01, milestones=(7,), keep="best")
-  config.reference_compat = False  # reproduce the reference's classifier scramble when applying
-                                   # the metanetwork (docs/design.md 3.2); only to compare with it
+  config.reference_compat = False  # reproduce the reference's classifier scramble (meta-training and
+                                   # applying the metanetwork, docs/design.md 3.2); only to compare with it
 
   # ---- visualize: accuracy-vs-speed-up curves per metanetwork epoch ----
   config.visualize = ml_collections.ConfigDict()

@@ -279,6 +279,45 @@ def test_padded_slot_path_equals_materialised_and_compiles_once(importance_input
     np.testing.assert_array_equal(a, b)
 
 
+def test_classifier_scramble_masked_equals_materialised():
+  """Meta-training under ``reference_compat``: the masked full-width scramble is the one each
+  data model gets at its own widths (the kept count decides the permutation), in the kernel and
+  in the meta-gradient, with one compilation for every width."""
+  full, models = _tiny_models(2, seed=3)
+  cls_space = next(l.in_space for l in full.layers if l.name == full.classifier)
+  widths = [len(keep[cls_space]) for _, _, keep in models]
+  assert len(set(widths)) == 2 and max(widths) < full.width(cls_space)
+  for small, sv, keep in models:
+    slot = metatrain.make_slot(full, sv, keep)
+    fv = mp.mask_variables(full, {"params": jax.tree_util.tree_map(
+        jnp.zeros_like, mp.init_variables(full, jax.random.PRNGKey(0), (8, 8))["params"]),
+        "batch_stats": slot.batch_stats}, slot.masks)
+    # the full-width kernel holding the data model's classifier at its kept rows
+    k_full = np.zeros(fv["params"][full.classifier]["kernel"].shape, np.float32)
+    k_full[keep[cls_space]] = np.asarray(sv["params"][full.classifier]["kernel"])
+    fv["params"][full.classifier] = dict(fv["params"][full.classifier], kernel=jnp.asarray(k_full))
+    got = metanet_lib.scramble_classifier(full, fv, slot.masks)["params"][full.classifier]["kernel"]
+    want = metanet_lib.scramble_classifier(small, sv)["params"][full.classifier]["kernel"]
+    np.testing.assert_array_equal(np.asarray(got)[keep[cls_space]], want)
+    assert not np.array_equal(np.asarray(want), np.asarray(sv["params"][full.classifier]["kernel"]))
+  mc = metanet_lib.make_metanet_config(2, 8, 8, (9,), 0.1, 0.1)
+  phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(1))
+  spec = metatrain._spec(mc)  # private: the padded-slot core that meta-training jits
+  x = jax.random.normal(jax.random.PRNGKey(5), (1, 6, 8, 8, 3))
+  y = jnp.arange(6) % 10
+  f = jax.jit(lambda phi, slot, x, y: metatrain._model_loss_grads(
+      spec, full, phi, slot, x, y, 16.0, 10.0, "max", compat=True)[-1])
+  for small, sv, keep in models:
+    g_ref = mp.meta_train_grads(mc, phi, small, sv, x[0], y, reference_compat=True)
+    g_plain = mp.meta_train_grads(mc, phi, small, sv, x[0], y)
+    g = f(phi, metatrain.make_slot(full, sv, keep), x, y[None])
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6 * float(np.max(np.abs(b))) + 1e-8)
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(
+        jax.tree_util.tree_leaves(g_ref), jax.tree_util.tree_leaves(g_plain))) > 1e-4
+  assert f._cache_size() == 1
+
+
 def test_one_meta_step_lowers_the_loss():
   """Three jitted meta steps lower the loss (each step's metrics are those of the metanetwork
   it starts from, so the fourth call reports the loss after three updates)."""

@@ -320,7 +320,7 @@ def unpad_graph(graph, ref):
 # --------------------------------------------------------------------------------------------
 
 
-def scramble_classifier(arch, variables):
+def scramble_classifier(arch, variables, masks=None):
   """Applies the reference's classifier scramble (docs/design.md 3.2) to ``variables``. Jittable.
 
   The reference decodes the single-kind graph's C*W classifier edges as if laid out [W, C], so
@@ -331,6 +331,11 @@ def scramble_classifier(arch, variables):
   Args:
     arch: the architecture (single-kind graph style).
     variables: ``{'params', 'batch_stats'}``; only the classifier kernel changes.
+    masks: optional ``{space: [width]}`` channel masks of a masked full-width network (as in
+      meta-training): the scramble is then the one the network materialised at the kept
+      widths would get (it depends on the kept count ``w``, which may be traced), applied to
+      the kept rows of the classifier kernel; pruned rows are left as they are. Without masks,
+      or when the classifier's input space has none, all ``W`` rows are kept.
 
   Returns:
     New variables (shallow copies along the changed path).
@@ -344,8 +349,22 @@ def scramble_classifier(arch, variables):
   name = arch.classifier
   kernel = variables["params"][name]["kernel"]
   w, c = kernel.shape
+  in_space = next(l.in_space for l in arch.layers if l.name == name)
+  if masks is None or in_space not in masks:
+    new_kernel = jnp.reshape(jnp.transpose(kernel), (w, c))
+  else:
+    # kept row i (its rank among the kept rows) of the materialised [n, C] kernel Ks becomes
+    # Ks.T.reshape(n, C)[i, c] = Ks[k % n, k // n] with k = i*C + c; kept row r of Ks is full
+    # row pos[r]
+    keep = masks[in_space] > 0.5
+    n = jnp.maximum(jnp.sum(keep.astype(jnp.int32)), 1)
+    rank = jnp.cumsum(keep.astype(jnp.int32)) - 1                      # [W]
+    pos = jnp.nonzero(keep, size=w, fill_value=0)[0]                    # [W]: kept rows first
+    k = rank[:, None] * c + jnp.arange(c)[None, :]                      # [W, C]
+    src = kernel[pos[k % n], k // n]                                    # [W, C]
+    new_kernel = jnp.where(keep[:, None], src, kernel)
   params = dict(variables["params"])
-  params[name] = dict(params[name], kernel=jnp.reshape(jnp.transpose(kernel), (w, c)))
+  params[name] = dict(params[name], kernel=new_kernel)
   return dict(variables, params=params)
 
 

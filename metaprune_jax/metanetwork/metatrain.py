@@ -174,7 +174,7 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
   def theta_fn(p):
     th = transformed_params(spec, p, full_arch, slot, masked=use_masks)
     if compat:
-      th = metanet_lib.scramble_classifier(full_arch, {"params": th})["params"]
+      th = metanet_lib.scramble_classifier(full_arch, {"params": th}, masks)["params"]
     return th
   theta, pull = jax.vjp(theta_fn, phi)
   g_ce, ce_sum, accuracy = network_grads(full_arch, theta, slot.batch_stats, masks, images,
@@ -240,13 +240,14 @@ def _grads_jit():
 
 def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, alpha, reg,
                        normalizer, lanes: int = 1, chunk: int = DEFAULT_CHUNK,
-                       form: str = "absolute"):
+                       form: str = "absolute", compat: bool = False):
   """Mean over a stack of data models ``[M, ...]`` of the loss gradients (and metrics).
 
   The ``M`` models are cut into ``lanes`` groups (``M % lanes == 0``; the data-parallel width,
   one lane per device when the model axis is sharded over the mesh): lanes are vmapped (the
   partitioner gives each device its own), and each lane runs its models one after another in a
-  ``lax.scan``, so a device never runs a model-batched (grouped) convolution.
+  ``lax.scan``, so a device never runs a model-batched (grouped) convolution. ``compat``: the
+  reference's classifier scramble on each transformed model (at its kept widths).
   """
   m = slots.flat.shape[0]
   if m % lanes:
@@ -258,7 +259,8 @@ def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, a
     def one(g_sum, xs):
       s, x, y = xs
       loss, ce, r, acc, g = _model_loss_grads(spec, full_arch, phi, s, x, y, alpha, reg,
-                                              normalizer, chunk=chunk, form=form)
+                                              normalizer, chunk=chunk, form=form,
+                                              compat=compat)
       return jax.tree_util.tree_map(jnp.add, g_sum, g), (loss, ce, r, acc)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, phi)
     return jax.lax.scan(one, zeros, (lane_slots, lane_images, lane_labels))

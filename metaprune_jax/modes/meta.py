@@ -138,19 +138,20 @@ def _generate_models(config, workdir, dataset, full, root, indices, done, mesh, 
 
 
 def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
-                   chunk: int = metatrain.DEFAULT_CHUNK, form: str = "absolute"):
+                   chunk: int = metatrain.DEFAULT_CHUNK, form: str = "absolute",
+                   compat: bool = False):
   """Jitted ``(phi, opt_state, slots[M], images[M,B,b,H,W,3], labels[M,B,b]) -> (phi,
   opt_state, metrics)``; the model axis is sharded over the mesh's ``data`` axis (one lane of
   models per device, see :func:`metatrain.batched_loss_grads`); ``chunk``: images per scanned
   network forward/backward; ``form``: the regulariser's form (``absolute``, the reference's, or
-  ``relative``)."""
+  ``relative``); ``compat``: the reference's classifier scramble (``config.reference_compat``)."""
   model_sharded = NamedSharding(mesh, P("data"))
   repl = NamedSharding(mesh, P())
 
   def step(phi, opt_state, slots, images, labels):
     g, m = metatrain.batched_loss_grads(spec, full_arch, phi, slots, images, labels, alpha, reg,
                                         normalizer, lanes=mesh.shape["data"], chunk=chunk,
-                                        form=form)
+                                        form=form, compat=compat)
     updates, opt_state = tx.update(g, opt_state, phi)
     return optax.apply_updates(phi, updates), opt_state, m
   return jax.jit(step, in_shardings=(repl, repl, model_sharded, model_sharded, model_sharded),
@@ -159,9 +160,11 @@ def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
 
 
 @functools.lru_cache(maxsize=8)
-def _eval_fn(spec, full_arch):
+def _eval_fn(spec, full_arch, compat=False):
   def f(phi, slot, x, y, valid):
     th = metatrain.transformed_params(spec, phi, full_arch, slot)
+    if compat:
+      th = metanet_lib.scramble_classifier(full_arch, {"params": th}, slot.masks)["params"]
     logits = cnn.apply_model(full_arch, {"params": th, "batch_stats": slot.batch_stats}, x,
                              masks=slot.masks)
     logp = jax.nn.log_softmax(logits)
@@ -170,10 +173,12 @@ def _eval_fn(spec, full_arch):
   return jax.jit(f, compiler_options=xla_hints.conv_compiler_options())
 
 
-def validate_metanet(spec, full_arch, phi, slots, dataset, batch_size, max_batches):
+def validate_metanet(spec, full_arch, phi, slots, dataset, batch_size, max_batches,
+                     compat=False):
   """Mean loss/accuracy of the transformed validation data models (no finetuning) on the
-  validation split of the images (carved from the training split)."""
-  f = _eval_fn(spec, full_arch)
+  validation split of the images (carved from the training split); ``compat``: with the
+  reference's classifier scramble, as meta-training saw them."""
+  f = _eval_fn(spec, full_arch, bool(compat))
   losses, accs = [], []
   for slot in slots:
     tot = np.zeros(3)
@@ -223,6 +228,10 @@ def meta_train(config, workdir: str) -> dict:
                "num_models": len(models), "meta_train": {k: v for k, v in mt.to_dict().items()
                                                          if k not in ("epochs", "chunk_size")},
                "seed": int(config.seed), "dataset": dataset.spec.name}
+  compat = (bool(config.get("reference_compat", False))
+            and getattr(full, "edge_style", "single") == "single")  # as transform() decides
+  if compat:  # only then: earlier checkpoints' signatures stay valid
+    signature["reference_compat"] = True
   history, start = [], 0
   if ckpt.latest_step() is not None:
     ckpt.check_signature(signature)
@@ -233,7 +242,7 @@ def meta_train(config, workdir: str) -> dict:
   step_fn = make_meta_step(spec, full, tx, mesh, float(mt.alpha), float(mt.reg),
                            str(mt.get("normalizer", "max")),
                            int(mt.get("chunk_size", metatrain.DEFAULT_CHUNK)),
-                           str(mt.get("reg_form", "absolute")))
+                           str(mt.get("reg_form", "absolute")), compat)
   stacked = jax.device_get(metatrain.stack_slots([slots[p] for p in train_pos]))
   bsz, nb = int(mt.batch_size), int(mt.batches_per_model)
   if nb <= 0:  # the whole training split at every step (the reference's faithful setting)
@@ -286,7 +295,7 @@ def meta_train(config, workdir: str) -> dict:
       val_loss, val_acc = validate_metanet(spec, full, jax.device_get(phi),
                                            [slots[p] for p in val_pos], local_data,
                                            int(mt.get("eval_batch_size", 500)),
-                                           int(mt.get("val_batches", 0)))
+                                           int(mt.get("val_batches", 0)), compat)
       rec = {"epoch": epoch + 1, "lr": float(lr((epoch + 1) * steps_per_epoch - 1)),
              **{f"train_{k}": float(np.mean([d[k] for d in sums])) for k in sums[0]},
              "val_loss": val_loss, "val_accuracy": val_acc,
