@@ -80,7 +80,9 @@ def main(argv):
       modes.get("pretrain")(c, d)
     modes.get("generate")(c, d)  # skips finished data models
   rows = {}
-  base = compare_methods.run(_recipe(_RECIPES.value[0]), seeds, targets, _BASELINES.value,
+  base_config = _recipe(_RECIPES.value[0])
+  base_config.reference_compat = False  # baselines apply no metanetwork: the scramble is moot
+  base = compare_methods.run(base_config, seeds, targets, _BASELINES.value,
                              os.path.join(out, "baselines"), reuse=shared, plot=False)
   for m in _BASELINES.value:
     rows[m] = {"targets": {t: base["targets"][t][m] for t in base["targets"]},
