@@ -39,8 +39,17 @@ _RECIPES = flags.DEFINE_list("recipes", ["v2_balanced", "v5_early_decay", "v4_ge
 _BASELINES = flags.DEFINE_list("baselines", ["group_l2", "sl", "random"], "Baselines.")
 
 
+_EPOCH = flags.DEFINE_integer(
+    "metanet_epoch", None, "Override every recipe's prune.metanet_epoch (0: chosen on the "
+    "validation curves, as the shipped config does; -1: the last epoch). Default: the "
+    "recipe's own (the last epoch unless it says otherwise).")
+
+
 def _recipe(name):
-  return compare_methods.load_config(os.path.join(ROOT, "benchmarks", "recipes.py") + f":{name}")
+  c = compare_methods.load_config(os.path.join(ROOT, "benchmarks", "recipes.py") + f":{name}")
+  if _EPOCH.value is not None:
+    c.prune.metanet_epoch = int(_EPOCH.value)
+  return c
 
 
 def summarise(rows: dict) -> dict:
