@@ -41,6 +41,7 @@ import metaprune_jax as mp
 from metaprune_jax.backends import cpu_kernels
 from metaprune_jax.backends import xla_hints
 from metaprune_jax.nets import inference
+from metaprune_jax.nets.arch import pad_pairs
 
 
 def _median_time(fn, runs):
@@ -79,11 +80,16 @@ def _torch_net(arch, variables):
     def __init__(self):
       super().__init__()
       self.mods = torch.nn.ModuleDict()
+      self.side_pads = {}
       for l in arch.layers:
         p = params[l.name]
         if l.kind == "conv":
+          (pt, pb), (pl, pr) = pad_pairs(l.padding)
+          sym = pt == pb and pl == pr  # else F.pad before an unpadded conv (flax's 'SAME')
           m = torch.nn.Conv2d(arch.width(l.in_space), arch.width(l.out_space), l.kernel,
-                              l.stride, l.padding, bias=l.bias)
+                              l.stride, (pt, pl) if sym else 0, bias=l.bias)
+          if not sym:
+            self.side_pads[l.name] = (pl, pr, pt, pb)
           m.weight.data = t(np.transpose(p["kernel"], (3, 2, 0, 1)))
           if l.bias:
             m.bias.data = t(p["bias"])
@@ -103,16 +109,28 @@ def _torch_net(arch, variables):
       env = {"x": x}
       for op in arch.ops:
         a = env[op.inputs[0]]
+        F = torch.nn.functional
         if op.op in ("conv", "bn", "dense"):
+          if op.layer in self.side_pads:
+            a = F.pad(a, self.side_pads[op.layer])
           y = self.mods[op.layer](a)
         elif op.op == "relu":
           y = torch.relu(a)
         elif op.op == "add":
           y = a + env[op.inputs[1]]
-        elif op.op == "maxpool":
-          y = torch.nn.functional.max_pool2d(a, op.window, op.stride, op.padding)
-        else:  # gap
-          y = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(a, 1), 1)
+        elif op.op in ("maxpool", "avgpool"):
+          (pt, pb), (pl, pr) = pad_pairs(op.padding)
+          if op.op == "maxpool":
+            y = F.max_pool2d(F.pad(a, (pl, pr, pt, pb), value=-float("inf")), op.window,
+                             op.stride)
+          else:  # the window area divides, padding included (flax's and PyTorch's default)
+            y = F.avg_pool2d(F.pad(a, (pl, pr, pt, pb)), op.window, op.stride)
+        elif op.op == "gap":
+          y = torch.flatten(F.adaptive_avg_pool2d(a, 1), 1)
+        elif op.op == "flatten":
+          y = torch.flatten(a, 1)
+        else:
+          raise NotImplementedError(f"the PyTorch twin has no {op.op!r} op")
         env[op.output] = y
       return env[arch.ops[-1].output]
   return torch, Net().eval()
