@@ -104,6 +104,13 @@ RECIPES = {
                              meta_train__lr=1e-3, metanet__node_res_ratio=0.01,
                              metanet__edge_res_ratio=0.01, reference_compat=True,
                              prune__metanet_epoch=0),
+    # v5 and v7 with a per-group floor in the final pruning (Torch-Pruning's max_pruning_ratio:
+    # at most 90% of a group's channels removed); the baselines of a search that starts with
+    # one of these get the same floor (the search shares the prune settings)
+    "v5_floor90": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
+                       prune__max_pruning_ratio=0.9),
+    "v7_floor90": dict(meta_train__lr_milestones=(6,), meta_train__reg=1.0,
+                       prune__max_pruning_ratio=0.9),
 }
 
 

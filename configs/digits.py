@@ -136,6 +136,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.prune.normalizer = "max"
   config.prune.round_to = 1           # kept channel counts rounded to multiples of this in the
                                       # final pruning (1: the reference's decisions; 8: faster)
+  config.prune.max_pruning_ratio = 1.0  # the final pruning removes at most this share of each
+                                        # group's channels (1: no limit, the reference)
   config.prune.base_state_dict = ""   # optional: a reference state dict (.npz/.pth) as the base
   config.prune.latency_batch = 128    # wall-clock inference timing: batch and runs (median)
   config.prune.latency_runs = 20

@@ -84,6 +84,10 @@ class CheckConfigTest(parameterized.TestCase):
       ("prune__normalizer", "l2", "config.prune.normalizer='l2': unknown normalizer"),
       ("prune__round_to", 0, "config.prune.round_to=0: must be a positive integer"),
       ("prune__round_to", -8, "config.prune.round_to=-8: must be a positive integer"),
+      ("prune__max_pruning_ratio", 0.0, "config.prune.max_pruning_ratio=0.0: must be a number "
+       "in (0, 1]"),
+      ("prune__max_pruning_ratio", 1.5, "config.prune.max_pruning_ratio=1.5: must be a number "
+       "in (0, 1]"),
       ("data_workers", -1, "config.data_workers=-1: must be an integer >= 0"),
       ("metanet__precision", "float16",
        "config.metanet.precision='float16': unknown matmul precision"),

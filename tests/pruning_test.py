@@ -183,3 +183,44 @@ def test_round_to_must_be_an_integer_of_at_least_one(bad):
     mp.prune_to_target(arch, v, 1.5, round_to=bad)
   with pytest.raises(ValueError, match="round_to must be an integer >= 1"):
     mp.pruning_trajectory(arch, v, round_to=bad)
+
+
+def test_max_pruning_ratio_keeps_a_floor_in_every_group_and_one_is_the_reference():
+  """Torch-Pruning's ``max_pruning_ratio``: no group below ceil((1 - r) * its starting width);
+  without it the global schedule empties some groups of resnet20 at 6x down to 1-2 channels;
+  r = 1 gives the reference's decisions bit for bit; the MACs are still counted exactly."""
+  arch = mp.get_arch("resnet20", 10, width_mult=0.5)
+  v = mp.init_variables(arch, jax.random.PRNGKey(3))
+  start = {g.space: arch.width(g.space) for g in mp.pruning_groups(arch)}
+  free = mp.prune_to_target(arch, v, 6.0)
+  free_w = {s: int(np.sum(np.asarray(free.masks[s]) > 0.5)) for s in start}
+  r = 0.75
+  floor = {s: max(1, int(np.ceil((1 - r) * w - 1e-9))) for s, w in start.items()}
+  assert any(free_w[s] < floor[s] for s in start), (free_w, floor)  # the limit binds here
+  res = mp.prune_to_target(arch, v, 6.0, max_pruning_ratio=r)
+  small, _ = mp.materialize(arch, v, res.masks)
+  for s in start:
+    assert small.width(s) >= floor[s], (s, small.width(s), floor[s])
+  assert res.speed_up >= 6.0
+  assert res.speed_up == mp.count_macs(arch)[0] / mp.count_macs(small)[0]
+  same = mp.prune_to_target(arch, v, 6.0, max_pruning_ratio=1.0)
+  for s in start:
+    np.testing.assert_array_equal(same.masks[s], free.masks[s])
+  # the trajectory honours it at every step
+  hist, _ = mp.pruning_trajectory(arch, v, max_pruning_ratio=r, steps=40)
+  for s, h in hist.items():
+    assert np.all(np.sum(h > 0.5, axis=1) >= floor[s]), s
+  # a floor together with round_to: the floor wins
+  both = mp.prune_to_target(arch, v, 3.0, max_pruning_ratio=r, round_to=4)
+  small, _ = mp.materialize(arch, v, both.masks)
+  assert all(small.width(s) >= floor[s] for s in start)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.5, 1.5, True, "0.9", None])
+def test_max_pruning_ratio_must_be_in_zero_one(bad):
+  arch = mp.get_arch("resnet20", 10, width_mult=0.5)
+  v = mp.init_variables(arch, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match=r"max_pruning_ratio must be a number in \(0, 1\]"):
+    mp.prune_to_target(arch, v, 1.5, max_pruning_ratio=bad)
+  with pytest.raises(ValueError, match=r"max_pruning_ratio must be a number in \(0, 1\]"):
+    mp.pruning_trajectory(arch, v, max_pruning_ratio=bad)

@@ -11,7 +11,7 @@ What is checked (the rest is left to the modes, which raise their own errors):
   ``prune.method`` (and its alias ``pruning.method``), the ``normalizer`` and ``criterion``
   fields of ``meta_train``, ``visualize`` and ``prune``; with ``prune.method='sl'``, its
   strength (> 0) and epochs (not 0, and equal to the transform budget every method gets);
-* sizes: ``prune.round_to`` (>= 1), ``data_workers`` (>= 0), ``epochs``, ``batch_size``, ``eval_batch_size`` of every schedule section (any section
+* sizes: ``prune.round_to`` (>= 1), ``prune.max_pruning_ratio`` (in (0, 1]), ``data_workers`` (>= 0), ``epochs``, ``batch_size``, ``eval_batch_size`` of every schedule section (any section
   holding both ``epochs`` and ``batch_size``) and the other batch/step counts, positive integers;
 * sharding: the global batches of the data-parallel schedules (and the evaluation batches of
   ``visualize`` and ``finetune_after_pruning``, ``meta_train.models_per_step``) divisible by the
@@ -151,6 +151,12 @@ def check_config(config, *, num_devices: int | None = None,
   value = _get(config, "prune.round_to")
   if value is not None:
     _positive("prune.round_to", value)
+  value = _get(config, "prune.max_pruning_ratio")
+  if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                            or not 0.0 < float(value) <= 1.0):
+    raise ConfigError("prune.max_pruning_ratio", value, "must be a number in (0, 1] (the "
+                      "largest share of a group's channels the final pruning may remove; 1: no "
+                      "limit, the reference)")
   value = _get(config, "data_workers")
   if value is not None and (not _is_int(value) or value < 0):
     raise ConfigError("data_workers", value, "must be an integer >= 0 (0: prefetch in a thread "

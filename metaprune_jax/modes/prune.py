@@ -324,6 +324,7 @@ def prune(config, workdir: str) -> dict:
     raise ValueError(f"config.prune.method={method!r} is unknown; choose from {METHODS}")
   sparsity = sl_settings(config) if method in common.SPARSE_METHODS else None
   round_to = pruning.check_round_to(pc.get("round_to", 1))
+  max_ratio = pruning.check_max_pruning_ratio(pc.get("max_pruning_ratio", 1.0))
   dataset = data_lib.dataset_from_config(config)
   shape = common.input_shape(dataset)
   workdir = os.path.abspath(workdir)
@@ -457,14 +458,16 @@ def prune(config, workdir: str) -> dict:
   # ---- 3. pruning to the target + finetune "after pruning" (keep the best validation epoch)
   stage_target = target / rec1["speed_up"] * (1 + 1e-9)  # exact product >= target
   k3 = _stage_key("final", k2, stage_target, steps, criterion, normalizer, seed,
-                  config.finetune_after_pruning.to_dict(), *((round_to,) if round_to > 1 else ()))
+                  config.finetune_after_pruning.to_dict(), *((round_to,) if round_to > 1 else ()),
+                  *((("max_pruning_ratio", max_ratio),) if max_ratio < 1.0 else ()))
   rec3 = cache.get("final", k3)
   d3 = os.path.join(cache.dir("final", k3), "finetune")
   if rec3 is None:
     try:
       res = pruning.prune_to_target(small, v, stage_target, shape, steps=steps,
                                     criterion=criterion, normalizer=normalizer,
-                                    rng=jax.random.PRNGKey(seed), round_to=round_to)
+                                    rng=jax.random.PRNGKey(seed), round_to=round_to,
+                                    max_pruning_ratio=max_ratio)
     except ValueError as e:
       raise ValueError(f"prune: the overall target {target}x needs {stage_target:.4f}x more "
                        f"after the initial {rec1['speed_up']:.4f}x, which is "
@@ -512,7 +515,7 @@ def prune(config, workdir: str) -> dict:
       "inference_speed_up": t_base / t_final, "base_latency_ms": 1e3 * t_base,
       "latency_ms": 1e3 * t_final, "latency_batch": batch, "latency_runs": runs,
       "inference_form": "BatchNorm folded into the convolutions (fold_batchnorm), both networks",
-      "round_to": round_to,
+      "round_to": round_to, "max_pruning_ratio": max_ratio,
       "device": f"{d.platform}:{getattr(d, 'device_kind', '')} x{jax.device_count()}",
       "metanet_epoch": mn_epoch, "metanet_epoch_selection": selection, "budget": plan,
       "stage_dirs": {"initial": os.path.join(cache.dir("initial", k1), "finetune"),

@@ -27,11 +27,20 @@ loses ``n`` channels loses instead its ``n'`` least important kept channels, whe
 then stay multiples of ``round_to`` (when they start as ones), which is what vector units and
 convolution libraries like; MACs are still counted exactly at the widths kept. ``round_to=1``
 takes the reference's code path unchanged.
+
+``max_pruning_ratio`` (Torch-Pruning's ``max_pruning_ratio``, default 1.0 = the reference): no
+group is pruned below ``max(1, ceil((1 - r) * w0))`` channels, ``w0`` its kept width when the
+search starts. A group at its floor is not eligible (step 2); a group whose step-3 removals
+would take it below keeps its floor, losing only its least important channels down to it (the
+floor wins over ``round_to``). The global schedule then has to find its MACs elsewhere, so no
+layer collapses to a channel or two while others stay wide. ``1.0`` takes the reference's code
+path unchanged.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Mapping, NamedTuple
 
 import jax
@@ -50,8 +59,10 @@ class _Plan:
   """Static description of a search (hashable by identity; built on the host)."""
 
   def __init__(self, arch: Arch, start_counts: Mapping[str, int], input_shape, steps: int,
-               criterion: str, normalizer: str, round_to: int = 1):
+               criterion: str, normalizer: str, round_to: int = 1,
+               max_pruning_ratio: float = 1.0):
     self.round_to = check_round_to(round_to)
+    self.max_ratio = check_max_pruning_ratio(max_pruning_ratio)
     if criterion not in CRITERIA:
       raise ValueError(f"unknown pruning criterion {criterion!r}; choose from {CRITERIA}")
     if normalizer not in groups_lib.NORMALIZERS:
@@ -67,6 +78,9 @@ class _Plan:
     self.criterion, self.normalizer = criterion, normalizer
     self.mac_terms, _ = macs_lib.count_terms(arch, tuple(int(v) for v in input_shape))
     self.space_index = {s: i for i, s in enumerate(arch.spaces)}
+    # the smallest width each group may reach (1: the reference's rule, never empty)
+    self.min_keep = {g.space: max(1, math.ceil((1.0 - self.max_ratio) * start_counts[g.space]
+                                               - 1e-9)) for g in self.groups}
     n0 = sum(start_counts[g.space] for g in self.groups if start_counts[g.space] > 1)
     # int(N0 * (1 - ratio)) exactly as Python computes it, ratio = (s / steps) * 1.0
     self.floor_kept = np.array([int(n0 * (1 - (s / float(steps)) * 1.0))
@@ -80,6 +94,16 @@ def check_round_to(round_to) -> int:
     raise ValueError(f"round_to must be an integer >= 1 (channel counts are rounded to its "
                      f"multiples), got {round_to!r}")
   return int(round_to)
+
+
+def check_max_pruning_ratio(ratio) -> float:
+  """``max_pruning_ratio`` as a float; ValueError unless it is a number in (0, 1]."""
+  ok = isinstance(ratio, (int, float, np.integer, np.floating)) and not isinstance(
+      ratio, (bool, np.bool_))
+  if not ok or not 0.0 < float(ratio) <= 1.0:
+    raise ValueError(f"max_pruning_ratio must be a number in (0, 1] (the largest share of a "
+                     f"group's channels pruning may remove; 1: no limit), got {ratio!r}")
+  return float(ratio)
 
 
 def _layer_sq(arch: Arch, params):
@@ -142,7 +166,9 @@ def _step(plan: _Plan, sq, keep, step, key):
   """One reference pruning step (``step`` 1-based, traced). Returns the new keep dict."""
   imps = _importance(plan, sq, keep, key, step)
   widths = [jnp.sum(keep[g.space]) for g in plan.groups]
-  eligible = [w > 1 for w in widths]
+  limited = plan.max_ratio < 1.0
+  eligible = [w > (plan.min_keep[g.space] if limited else 1)
+              for g, w in zip(plan.groups, widths)]
   cand = jnp.concatenate([jnp.where((keep[g.space] > 0) & e, imp, jnp.inf)
                           for g, imp, e in zip(plan.groups, imps, eligible)])
   total = sum(jnp.where(e, w, 0) for e, w in zip(eligible, widths)).astype(jnp.int32)
@@ -155,6 +181,8 @@ def _step(plan: _Plan, sq, keep, step, key):
     rm = (k > 0) & (imp <= thres) & e & (n_prune > 0)
     if plan.round_to > 1:
       rm = _round_removal(k, imp, rm, w, plan.round_to)
+    if limited:
+      rm = _floor_removal(k, imp, rm, w, plan.min_keep[g.space])
     empties = jnp.sum(rm) >= w
     new[g.space] = jnp.where(rm & ~empties, 0.0, k)
   return new
@@ -178,12 +206,28 @@ def _round_removal(k, imp, rm, width, round_to: int):
   return (k > 0) & (rank < n_round)
 
 
-def _prepare(arch, variables, masks, input_shape, steps, criterion, normalizer, round_to=1):
+def _floor_removal(k, imp, rm, width, floor: int):
+  """At most ``width - floor`` of the step's removals ``rm``: the least important kept ones.
+
+  Args:
+    k: ``[C]`` keep-vector; imp: ``[C]`` importance; rm: ``[C]`` bool, the step's removals
+    (the least important kept channels); width: ``[]`` kept channels; floor: static int >= 1.
+  """
+  allowed = jnp.maximum(width.astype(jnp.int32) - floor, 0)
+  order = jnp.argsort(jnp.where(k > 0, imp, jnp.inf), stable=True)
+  rank = jnp.zeros(order.shape, jnp.int32).at[order].set(jnp.arange(order.shape[0],
+                                                                     dtype=jnp.int32))
+  return rm & (rank < jnp.minimum(jnp.sum(rm).astype(jnp.int32), allowed))
+
+
+def _prepare(arch, variables, masks, input_shape, steps, criterion, normalizer, round_to=1,
+             max_pruning_ratio=1.0):
   masks = dict(masks or {})
   masks_lib.check_masks(arch, masks)
   start = {s: (int(np.sum(np.asarray(masks[s]) > 0.5)) if s in masks else arch.width(s))
            for s in arch.spaces}
-  plan = _Plan(arch, start, input_shape, steps, criterion, normalizer, round_to)
+  plan = _Plan(arch, start, input_shape, steps, criterion, normalizer, round_to,
+               max_pruning_ratio)
   keep = {g.space: (jnp.asarray(masks[g.space], jnp.float32) if g.space in masks
                     else jnp.ones((g.width,), jnp.float32)) for g in plan.groups}
   fixed = [start[s] for s in arch.spaces]
@@ -224,11 +268,13 @@ def _trajectory(plan, params, keep, fixed, key):
 _PLAN_CACHE: dict = {}
 
 
-def _cached_plan(arch, start, input_shape, steps, criterion, normalizer, round_to=1):
+def _cached_plan(arch, start, input_shape, steps, criterion, normalizer, round_to=1,
+                 max_pruning_ratio=1.0):
   key = (arch, tuple(sorted(start.items())), tuple(input_shape), steps, criterion, normalizer,
-         round_to)
+         round_to, float(max_pruning_ratio))
   if key not in _PLAN_CACHE:
-    _PLAN_CACHE[key] = _Plan(arch, start, input_shape, steps, criterion, normalizer, round_to)
+    _PLAN_CACHE[key] = _Plan(arch, start, input_shape, steps, criterion, normalizer, round_to,
+                             max_pruning_ratio)
   return _PLAN_CACHE[key]
 
 
@@ -267,7 +313,8 @@ def progressive_prune(arch: Arch, variables: Mapping, target_speed_up: float,
 def prune_to_target(arch: Arch, variables: Mapping, target_speed_up: float,
                     input_shape=(1, 3, 32, 32), *, masks: Mapping | None = None,
                     criterion: str = "l2", normalizer: str = "max", steps: int = 200,
-                    rng: jax.Array | None = None, round_to: int = 1) -> PruneResult:
+                    rng: jax.Array | None = None, round_to: int = 1,
+                    max_pruning_ratio: float = 1.0) -> PruneResult:
   """Prunes to a MACs speed-up with the reference's global progressive schedule.
 
   Args:
@@ -282,6 +329,8 @@ def prune_to_target(arch: Arch, variables: Mapping, target_speed_up: float,
     rng: key for the ``random`` criterion.
     round_to: kept channel counts rounded down to multiples of this (module docstring);
       1: the reference's decisions.
+    max_pruning_ratio: the largest share of each group's channels (at the start of the
+      search) that may be removed, in (0, 1] (module docstring); 1: the reference's decisions.
 
   Returns:
     :class:`PruneResult`: masks for every group space (the ``masks`` passed in updated), the
@@ -290,14 +339,16 @@ def prune_to_target(arch: Arch, variables: Mapping, target_speed_up: float,
   Raises:
     ValueError: target <= 1, or one the schedule cannot reach (the message gives the largest
       reachable speed-up), bad masks, unknown criterion/normalizer, ``round_to`` not an
-      integer >= 1.
+      integer >= 1, ``max_pruning_ratio`` outside (0, 1].
   """
   if not target_speed_up > 1.0:
     raise ValueError(f"target speed-up must be > 1, got {target_speed_up}")
   round_to = check_round_to(round_to)
+  max_pruning_ratio = check_max_pruning_ratio(max_pruning_ratio)
   plan, keep, fixed, params, start = _prepare(arch, variables, masks, input_shape, steps,
-                                              criterion, normalizer, round_to)
-  plan = _cached_plan(arch, start, input_shape, steps, criterion, normalizer, round_to)
+                                              criterion, normalizer, round_to, max_pruning_ratio)
+  plan = _cached_plan(arch, start, input_shape, steps, criterion, normalizer, round_to,
+                      max_pruning_ratio)
   key = rng if rng is not None else jax.random.PRNGKey(0)
   step, keep, speed = _search(plan, params, keep, fixed, jnp.float32(target_speed_up), key)
   keep = jax.device_get(keep)
@@ -314,16 +365,16 @@ def prune_to_target(arch: Arch, variables: Mapping, target_speed_up: float,
 def pruning_trajectory(arch: Arch, variables: Mapping, input_shape=(1, 3, 32, 32), *,
                        masks: Mapping | None = None, criterion: str = "l2",
                        normalizer: str = "max", steps: int = 200,
-                       rng: jax.Array | None = None,
-                       round_to: int = 1) -> tuple[dict, np.ndarray]:
+                       rng: jax.Array | None = None, round_to: int = 1,
+                       max_pruning_ratio: float = 1.0) -> tuple[dict, np.ndarray]:
   """Every step of a full schedule: ``({space: [steps, width]}, speed_ups [steps])``.
 
   Step ``i`` of the outputs is the state after pruning step ``i + 1``. Used for the
   accuracy-vs-speed-up curves and adaptive pruning.
 
   Args:
-    arch, variables, input_shape, masks, criterion, normalizer, rng, round_to: as
-      :func:`prune_to_target`.
+    arch, variables, input_shape, masks, criterion, normalizer, rng, round_to,
+      max_pruning_ratio: as :func:`prune_to_target`.
     steps: the schedule's number of steps (200); all of them are taken.
 
   Returns:
@@ -333,12 +384,15 @@ def pruning_trajectory(arch: Arch, variables: Mapping, input_shape=(1, 3, 32, 32
     inside the search, not recounted exactly as :func:`prune_to_target` does).
 
   Raises:
-    ValueError: bad masks, unknown criterion/normalizer, ``round_to`` not an integer >= 1.
+    ValueError: bad masks, unknown criterion/normalizer, ``round_to`` not an integer >= 1,
+      ``max_pruning_ratio`` outside (0, 1].
   """
   round_to = check_round_to(round_to)
+  max_pruning_ratio = check_max_pruning_ratio(max_pruning_ratio)
   plan, keep, fixed, params, start = _prepare(arch, variables, masks, input_shape, steps,
-                                              criterion, normalizer, round_to)
-  plan = _cached_plan(arch, start, input_shape, steps, criterion, normalizer, round_to)
+                                              criterion, normalizer, round_to, max_pruning_ratio)
+  plan = _cached_plan(arch, start, input_shape, steps, criterion, normalizer, round_to,
+                      max_pruning_ratio)
   key = rng if rng is not None else jax.random.PRNGKey(0)
   hist, speeds = _trajectory(plan, params, keep, fixed, key)
   return jax.device_get(hist), np.asarray(speeds, np.float64)
