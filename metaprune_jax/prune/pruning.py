@@ -188,6 +188,14 @@ def _step(plan: _Plan, sq, keep, step, key):
   return new
 
 
+def _kept_rank(k, imp):
+  """``[C]`` int32: each channel's rank by importance, kept ones first (ties by index, as a
+  stable argsort)."""
+  order = jnp.argsort(jnp.where(k > 0, imp, jnp.inf), stable=True)
+  return jnp.zeros(order.shape, jnp.int32).at[order].set(jnp.arange(order.shape[0],
+                                                                    dtype=jnp.int32))
+
+
 def _round_removal(k, imp, rm, width, round_to: int):
   """Torch-Pruning's ``_round_to``: a group losing ``n > 0`` channels loses its ``n'`` least
   important kept ones, ``width - n'`` = ``width - n`` rounded down to a multiple of ``round_to``.
@@ -199,10 +207,7 @@ def _round_removal(k, imp, rm, width, round_to: int):
   n = jnp.sum(rm).astype(jnp.int32)
   kept_after = width.astype(jnp.int32) - n
   n_round = jnp.where(n > 0, width.astype(jnp.int32) - (kept_after - kept_after % round_to), 0)
-  # rank of each kept channel by importance (ties by index, as a stable argsort)
-  order = jnp.argsort(jnp.where(k > 0, imp, jnp.inf), stable=True)
-  rank = jnp.zeros(order.shape, jnp.int32).at[order].set(jnp.arange(order.shape[0],
-                                                                     dtype=jnp.int32))
+  rank = _kept_rank(k, imp)
   return (k > 0) & (rank < n_round)
 
 
@@ -214,9 +219,7 @@ def _floor_removal(k, imp, rm, width, floor: int):
     (the least important kept channels); width: ``[]`` kept channels; floor: static int >= 1.
   """
   allowed = jnp.maximum(width.astype(jnp.int32) - floor, 0)
-  order = jnp.argsort(jnp.where(k > 0, imp, jnp.inf), stable=True)
-  rank = jnp.zeros(order.shape, jnp.int32).at[order].set(jnp.arange(order.shape[0],
-                                                                     dtype=jnp.int32))
+  rank = _kept_rank(k, imp)
   return rm & (rank < jnp.minimum(jnp.sum(rm).astype(jnp.int32), allowed))
 
 
