@@ -3,9 +3,10 @@ r"""Every round of the recipe search in one figure, from the saved results.
   python benchmarks/recipe_search_plot.py [--results benchmarks/results/recipe_search] \
       [--out docs/images/recipe_search_all.png]
 
-Reads ``recipe_search.json`` of the first round (the folder itself), ``round2/`` and ``round3/``,
-and the per-recipe ``compare.json`` copies of rounds 4-5 (``round4/<recipe>.json``), all on the
-search seed; draws, per recipe, its validation score (mean validation accuracy after the final
+Reads ``recipe_search.json`` of the first round (the folder itself), ``round2/``, ``round3/``
+and ``round6/``, and the per-recipe ``compare.json`` copies of rounds 4-5
+(``round4/<recipe>.json``), all on search seed 100 (rounds 7-8, on seeds 101-103, are tables in
+docs/results.md); draws, per recipe, its validation score (mean validation accuracy after the final
 finetune over the targets: what chose the recipe) beside the baselines', and the share of
 channels under 0.1 normalised importance after the metanetwork and its finetune. Prints the
 rows as JSON.
@@ -21,10 +22,12 @@ import numpy as np
 
 def _rows(results):
   rows = {}
-  for sub in ("", "round2", "round3"):
+  for sub in ("", "round2", "round3", "round6"):
     path = os.path.join(results, sub, "recipe_search.json")
     if os.path.exists(path):
       for k, r in json.load(open(path))["rows"].items():
+        if k in rows:  # the baselines, recomputed by each round (equal): the first one's
+          continue
         rows[k] = {"score_val": r["score_val"], "under_0.1": float(np.mean(r["under_0.1"])),
                    "round": sub or "round1"}
   for path in sorted(glob.glob(os.path.join(results, "round4", "v*.json"))):
@@ -51,7 +54,7 @@ def main():
                    key=lambda k: int(k.split(":v")[1].split("_")[0]))
   fig, (a1, a2) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
   x = np.arange(len(recipes))
-  colours = {"round1": "C0", "round2": "C1", "round3": "C2", "round4-5": "C3"}
+  colours = {"round1": "C0", "round2": "C1", "round3": "C2", "round4-5": "C3", "round6": "C4"}
   floor = 0.96  # the differences that matter are within a few points; lower bars are labelled
   scores = [rows[k]["score_val"] for k in recipes]
   a1.bar(x, [max(v, floor) for v in scores], color=[colours[rows[k]["round"]] for k in recipes])
@@ -65,7 +68,7 @@ def main():
   a1.set_ylim(floor, 1.0)
   a1.set_ylabel("validation score\n(axis from 0.96)")
   a1.legend(loc="lower left", fontsize=8)
-  a1.set_title("Recipe search on the search seed (digits, resnet8): validation decides")
+  a1.set_title("Recipe search on search seed 100 (digits, resnet8): validation decides")
   a2.bar(x, [rows[k]["under_0.1"] for k in recipes],
          color=[colours[rows[k]["round"]] for k in recipes])
   if "sl" in rows:
