@@ -320,6 +320,12 @@ def unpad_graph(graph, ref):
 # --------------------------------------------------------------------------------------------
 
 
+def scramble_applies(arch) -> bool:
+  """Whether the reference scrambles ``arch``'s classifier: single-kind graphs only (docs/design.md
+  3.2; it decodes multi-kind graphs correctly)."""
+  return getattr(arch, "edge_style", "single") == "single"
+
+
 def scramble_classifier(arch, variables, masks=None):
   """Applies the reference's classifier scramble (docs/design.md 3.2) to ``variables``. Jittable.
 
@@ -343,7 +349,7 @@ def scramble_classifier(arch, variables, masks=None):
   Raises:
     ValueError: for multi-kind graphs (the reference decodes those correctly).
   """
-  if getattr(arch, "edge_style", "single") != "single":
+  if not scramble_applies(arch):
     raise ValueError(f"{arch.name}: the classifier scramble exists only for single-kind graphs "
                      "(resnet56/110, VGG); the reference decodes multi-kind graphs correctly")
   name = arch.classifier
@@ -397,6 +403,6 @@ def transform(config, params, arch, variables, reference_compat: bool = False):
   out = apply_metanet(config, params, graph, plan=block_plan(arch), node_importance=imp)
   new = graph_lib.from_graph(arch, out)
   new = {"params": new["params"], "batch_stats": variables["batch_stats"]}
-  if reference_compat and getattr(arch, "edge_style", "single") == "single":
+  if reference_compat and scramble_applies(arch):
     new = scramble_classifier(arch, new)
   return new

@@ -228,8 +228,7 @@ def meta_train(config, workdir: str) -> dict:
                "num_models": len(models), "meta_train": {k: v for k, v in mt.to_dict().items()
                                                          if k not in ("epochs", "chunk_size")},
                "seed": int(config.seed), "dataset": dataset.spec.name}
-  compat = (bool(config.get("reference_compat", False))
-            and getattr(full, "edge_style", "single") == "single")  # as transform() decides
+  compat = bool(config.get("reference_compat", False)) and metanet_lib.scramble_applies(full)
   if compat:  # only then: earlier checkpoints' signatures stay valid
     signature["reference_compat"] = True
   history, start = [], 0

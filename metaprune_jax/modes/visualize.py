@@ -249,7 +249,7 @@ def visualize(config, workdir: str) -> dict:
     if epoch is not None:
       mc, phi, _ = common.load_metanet(mn_root, epoch, arch=dm.full_arch)
       variables = metanet_lib.transform(mc, phi, dm.arch, variables, reference_compat=compat)
-    elif compat and getattr(dm.arch, "edge_style", "single") == "single":
+    elif compat and metanet_lib.scramble_applies(dm.arch):
       variables = metanet_lib.scramble_classifier(dm.arch, variables)  # as the reference
     before = evaluator(variables)["accuracy"]
     fitted = train_lib.fit(schedule, dm.arch, variables, None, dataset,
