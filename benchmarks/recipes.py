@@ -111,6 +111,10 @@ RECIPES = {
                        prune__max_pruning_ratio=0.9),
     "v7_floor90": dict(meta_train__lr_milestones=(6,), meta_train__reg=1.0,
                        prune__max_pruning_ratio=0.9),
+    # the shipped recipe (v5, metanetwork epoch chosen on validation curves) with round 8's
+    # per-group floor for every method: the 5-seed comparison with the floor (docs/results.md)
+    "shipped_floor90": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
+                            prune__metanet_epoch=0, prune__max_pruning_ratio=0.9),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
