@@ -115,6 +115,23 @@ RECIPES = {
     # per-group floor for every method: the 5-seed comparison with the floor (docs/results.md)
     "shipped_floor90": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
                             prune__metanet_epoch=0, prune__max_pruning_ratio=0.9),
+    # the regulariser warmed up (meta_train.reg_warmup_epochs: its strength rises linearly over
+    # 20 epochs, the learning rate stays up until epoch 24) with the metanetwork epoch chosen on
+    # validation curves every 2 epochs: one run passes every strength below the final one, and
+    # validation picks where the networks are easiest to prune. The absolute form at 1 and 10
+    # (v3's and the reference's strengths, which collapsed or did nothing at full strength from
+    # the start) and the relative form at 100 (v18-v20 polarised, then destroyed the networks);
+    # with round 8's floor, so the baselines are round 8's
+    "v27_warm_reg1": dict(meta_train__lr_milestones=(24,), meta_train__reg=1.0,
+                          meta_train__reg_warmup_epochs=20, prune__metanet_epoch=0,
+                          visualize__every=2, prune__max_pruning_ratio=0.9),
+    "v28_warm_reg10": dict(meta_train__lr_milestones=(24,), meta_train__reg=10.0,
+                           meta_train__reg_warmup_epochs=20, prune__metanet_epoch=0,
+                           visualize__every=2, prune__max_pruning_ratio=0.9),
+    "v29_warm_rel100": dict(meta_train__lr_milestones=(24,), meta_train__reg=100.0,
+                            meta_train__reg_form="relative", meta_train__reg_warmup_epochs=20,
+                            prune__metanet_epoch=0, visualize__every=2,
+                            prune__max_pruning_ratio=0.9),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,

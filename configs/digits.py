@@ -87,6 +87,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.meta_train.alpha = 16.0          # gamma base of the group-norm regulariser
   config.meta_train.reg = 0.1             # regulariser strength (the reference: 10; recipe v5)
   config.meta_train.normalizer = "max"
+  config.meta_train.reg_warmup_epochs = 0  # the strength rises linearly to `reg` over this many
+                                           # epochs (0: full strength from the first step)
   # config.meta_train.reg_form = "relative": a scale-invariant per-group regulariser (see
   # metaprune_jax.regularizer and docs/results.md); unset, the reference's ("absolute")
   config.meta_train.batch_size = 64       # images per data batch (CIFAR: 500)

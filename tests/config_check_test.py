@@ -80,6 +80,10 @@ class CheckConfigTest(parameterized.TestCase):
       ("meta_train__reg_form", "l1", "config.meta_train.reg_form='l1': unknown regulariser form"),
       ("meta_train__reg_form", "share:1.5", "config.meta_train.reg_form='share:1.5': unknown "
        "regulariser form"),
+      ("meta_train__reg_warmup_epochs", -1, "config.meta_train.reg_warmup_epochs=-1: must be "
+       "an integer >= 0"),
+      ("meta_train__reg_warmup_epochs", 31, "config.meta_train.reg_warmup_epochs=31: longer "
+       "than meta_train.epochs=30"),
       ("visualize__criterion", "l1", "config.visualize.criterion='l1': unknown criterion"),
       ("prune__normalizer", "l2", "config.prune.normalizer='l2': unknown normalizer"),
       ("prune__round_to", 0, "config.prune.round_to=0: must be a positive integer"),

@@ -335,9 +335,52 @@ def test_one_meta_step_lowers_the_loss():
   opt = tx.init(phi)
   losses = []
   for _ in range(4):
-    phi, opt, m = step(phi, opt, slots, x, y)
+    phi, opt, m = step(phi, opt, slots, x, y, np.float32(1.0))
     losses.append(float(np.mean(m["loss"])))
   assert losses[-1] < losses[0], losses
+
+
+def test_reg_warmup_scales_the_strength_and_compiles_once():
+  """A step at ``reg_scale`` s is the step of strength ``reg * s`` bit for bit (0: cross-entropy
+  alone, checked against the single-model gradient with ``reg=0``); the warm-up's scales rise
+  linearly per step and stay 1; every scale runs in one compilation."""
+  import optax
+  from metaprune_jax.runtime import sharding
+  sched = meta_modes.reg_warmup_scale(2, 3)
+  np.testing.assert_allclose([sched(k) for k in range(8)],
+                             [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 1.0, 1.0], rtol=1e-6)
+  assert [meta_modes.reg_warmup_scale(0, 3)(k) for k in (0, 5)] == [1.0, 1.0]
+  assert meta_modes.reg_warmup_scale(1, 1)(0) == 1.0
+  full, models = _tiny_models(2, seed=1)
+  mc = metanet_lib.make_metanet_config(2, 8, 8, (9,), 0.5, 0.5)
+  phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(3))
+  slots = metatrain.stack_slots([metatrain.make_slot(full, sv, k) for _, sv, k in models])
+  x = jax.random.normal(jax.random.PRNGKey(5), (2, 1, 8, 8, 8, 3))
+  y = (jnp.arange(16).reshape(2, 1, 8) % 10).astype(jnp.int32)
+  spec = metatrain._spec(mc)  # private: make_meta_step takes the hashable spec of the config
+  tx = optax.sgd(1.0)  # the update is the negated mean gradient
+  mesh = sharding.make_mesh()
+  step10 = meta_modes.make_meta_step(spec, full, tx, mesh, 16.0, 10.0, "max")
+  step25 = meta_modes.make_meta_step(spec, full, tx, mesh, 16.0, 2.5, "max")
+  step0 = meta_modes.make_meta_step(spec, full, tx, mesh, 16.0, 0.0, "max")
+  def run(step, s):  # phi and the optimizer state are donated: a fresh copy for every call
+    p = jax.tree_util.tree_map(jnp.copy, phi)
+    return jax.device_get(step(p, tx.init(p), slots, x, y, np.float32(s)))
+  a, b = run(step10, 0.25), run(step25, 1.0)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+  np.testing.assert_array_equal(a[2]["reg"], b[2]["reg"])
+  c, d = run(step10, 0.0), run(step0, 1.0)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, c, d)
+  assert np.all(c[2]["reg"] == 0) and np.all(a[2]["reg"] > 0)
+  # cross-entropy alone, from the single-model gradient (a separate jitted function)
+  g = [metatrain.meta_train_grads(mc, phi, sm, sv, x[i], y[i], 16.0, 0.0)
+       for i, (sm, sv, _) in enumerate(models)]
+  want = jax.tree_util.tree_map(lambda p, g0, g1: p - (g0 + g1) / 2, phi, *g)
+  jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6),
+                         jax.device_get(want), c[0])
+  for s in (0.1, 0.5, 0.9):
+    run(step10, s)
+  assert step10._cache_size() == 1  # pylint: disable=protected-access
 
 
 WORKER = textwrap.dedent("""
@@ -360,7 +403,7 @@ WORKER = textwrap.dedent("""
   # private _spec: make_meta_step takes the hashable spec of the config
   step = meta_modes.make_meta_step(metatrain._spec(mc), full, tx, sharding.make_mesh(), 16.0, 10.0,
                                    "max")
-  phi, opt, m = step(phi, tx.init(phi), slots, x, y)
+  phi, opt, m = step(phi, tx.init(phi), slots, x, y, np.float32(1.0))
   leaves = jax.tree_util.tree_leaves(jax.device_get(phi))
   np.savez(sys.argv[1], *leaves)
   print("devices", jax.device_count())

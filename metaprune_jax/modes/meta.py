@@ -140,23 +140,44 @@ def _generate_models(config, workdir, dataset, full, root, indices, done, mesh, 
 def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
                    chunk: int = metatrain.DEFAULT_CHUNK, form: str = "absolute",
                    compat: bool = False):
-  """Jitted ``(phi, opt_state, slots[M], images[M,B,b,H,W,3], labels[M,B,b]) -> (phi,
-  opt_state, metrics)``; the model axis is sharded over the mesh's ``data`` axis (one lane of
-  models per device, see :func:`metatrain.batched_loss_grads`); ``chunk``: images per scanned
+  """Jitted ``(phi, opt_state, slots[M], images[M,B,b,H,W,3], labels[M,B,b], reg_scale[]) ->
+  (phi, opt_state, metrics)``; the model axis is sharded over the mesh's ``data`` axis (one lane
+  of models per device, see :func:`metatrain.batched_loss_grads`); ``chunk``: images per scanned
   network forward/backward; ``form``: the regulariser's form (``absolute``, the reference's, or
-  ``relative``); ``compat``: the reference's classifier scramble (``config.reference_compat``)."""
+  ``relative``); ``compat``: the reference's classifier scramble (``config.reference_compat``).
+
+  The step's regulariser strength is ``reg * reg_scale`` (``reg_scale`` a float32 scalar, traced:
+  a warm-up schedule, :func:`reg_warmup_scale`, compiles once); ``reg_scale=1`` is bit for bit
+  the strength ``reg``."""
   model_sharded = NamedSharding(mesh, P("data"))
   repl = NamedSharding(mesh, P())
 
-  def step(phi, opt_state, slots, images, labels):
-    g, m = metatrain.batched_loss_grads(spec, full_arch, phi, slots, images, labels, alpha, reg,
-                                        normalizer, lanes=mesh.shape["data"], chunk=chunk,
-                                        form=form, compat=compat)
+  def step(phi, opt_state, slots, images, labels, reg_scale):
+    strength = jnp.float32(reg) * jnp.asarray(reg_scale, jnp.float32)
+    g, m = metatrain.batched_loss_grads(spec, full_arch, phi, slots, images, labels, alpha,
+                                        strength, normalizer, lanes=mesh.shape["data"],
+                                        chunk=chunk, form=form, compat=compat)
     updates, opt_state = tx.update(g, opt_state, phi)
     return optax.apply_updates(phi, updates), opt_state, m
-  return jax.jit(step, in_shardings=(repl, repl, model_sharded, model_sharded, model_sharded),
+  return jax.jit(step, in_shardings=(repl, repl, model_sharded, model_sharded, model_sharded,
+                                     repl),
                  out_shardings=(repl, repl, repl), donate_argnums=(0, 1),
                  compiler_options=xla_hints.conv_compiler_options(mesh.devices.flat))
+
+
+def reg_warmup_scale(warmup_epochs: int, steps_per_epoch: int):
+  """The regulariser's warm-up: ``step -> scale`` (``step`` counted from 0 over the whole run).
+
+  ``warmup_epochs=0``: 1.0 at every step (no warm-up). Otherwise the scale rises linearly,
+  ``(step + 1) / (warmup_epochs * steps_per_epoch)``, and stays 1.0 from the last step of epoch
+  ``warmup_epochs`` on, so the metanetwork first learns to keep the networks' accuracy and meets
+  the full strength only gradually (``meta_train.reg_warmup_epochs``).
+  """
+  total = int(warmup_epochs) * int(steps_per_epoch)
+  if total <= 1:
+    return lambda step: 1.0
+  ramp = optax.linear_schedule(1.0 / total, 1.0, total - 1)
+  return lambda step: float(ramp(step))
 
 
 @functools.lru_cache(maxsize=8)
@@ -231,6 +252,9 @@ def meta_train(config, workdir: str) -> dict:
   compat = bool(config.get("reference_compat", False)) and metanet_lib.scramble_applies(full)
   if compat:  # only then: earlier checkpoints' signatures stay valid
     signature["reference_compat"] = True
+  warmup = int(mt.get("reg_warmup_epochs", 0))
+  if not warmup:  # likewise: without a warm-up, the signature of earlier checkpoints
+    signature["meta_train"].pop("reg_warmup_epochs", None)
   history, start = [], 0
   if ckpt.latest_step() is not None:
     ckpt.check_signature(signature)
@@ -264,6 +288,7 @@ def meta_train(config, workdir: str) -> dict:
       labs.append(np.stack(ys).astype(np.int32))
     return (jax.tree_util.tree_map(lambda a: a[ids[rows]], stacked), np.stack(imgs),
             np.stack(labs))
+  scale_at = reg_warmup_scale(warmup, steps_per_epoch)
   metrics = metric_writers.MetricWriter(out_dir, history, start + 1,
                                         enabled=jax.process_index() == 0)
   try:
@@ -277,6 +302,8 @@ def meta_train(config, workdir: str) -> dict:
         ids = order[s * per_step:(s + 1) * per_step]
         inputs = sharding.rows_to_global(
             functools.partial(step_inputs, epoch, s, ids), per_step, mesh)
+        reg_scale = np.float32(scale_at(epoch * steps_per_epoch + s))
+        inputs = (*inputs, sharding.replicate(reg_scale, mesh))
         if epoch == start and s == 0:  # the compiler's memory is released before the run
           xla_hints.compile_and_release(step_fn, phi, opt_state, *inputs)
         phi, opt_state, m = step_fn(phi, opt_state, *inputs)
@@ -297,6 +324,7 @@ def meta_train(config, workdir: str) -> dict:
                                            int(mt.get("val_batches", 0)), compat)
       rec = {"epoch": epoch + 1, "lr": float(lr((epoch + 1) * steps_per_epoch - 1)),
              **{f"train_{k}": float(np.mean([d[k] for d in sums])) for k in sums[0]},
+             **({"reg_scale": float(reg_scale)} if warmup else {}),
              "val_loss": val_loss, "val_accuracy": val_acc,
              "epoch_time_s": round(time.time() - t0, 2)}
       history.append(rec)
