@@ -5,7 +5,7 @@ r"""The meta-training recipe search, on validation and on seeds the final compar
 
 Each recipe is a key of ``benchmarks/recipes.py`` (``configs/digits.py`` plus the overrides
 written there). For every search seed the base network and the data models are
-made once (``<out>/shared/seed_<s>``, reused by every recipe), then
+made once (``<out>/shared/seed_<s>``, or ``--shared``: reused by every recipe), then
 ``benchmarks/compare_methods.py``'s ``run`` compares the recipe's metanetwork against the
 baselines (``group_l2``, ``sl``, ``random``, run once with the shared settings) through the same
 ``prune`` pipeline and budget. The score of a recipe is its mean *validation* accuracy after the
@@ -39,6 +39,10 @@ _RECIPES = flags.DEFINE_list("recipes", ["v2_balanced", "v5_early_decay", "v4_ge
 _BASELINES = flags.DEFINE_list("baselines", ["group_l2", "sl", "random"], "Baselines.")
 
 
+_SHARED = flags.DEFINE_string(
+    "shared", "", "Folder holding each search seed's base network and data models "
+    "(seed_<s>/, made there if missing): another round's <out>/shared, so that a new round "
+    "(a new --out) reuses them and the baselines' cached stages. Default: <out>/shared.")
 _EPOCH = flags.DEFINE_integer(
     "metanet_epoch", None, "Override every recipe's prune.metanet_epoch (0: chosen on the "
     "validation curves, as the shipped config does; -1: the last epoch). Default: the "
@@ -68,7 +72,7 @@ def main(argv):
     raise app.UsageError("search seeds must differ from the final comparison's seeds 0-4")
   targets = [float(t) for t in _TARGETS.value]
   out = os.path.abspath(_OUT.value)
-  shared = os.path.join(out, "shared")
+  shared = os.path.abspath(_SHARED.value) if _SHARED.value else os.path.join(out, "shared")
   configs = {name: _recipe(name) for name in _RECIPES.value}
   first = configs[_RECIPES.value[0]]
   for name, c in configs.items():  # recipes vary meta-training only: one base and data-model set
