@@ -6,7 +6,8 @@ Prints JSON:
 
 * ``stages_ms``: the full ResNet-56 and the one pruned to 2.3x MACs (reference decisions),
   BatchNorm folded, cut after the stem, after stage 1 and after stage 2 (``arch.ops`` truncated),
-  each cut jitted on its own; the differences are the stages' times (interleaved medians);
+  each cut jitted on its own; the differences are the stages' times (interleaved medians), and
+  ``per_stage_full_over_pruned`` each stage's time ratio beside its MACs ratio;
 * ``kernel_rules``: the full network and the pruned ones (``round_to`` 1 and 8), folded, batch
   ``--batch``, compiled with the narrow-convolution kernel for no layer (``none``), for layers with
   at most 16 output channels (``out16``), for layers reading at most 16 channels (``in16``), and
@@ -16,7 +17,9 @@ Prints JSON:
 * ``convs_ms``: isolated 3x3 convolutions at the pruned network's kinds of widths, batch 128:
   XLA:CPU as the library compiles it (``xla``), XLA:CPU with its default YNNPACK convolutions
   (``xla_ynnpack``) and the narrow-convolution kernel (``kernel``, ``cpu_kernels.conv_nhwc``), with
-  the achieved GMAC/s.
+  the achieved GMAC/s;
+* ``batch_chunks``: the full and the pruned network with the batch run in chunks of 128, 64, 32,
+  16 images (``lax.map``, one call): ms and speed-ups.
 """
 
 import argparse
@@ -36,7 +39,9 @@ from _timing import interleaved as _interleaved
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _CONVS = ((32, 16, 16), (32, 15, 7), (32, 7, 15), (32, 8, 8), (32, 6, 6), (32, 3, 16),
-          (16, 32, 32), (16, 32, 9), (16, 9, 32), (8, 64, 64), (8, 64, 24))
+          (16, 32, 32), (16, 32, 9), (16, 9, 32), (8, 64, 64), (8, 64, 24),
+          # the last stage's widths in the pruned ResNet-56 (inner 22-57, the stream 64)
+          (8, 64, 51), (8, 51, 64), (8, 64, 57), (8, 57, 64), (8, 64, 48), (8, 48, 64))
 
 
 def _cut(arch, prefix):
@@ -64,12 +69,46 @@ def stages(batch, runs):
       fns[(tag, c)] = (lambda f=f, vv=vv: f(vv, x))
   t = _interleaved({f"{k[0]}/{k[1]}": f for k, f in fns.items()}, runs)
   out = {}
+  macs = {}
+  for tag, a in (("full", arch), ("pruned", mp.materialize(arch, v, res.masks)[0])):
+    cum = [mp.count_macs(a if c is None else _cut(a, c))[0] for c in cuts]
+    macs[tag] = [cum[0], cum[1] - cum[0], cum[2] - cum[1], cum[3] - cum[2]]
   for tag in ("full", "pruned"):
     m = [t[f"{tag}/{c}"] * 1e3 for c in cuts]
     out[tag] = {"stem": round(m[0], 1), "stage1": round(m[1] - m[0], 1),
                 "stage2": round(m[2] - m[1], 1), "stage3_and_head": round(m[3] - m[2], 1),
                 "total": round(m[3], 1)}
+  names = ("stem", "stage1", "stage2", "stage3_and_head")
+  out["per_stage_full_over_pruned"] = {
+      n: {"time": round(out["full"][n] / out["pruned"][n], 2),
+          "macs": round(macs["full"][i] / macs["pruned"][i], 2)} for i, n in enumerate(names)}
   return out
+
+
+def batch_chunks(batch, runs):
+  """The full and the pruned network (folded) with the batch run in chunks (``lax.map`` over
+  ``batch / chunk`` slices, one jitted call): smaller activations stay in cache."""
+  arch = mp.get_arch("resnet56", 10)
+  v = mp.init_variables(arch, jax.random.PRNGKey(0))
+  res = mp.prune_to_target(arch, v, 2.3)
+  x = jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3))
+  opts = xla_hints.conv_compiler_options()
+  chunks = [c for c in (batch, 64, 32, 16) if c <= batch and batch % c == 0]
+  fns = {}
+  for tag, (a, vv) in (("full", inference.fold_batchnorm(arch, v)),
+                       ("pruned", inference.fold_batchnorm(*mp.materialize(arch, v,
+                                                                           res.masks)))):
+    for c in chunks:
+      def body(vv, x, a=a, c=c):
+        xs = x.reshape(batch // c, c, *x.shape[1:])
+        return jax.lax.map(lambda xc: mp.apply_model(a, vv, xc), xs).reshape(batch, -1)
+      f = jax.jit(body, compiler_options=opts)
+      fns[f"{tag}/{c}"] = (lambda f=f, vv=vv: f(vv, x))
+  t = _interleaved(fns, runs)
+  return {f"chunk_{c}": {"full_ms": round(t[f"full/{c}"] * 1e3, 1),
+                         "pruned_ms": round(t[f"pruned/{c}"] * 1e3, 1),
+                         "speed_up": round(t[f"full/{c}"] / t[f"pruned/{c}"], 3)}
+          for c in chunks}
 
 
 def kernel_rules(batch, runs):
@@ -146,6 +185,7 @@ def main():
          "stages_ms": stages(args.batch, args.runs),
          "kernel_rules": kernel_rules(args.batch, args.runs),
          "convs_ms": convs(args.batch, args.runs),
+         "batch_chunks": batch_chunks(args.batch, args.runs),
          "load_avg_1min": os.getloadavg()[0]}
   print(json.dumps(out, indent=1))
 
