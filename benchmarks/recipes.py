@@ -132,6 +132,16 @@ RECIPES = {
                             meta_train__reg_form="relative", meta_train__reg_warmup_epochs=20,
                             prune__metanet_epoch=0, visualize__every=2,
                             prune__max_pruning_ratio=0.9),
+    # pruning-aware meta-training (meta_train.prune_aware): the loss also takes the
+    # cross-entropy of each transformed data model pruned by group L2 to 6.67x over it (10x
+    # overall from the data models' 1.5x) or 4x (6x overall), so the metanetwork is rewarded
+    # directly for networks whose pruned form keeps its accuracy; v5 otherwise, with the floor
+    "v30_paware10": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
+                         meta_train__prune_aware=6.67, prune__metanet_epoch=0,
+                         visualize__every=2, prune__max_pruning_ratio=0.9),
+    "v31_paware6": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
+                        meta_train__prune_aware=4.0, prune__metanet_epoch=0,
+                        visualize__every=2, prune__max_pruning_ratio=0.9),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,

@@ -383,6 +383,53 @@ def test_reg_warmup_scales_the_strength_and_compiles_once():
   assert step10._cache_size() == 1  # pylint: disable=protected-access
 
 
+def test_prune_aware_loss_adds_the_pruned_networks_gradient():
+  """``prune_aware``: the traced search picks prune_to_target's masks (full width), and the
+  meta-gradient is the plain one plus, per model, the gradient of the cross-entropy of the
+  transformed network under the masks the search picks for it (computed here apart, with
+  jax.grad through the metanetwork)."""
+  from metaprune_jax.prune import pruning
+  full, models = _tiny_models(2, seed=1)
+  v = mp.init_variables(full, jax.random.PRNGKey(0), (8, 8))
+  for target in (1.5, 3.0):
+    want = mp.prune_to_target(full, v, target, (1, 3, 8, 8)).masks
+    got = jax.jit(lambda p, t=target: pruning.traced_prune_masks(full, p, None, t,
+                                                                 (1, 3, 8, 8)))(v["params"])
+    for s in want:
+      np.testing.assert_array_equal(np.asarray(got[s]), np.asarray(want[s]), err_msg=s)
+  mc = metanet_lib.make_metanet_config(2, 8, 8, (9,), 0.5, 0.5)
+  phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(3))
+  slots = metatrain.stack_slots([metatrain.make_slot(full, sv, k) for _, sv, k in models])
+  x = jax.random.normal(jax.random.PRNGKey(5), (2, 1, 8, 8, 8, 3))
+  y = (jnp.arange(16).reshape(2, 1, 8) % 10).astype(jnp.int32)
+  spec = metatrain._spec(mc)  # private: the hashable spec batched_loss_grads takes
+  args = (spec, full, phi, slots, x, y, 16.0, 0.1, "max")
+  g_plain, m_plain = jax.jit(lambda: metatrain.batched_loss_grads(*args))()
+  g_aware, m_aware = jax.jit(lambda: metatrain.batched_loss_grads(
+      *args, prune_aware=(2.0, 1.0)))()
+  extra, ce_extra = [], []
+  for i in range(2):
+    slot = jax.tree_util.tree_map(lambda a, i=i: a[i], slots)
+    theta = metatrain.transformed_params(spec, phi, full, slot)
+    pm = pruning.traced_prune_masks(full, theta, slot.masks, 2.0, (1, 3, 8, 8))
+    assert sum(float(jnp.sum(pm[s])) for s in pm) < sum(float(jnp.sum(slot.masks[s]))
+                                                        for s in pm)
+
+    def ce(p, slot=slot, pm=pm, i=i):
+      th = metatrain.transformed_params(spec, p, full, slot)
+      logits = mp.apply_model(full, {"params": th, "batch_stats": slot.batch_stats}, x[i, 0],
+                              masks=pm)
+      return metatrain.cross_entropy(logits, y[i, 0])
+    c, g = jax.value_and_grad(ce)(phi)
+    extra.append(g)
+    ce_extra.append(float(c))
+  want = jax.tree_util.tree_map(lambda a, b, c: a + (b + c) / 2, g_plain, *extra)
+  jax.tree_util.tree_map(lambda u, w: np.testing.assert_allclose(u, w, rtol=2e-4, atol=1e-6),
+                         jax.device_get(g_aware), jax.device_get(want))
+  np.testing.assert_allclose(np.asarray(m_aware["ce"]), np.asarray(m_plain["ce"]) + ce_extra,
+                             rtol=1e-5)
+
+
 WORKER = textwrap.dedent("""
   import os, sys, numpy as np, jax, jax.numpy as jnp, optax
   sys.path.insert(0, {root!r})

@@ -38,6 +38,7 @@ from metaprune_jax.metanetwork import metanet as metanet_lib
 from metaprune_jax.nets import cnn
 from metaprune_jax.nets.arch import Arch
 from metaprune_jax.prune import masks as masks_lib
+from metaprune_jax.prune import pruning
 from metaprune_jax.prune.regularizer import regularizer
 
 
@@ -158,11 +159,14 @@ def network_grads(arch: Arch, params, batch_stats, masks, images, labels,
 
 
 def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, normalizer,
-                      use_masks=True, compat=False, chunk=DEFAULT_CHUNK, form="absolute"):
+                      use_masks=True, compat=False, chunk=DEFAULT_CHUNK, form="absolute",
+                      prune_aware=None):
   """Per-slot ``(loss, ce, r, accuracy, grads_phi)``; images ``[B, b, H, W, 3]``.
 
   The network runs in eval mode (running BatchNorm statistics, docs/design.md section 5), so its
-  loss is a sum over images: :func:`network_grads` cuts the ``B * b`` images into chunks
+  loss is a sum over images (``prune_aware=(speed_up, max_pruning_ratio)``: plus the same
+  cross-entropy of the transformed network pruned by group L2 to ``speed_up`` over the data
+  model, :func:`pruning.traced_prune_masks`, no gradient through the choice): :func:`network_grads` cuts the ``B * b`` images into chunks
   (``chunk_size(b, chunk)`` images) and a ``lax.scan`` accumulates the cross-entropy gradient
   with respect to the transformed parameters, one chunk at a time. The loss is the
   reference's: the sum over batches of each batch's mean cross-entropy. Chunking bounds the
@@ -179,6 +183,15 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
   theta, pull = jax.vjp(theta_fn, phi)
   g_ce, ce_sum, accuracy = network_grads(full_arch, theta, slot.batch_stats, masks, images,
                                          labels, chunk)
+  if prune_aware is not None:  # (speed_up, max_pruning_ratio): also the pruned network's CE
+    speed_up, max_ratio = prune_aware
+    h, w = images.shape[-3:-1]
+    pruned = pruning.traced_prune_masks(full_arch, theta, masks, speed_up, (1, 3, h, w),
+                                        normalizer=normalizer, max_pruning_ratio=max_ratio)
+    g_p, ce_p, _ = network_grads(full_arch, theta, slot.batch_stats, pruned, images, labels,
+                                 chunk)
+    g_ce = jax.tree_util.tree_map(jnp.add, g_ce, g_p)
+    ce_sum = ce_sum + ce_p
   r, g_r = jax.value_and_grad(
       lambda th: regularizer(full_arch, {"params": th}, alpha, reg, normalizer,
                              masks=masks, form=form))(theta)
@@ -240,14 +253,15 @@ def _grads_jit():
 
 def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, alpha, reg,
                        normalizer, lanes: int = 1, chunk: int = DEFAULT_CHUNK,
-                       form: str = "absolute", compat: bool = False):
+                       form: str = "absolute", compat: bool = False, prune_aware=None):
   """Mean over a stack of data models ``[M, ...]`` of the loss gradients (and metrics).
 
   The ``M`` models are cut into ``lanes`` groups (``M % lanes == 0``; the data-parallel width,
   one lane per device when the model axis is sharded over the mesh): lanes are vmapped (the
   partitioner gives each device its own), and each lane runs its models one after another in a
   ``lax.scan``, so a device never runs a model-batched (grouped) convolution. ``compat``: the
-  reference's classifier scramble on each transformed model (at its kept widths).
+  reference's classifier scramble on each transformed model (at its kept widths);
+  ``prune_aware``: see :func:`_model_loss_grads`.
   """
   m = slots.flat.shape[0]
   if m % lanes:
@@ -260,7 +274,7 @@ def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, a
       s, x, y = xs
       loss, ce, r, acc, g = _model_loss_grads(spec, full_arch, phi, s, x, y, alpha, reg,
                                               normalizer, chunk=chunk, form=form,
-                                              compat=compat)
+                                              compat=compat, prune_aware=prune_aware)
       return jax.tree_util.tree_map(jnp.add, g_sum, g), (loss, ce, r, acc)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, phi)
     return jax.lax.scan(one, zeros, (lane_slots, lane_images, lane_labels))

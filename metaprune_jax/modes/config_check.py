@@ -11,7 +11,7 @@ What is checked (the rest is left to the modes, which raise their own errors):
   ``prune.method`` (and its alias ``pruning.method``), the ``normalizer`` and ``criterion``
   fields of ``meta_train``, ``visualize`` and ``prune``; with ``prune.method='sl'``, its
   strength (> 0) and epochs (not 0, and equal to the transform budget every method gets);
-* sizes: ``prune.round_to`` (>= 1), ``meta_train.reg_warmup_epochs`` (0 to the epochs), ``prune.max_pruning_ratio`` (in (0, 1]), ``data_workers`` (>= 0), ``epochs``, ``batch_size``, ``eval_batch_size`` of every schedule section (any section
+* sizes: ``prune.round_to`` (>= 1), ``meta_train.reg_warmup_epochs`` (0 to the epochs), ``meta_train.prune_aware`` (0 or > 1), ``prune.max_pruning_ratio`` (in (0, 1]), ``data_workers`` (>= 0), ``epochs``, ``batch_size``, ``eval_batch_size`` of every schedule section (any section
   holding both ``epochs`` and ``batch_size``) and the other batch/step counts, positive integers;
 * sharding: the global batches of the data-parallel schedules (and the evaluation batches of
   ``visualize`` and ``finetune_after_pruning``, ``meta_train.models_per_step``) divisible by the
@@ -180,6 +180,11 @@ def check_config(config, *, num_devices: int | None = None,
     if not ok:
       raise ConfigError("meta_train.reg_form", value, "unknown regulariser form; choose one of "
                         "'absolute', 'relative' or 'share:Q' with 0 < Q < 1")
+  value = _get(config, "meta_train.prune_aware")
+  if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                            or not (value == 0 or value > 1)):
+    raise ConfigError("meta_train.prune_aware", value, "must be 0 (off) or a speed-up > 1 over "
+                      "the data models")
   value = _get(config, "meta_train.reg_warmup_epochs")
   if value is not None:
     epochs = _get(config, "meta_train.epochs")

@@ -139,7 +139,7 @@ def _generate_models(config, workdir, dataset, full, root, indices, done, mesh, 
 
 def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
                    chunk: int = metatrain.DEFAULT_CHUNK, form: str = "absolute",
-                   compat: bool = False):
+                   compat: bool = False, prune_aware=None):
   """Jitted ``(phi, opt_state, slots[M], images[M,B,b,H,W,3], labels[M,B,b], reg_scale[]) ->
   (phi, opt_state, metrics)``; the model axis is sharded over the mesh's ``data`` axis (one lane
   of models per device, see :func:`metatrain.batched_loss_grads`); ``chunk``: images per scanned
@@ -148,7 +148,9 @@ def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
 
   The step's regulariser strength is ``reg * reg_scale`` (``reg_scale`` a float32 scalar, traced:
   a warm-up schedule, :func:`reg_warmup_scale`, compiles once); ``reg_scale=1`` is bit for bit
-  the strength ``reg``."""
+  the strength ``reg``. ``prune_aware=(speed_up, max_pruning_ratio)``: the loss also takes the
+  cross-entropy of each transformed model pruned to ``speed_up`` (``meta_train.prune_aware``,
+  an extension, off by default)."""
   model_sharded = NamedSharding(mesh, P("data"))
   repl = NamedSharding(mesh, P())
 
@@ -156,7 +158,8 @@ def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
     strength = jnp.float32(reg) * jnp.asarray(reg_scale, jnp.float32)
     g, m = metatrain.batched_loss_grads(spec, full_arch, phi, slots, images, labels, alpha,
                                         strength, normalizer, lanes=mesh.shape["data"],
-                                        chunk=chunk, form=form, compat=compat)
+                                        chunk=chunk, form=form, compat=compat,
+                                        prune_aware=prune_aware)
     updates, opt_state = tx.update(g, opt_state, phi)
     return optax.apply_updates(phi, updates), opt_state, m
   return jax.jit(step, in_shardings=(repl, repl, model_sharded, model_sharded, model_sharded,
@@ -255,6 +258,13 @@ def meta_train(config, workdir: str) -> dict:
   warmup = int(mt.get("reg_warmup_epochs", 0))
   if not warmup:  # likewise: without a warm-up, the signature of earlier checkpoints
     signature["meta_train"].pop("reg_warmup_epochs", None)
+  aware = float(mt.get("prune_aware", 0.0))
+  prune_aware = None
+  if aware:
+    prune_aware = (aware, float(config.prune.get("max_pruning_ratio", 1.0)))
+    signature["prune_aware"] = list(prune_aware)
+  else:
+    signature["meta_train"].pop("prune_aware", None)
   history, start = [], 0
   if ckpt.latest_step() is not None:
     ckpt.check_signature(signature)
@@ -265,7 +275,7 @@ def meta_train(config, workdir: str) -> dict:
   step_fn = make_meta_step(spec, full, tx, mesh, float(mt.alpha), float(mt.reg),
                            str(mt.get("normalizer", "max")),
                            int(mt.get("chunk_size", metatrain.DEFAULT_CHUNK)),
-                           str(mt.get("reg_form", "absolute")), compat)
+                           str(mt.get("reg_form", "absolute")), compat, prune_aware)
   stacked = jax.device_get(metatrain.stack_slots([slots[p] for p in train_pos]))
   bsz, nb = int(mt.batch_size), int(mt.batches_per_model)
   if nb <= 0:  # the whole training split at every step (the reference's faithful setting)

@@ -365,6 +365,42 @@ def prune_to_target(arch: Arch, variables: Mapping, target_speed_up: float,
   return PruneResult(out, float(exact), int(step))
 
 
+def traced_prune_masks(arch: Arch, params, masks: Mapping | None, target_speed_up: float,
+                       input_shape=(1, 3, 32, 32), *, normalizer: str = "max",
+                       steps: int = 200, max_pruning_ratio: float = 1.0) -> dict:
+  """:func:`prune_to_target`'s group-L2 search inside a traced computation. Jittable.
+
+  For a masked full-width network whose ``params`` are traced (e.g. the metanetwork's output
+  inside a meta-training step): the schedule is planned at ``arch``'s full widths (one static
+  plan for every mask), the search starts from ``masks`` and stops at the first step whose
+  MACs speed-up over the *masked* network reaches ``target_speed_up`` (or after ``steps``);
+  nothing is checked on the host, so an unreachable target returns the last step's masks.
+
+  Args:
+    arch: the full-width architecture; params: its params (traced or not; no gradient flows
+      through the choice); masks: ``{space: [width]}`` keep-vectors to start from, or None.
+    target_speed_up: static float > 1; input_shape: NCHW for MAC counting.
+    normalizer, steps, max_pruning_ratio: as :func:`prune_to_target`.
+
+  Returns:
+    ``{space: [width] float32}``: ``masks`` with every group space replaced by its pruned
+    keep-vector.
+  """
+  if not target_speed_up > 1.0:
+    raise ValueError(f"target speed-up must be > 1, got {target_speed_up}")
+  start = {s: arch.width(s) for s in arch.spaces}
+  plan = _cached_plan(arch, start, tuple(int(v) for v in input_shape), int(steps), "l2",
+                      normalizer, 1, check_max_pruning_ratio(max_pruning_ratio))
+  keep = {g.space: (jnp.asarray(masks[g.space], jnp.float32) if masks and g.space in masks
+                    else jnp.ones((g.width,), jnp.float32)) for g in plan.groups}
+  params = jax.lax.stop_gradient(params)
+  _, keep, _ = _search(plan, params, keep, [start[s] for s in arch.spaces],
+                       jnp.float32(target_speed_up), jax.random.PRNGKey(0))
+  out = dict(masks or {})
+  out.update(keep)
+  return out
+
+
 def pruning_trajectory(arch: Arch, variables: Mapping, input_shape=(1, 3, 32, 32), *,
                        masks: Mapping | None = None, criterion: str = "l2",
                        normalizer: str = "max", steps: int = 200,
