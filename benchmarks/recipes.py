@@ -147,6 +147,16 @@ RECIPES = {
     "v32_paware3": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
                         meta_train__prune_aware=2.0, prune__metanet_epoch=0,
                         visualize__every=2, prune__max_pruning_ratio=0.9),
+    # v32 and v30 with the pruned network's BatchNorm on batch statistics (recalibrated, as
+    # after a finetune): with the running ones every pruned network is at chance, v30-v32
+    "v33_paware3_bn": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
+                           meta_train__prune_aware=2.0, meta_train__prune_aware_bn="batch",
+                           prune__metanet_epoch=0, visualize__every=2,
+                           prune__max_pruning_ratio=0.9),
+    "v34_paware10_bn": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
+                            meta_train__prune_aware=6.67, meta_train__prune_aware_bn="batch",
+                            prune__metanet_epoch=0, visualize__every=2,
+                            prune__max_pruning_ratio=0.9),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,

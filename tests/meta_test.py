@@ -383,11 +383,12 @@ def test_reg_warmup_scales_the_strength_and_compiles_once():
   assert step10._cache_size() == 1  # pylint: disable=protected-access
 
 
-def test_prune_aware_loss_adds_the_pruned_networks_gradient():
+@pytest.mark.parametrize("bn", ["running", "batch"])
+def test_prune_aware_loss_adds_the_pruned_networks_gradient(bn):
   """``prune_aware``: the traced search picks prune_to_target's masks (full width), and the
   meta-gradient is the plain one plus, per model, the gradient of the cross-entropy of the
   transformed network under the masks the search picks for it (computed here apart, with
-  jax.grad through the metanetwork)."""
+  jax.grad through the metanetwork; ``batch``: its BatchNorm on batch statistics)."""
   from metaprune_jax.prune import pruning
   full, models = _tiny_models(2, seed=1)
   v = mp.init_variables(full, jax.random.PRNGKey(0), (8, 8))
@@ -406,7 +407,7 @@ def test_prune_aware_loss_adds_the_pruned_networks_gradient():
   args = (spec, full, phi, slots, x, y, 16.0, 0.1, "max")
   g_plain, m_plain = jax.jit(lambda: metatrain.batched_loss_grads(*args))()
   g_aware, m_aware = jax.jit(lambda: metatrain.batched_loss_grads(
-      *args, prune_aware=(2.0, 1.0)))()
+      *args, prune_aware=(2.0, 1.0, bn)))()
   extra, ce_extra = [], []
   for i in range(2):
     slot = jax.tree_util.tree_map(lambda a, i=i: a[i], slots)
@@ -417,9 +418,9 @@ def test_prune_aware_loss_adds_the_pruned_networks_gradient():
 
     def ce(p, slot=slot, pm=pm, i=i):
       th = metatrain.transformed_params(spec, p, full, slot)
-      logits = mp.apply_model(full, {"params": th, "batch_stats": slot.batch_stats}, x[i, 0],
-                              masks=pm)
-      return metatrain.cross_entropy(logits, y[i, 0])
+      out = mp.apply_model(full, {"params": th, "batch_stats": slot.batch_stats}, x[i, 0],
+                           train=bn == "batch", masks=pm)
+      return metatrain.cross_entropy(out[0] if bn == "batch" else out, y[i, 0])
     c, g = jax.value_and_grad(ce)(phi)
     extra.append(g)
     ce_extra.append(float(c))

@@ -124,7 +124,7 @@ def chunk_size(batch: int, chunk: int) -> int:
 
 
 def network_grads(arch: Arch, params, batch_stats, masks, images, labels,
-                  chunk: int = DEFAULT_CHUNK):
+                  chunk: int = DEFAULT_CHUNK, batch_bn: bool = False):
   """Gradient of the summed per-batch mean cross-entropy of the network (eval mode).
 
   Args:
@@ -133,6 +133,8 @@ def network_grads(arch: Arch, params, batch_stats, masks, images, labels,
     masks: channel masks or None.
     images: ``[B, b, H, W, 3]``; labels ``[B, b]``.
     chunk: images per scanned forward/backward (:func:`chunk_size`).
+    batch_bn: BatchNorm with each chunk's batch statistics (training mode; the running
+      statistics are not updated) instead of the running ones.
 
   Returns:
     ``(grads like params, sum over the B batches of their mean CE, accuracy)``.
@@ -147,7 +149,11 @@ def network_grads(arch: Arch, params, batch_stats, masks, images, labels,
     x, y = xy
 
     def ce(th):
-      logits = cnn.apply_model(arch, {"params": th, "batch_stats": batch_stats}, x, masks=masks)
+      v = {"params": th, "batch_stats": batch_stats}
+      if batch_bn:
+        logits, _ = cnn.apply_model(arch, v, x, train=True, masks=masks)
+      else:
+        logits = cnn.apply_model(arch, v, x, masks=masks)
       # this chunk's share of its batch's mean cross-entropy
       return cross_entropy(logits, y) * (c / b), jnp.sum(jnp.argmax(logits, -1) == y)
     (l, a), g = jax.value_and_grad(ce, has_aux=True)(params)
@@ -164,9 +170,10 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
   """Per-slot ``(loss, ce, r, accuracy, grads_phi)``; images ``[B, b, H, W, 3]``.
 
   The network runs in eval mode (running BatchNorm statistics, docs/design.md section 5), so its
-  loss is a sum over images (``prune_aware=(speed_up, max_pruning_ratio)``: plus the same
+  loss is a sum over images (``prune_aware=(speed_up, max_pruning_ratio[, bn])``: plus the same
   cross-entropy of the transformed network pruned by group L2 to ``speed_up`` over the data
-  model, :func:`pruning.traced_prune_masks`, no gradient through the choice): :func:`network_grads` cuts the ``B * b`` images into chunks
+  model, :func:`pruning.traced_prune_masks`, no gradient through the choice; ``bn='batch'``:
+  that pruned network's BatchNorm uses batch statistics): :func:`network_grads` cuts the ``B * b`` images into chunks
   (``chunk_size(b, chunk)`` images) and a ``lax.scan`` accumulates the cross-entropy gradient
   with respect to the transformed parameters, one chunk at a time. The loss is the
   reference's: the sum over batches of each batch's mean cross-entropy. Chunking bounds the
@@ -184,12 +191,12 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
   g_ce, ce_sum, accuracy = network_grads(full_arch, theta, slot.batch_stats, masks, images,
                                          labels, chunk)
   if prune_aware is not None:  # (speed_up, max_pruning_ratio): also the pruned network's CE
-    speed_up, max_ratio = prune_aware
+    speed_up, max_ratio, *bn = prune_aware
     h, w = images.shape[-3:-1]
     pruned = pruning.traced_prune_masks(full_arch, theta, masks, speed_up, (1, 3, h, w),
                                         normalizer=normalizer, max_pruning_ratio=max_ratio)
     g_p, ce_p, _ = network_grads(full_arch, theta, slot.batch_stats, pruned, images, labels,
-                                 chunk)
+                                 chunk, batch_bn=bool(bn and bn[0] == "batch"))
     g_ce = jax.tree_util.tree_map(jnp.add, g_ce, g_p)
     ce_sum = ce_sum + ce_p
   r, g_r = jax.value_and_grad(

@@ -261,10 +261,12 @@ def meta_train(config, workdir: str) -> dict:
   aware = float(mt.get("prune_aware", 0.0))
   prune_aware = None
   if aware:
-    prune_aware = (aware, float(config.prune.get("max_pruning_ratio", 1.0)))
+    prune_aware = (aware, float(config.prune.get("max_pruning_ratio", 1.0)),
+                   str(mt.get("prune_aware_bn", "running")))
     signature["prune_aware"] = list(prune_aware)
   else:
     signature["meta_train"].pop("prune_aware", None)
+    signature["meta_train"].pop("prune_aware_bn", None)
   history, start = [], 0
   if ckpt.latest_step() is not None:
     ckpt.check_signature(signature)
