@@ -318,15 +318,22 @@ def test_classifier_scramble_masked_equals_materialised():
   assert f._cache_size() == 1
 
 
-def test_one_meta_step_lowers_the_loss():
-  """Three jitted meta steps lower the loss (each step's metrics are those of the metanetwork
-  it starts from, so the fourth call reports the loss after three updates)."""
+def _two_model_step_inputs():
+  """Two tiny data models stacked as slots, a metanetwork, one batch of 8 images per model:
+  ``(full, models, mc, phi, slots, x [2, 1, 8, 8, 8, 3], y [2, 1, 8])``."""
   full, models = _tiny_models(2, seed=1)
   mc = metanet_lib.make_metanet_config(2, 8, 8, (9,), 0.5, 0.5)
   phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(3))
   slots = metatrain.stack_slots([metatrain.make_slot(full, sv, k) for _, sv, k in models])
   x = jax.random.normal(jax.random.PRNGKey(5), (2, 1, 8, 8, 8, 3))
   y = (jnp.arange(16).reshape(2, 1, 8) % 10).astype(jnp.int32)
+  return full, models, mc, phi, slots, x, y
+
+
+def test_one_meta_step_lowers_the_loss():
+  """Three jitted meta steps lower the loss (each step's metrics are those of the metanetwork
+  it starts from, so the fourth call reports the loss after three updates)."""
+  full, models, mc, phi, slots, x, y = _two_model_step_inputs()
   spec = metatrain._spec(mc)  # private: make_meta_step takes the hashable spec of the config
   import optax
   from metaprune_jax.runtime import sharding
@@ -351,12 +358,7 @@ def test_reg_warmup_scales_the_strength_and_compiles_once():
                              [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0, 1.0, 1.0], rtol=1e-6)
   assert [meta_modes.reg_warmup_scale(0, 3)(k) for k in (0, 5)] == [1.0, 1.0]
   assert meta_modes.reg_warmup_scale(1, 1)(0) == 1.0
-  full, models = _tiny_models(2, seed=1)
-  mc = metanet_lib.make_metanet_config(2, 8, 8, (9,), 0.5, 0.5)
-  phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(3))
-  slots = metatrain.stack_slots([metatrain.make_slot(full, sv, k) for _, sv, k in models])
-  x = jax.random.normal(jax.random.PRNGKey(5), (2, 1, 8, 8, 8, 3))
-  y = (jnp.arange(16).reshape(2, 1, 8) % 10).astype(jnp.int32)
+  full, models, mc, phi, slots, x, y = _two_model_step_inputs()
   spec = metatrain._spec(mc)  # private: make_meta_step takes the hashable spec of the config
   tx = optax.sgd(1.0)  # the update is the negated mean gradient
   mesh = sharding.make_mesh()
@@ -390,7 +392,7 @@ def test_prune_aware_loss_adds_the_pruned_networks_gradient(bn):
   transformed network under the masks the search picks for it (computed here apart, with
   jax.grad through the metanetwork; ``batch``: its BatchNorm on batch statistics)."""
   from metaprune_jax.prune import pruning
-  full, models = _tiny_models(2, seed=1)
+  full, models, mc, phi, slots, x, y = _two_model_step_inputs()
   v = mp.init_variables(full, jax.random.PRNGKey(0), (8, 8))
   for target in (1.5, 3.0):
     want = mp.prune_to_target(full, v, target, (1, 3, 8, 8)).masks
@@ -398,11 +400,6 @@ def test_prune_aware_loss_adds_the_pruned_networks_gradient(bn):
                                                                  (1, 3, 8, 8)))(v["params"])
     for s in want:
       np.testing.assert_array_equal(np.asarray(got[s]), np.asarray(want[s]), err_msg=s)
-  mc = metanet_lib.make_metanet_config(2, 8, 8, (9,), 0.5, 0.5)
-  phi = metanet_lib.init_metanet(mc, jax.random.PRNGKey(3))
-  slots = metatrain.stack_slots([metatrain.make_slot(full, sv, k) for _, sv, k in models])
-  x = jax.random.normal(jax.random.PRNGKey(5), (2, 1, 8, 8, 8, 3))
-  y = (jnp.arange(16).reshape(2, 1, 8) % 10).astype(jnp.int32)
   spec = metatrain._spec(mc)  # private: the hashable spec batched_loss_grads takes
   args = (spec, full, phi, slots, x, y, 16.0, 0.1, "max")
   g_plain, m_plain = jax.jit(lambda: metatrain.batched_loss_grads(*args))()

@@ -148,9 +148,10 @@ def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
 
   The step's regulariser strength is ``reg * reg_scale`` (``reg_scale`` a float32 scalar, traced:
   a warm-up schedule, :func:`reg_warmup_scale`, compiles once); ``reg_scale=1`` is bit for bit
-  the strength ``reg``. ``prune_aware=(speed_up, max_pruning_ratio)``: the loss also takes the
-  cross-entropy of each transformed model pruned to ``speed_up`` (``meta_train.prune_aware``,
-  an extension, off by default)."""
+  the strength ``reg``. ``prune_aware=(speed_up, max_pruning_ratio, bn)``: the loss also takes
+  the cross-entropy of each transformed model pruned to ``speed_up``, its BatchNorm on
+  ``bn`` (``running`` or ``batch``) statistics (``meta_train.prune_aware``, an extension, off by
+  default)."""
   model_sharded = NamedSharding(mesh, P("data"))
   repl = NamedSharding(mesh, P())
 
