@@ -11,6 +11,11 @@ split at every meta-step and train 30 epochs.
 import importlib.util
 import os
 
+# the later rounds' common settings: the metanetwork epoch chosen on validation curves every 2
+# epochs, and round 8's per-group floor for every method (so their baselines are round 8's)
+_SELECTED_FLOOR90 = dict(prune__metanet_epoch=0, visualize__every=2, prune__max_pruning_ratio=0.9)
+_V5 = dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1)
+
 RECIPES = {
     # the settings shipped before the search: 3 x 16, ratios 0.01, 6 epochs, lr 1e-3, reg 10,
     # 2 batches of 64 per model and step
@@ -122,41 +127,28 @@ RECIPES = {
     # (v3's and the reference's strengths, which collapsed or did nothing at full strength from
     # the start) and the relative form at 100 (v18-v20 polarised, then destroyed the networks);
     # with round 8's floor, so the baselines are round 8's
-    "v27_warm_reg1": dict(meta_train__lr_milestones=(24,), meta_train__reg=1.0,
-                          meta_train__reg_warmup_epochs=20, prune__metanet_epoch=0,
-                          visualize__every=2, prune__max_pruning_ratio=0.9),
-    "v28_warm_reg10": dict(meta_train__lr_milestones=(24,), meta_train__reg=10.0,
-                           meta_train__reg_warmup_epochs=20, prune__metanet_epoch=0,
-                           visualize__every=2, prune__max_pruning_ratio=0.9),
-    "v29_warm_rel100": dict(meta_train__lr_milestones=(24,), meta_train__reg=100.0,
-                            meta_train__reg_form="relative", meta_train__reg_warmup_epochs=20,
-                            prune__metanet_epoch=0, visualize__every=2,
-                            prune__max_pruning_ratio=0.9),
+    "v27_warm_reg1": dict(_SELECTED_FLOOR90, meta_train__lr_milestones=(24,),
+                          meta_train__reg=1.0, meta_train__reg_warmup_epochs=20),
+    "v28_warm_reg10": dict(_SELECTED_FLOOR90, meta_train__lr_milestones=(24,),
+                           meta_train__reg=10.0, meta_train__reg_warmup_epochs=20),
+    "v29_warm_rel100": dict(_SELECTED_FLOOR90, meta_train__lr_milestones=(24,),
+                            meta_train__reg=100.0, meta_train__reg_form="relative",
+                            meta_train__reg_warmup_epochs=20),
     # pruning-aware meta-training (meta_train.prune_aware): the loss also takes the
     # cross-entropy of each transformed data model pruned by group L2 to 6.67x over it (10x
     # overall from the data models' 1.5x) or 4x (6x overall), so the metanetwork is rewarded
     # directly for networks whose pruned form keeps its accuracy; v5 otherwise, with the floor
-    "v30_paware10": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
-                         meta_train__prune_aware=6.67, prune__metanet_epoch=0,
-                         visualize__every=2, prune__max_pruning_ratio=0.9),
-    "v31_paware6": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
-                        meta_train__prune_aware=4.0, prune__metanet_epoch=0,
-                        visualize__every=2, prune__max_pruning_ratio=0.9),
+    "v30_paware10": dict(_V5, **_SELECTED_FLOOR90, meta_train__prune_aware=6.67),
+    "v31_paware6": dict(_V5, **_SELECTED_FLOOR90, meta_train__prune_aware=4.0),
     # the same at 2x over the data models (3x overall), where the networks pruned without a
     # finetune still classify (v30's and v31's pruned cross-entropy stayed at chance)
-    "v32_paware3": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
-                        meta_train__prune_aware=2.0, prune__metanet_epoch=0,
-                        visualize__every=2, prune__max_pruning_ratio=0.9),
+    "v32_paware3": dict(_V5, **_SELECTED_FLOOR90, meta_train__prune_aware=2.0),
     # v32 and v30 with the pruned network's BatchNorm on batch statistics (recalibrated, as
     # after a finetune): with the running ones every pruned network is at chance, v30-v32
-    "v33_paware3_bn": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
-                           meta_train__prune_aware=2.0, meta_train__prune_aware_bn="batch",
-                           prune__metanet_epoch=0, visualize__every=2,
-                           prune__max_pruning_ratio=0.9),
-    "v34_paware10_bn": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
-                            meta_train__prune_aware=6.67, meta_train__prune_aware_bn="batch",
-                            prune__metanet_epoch=0, visualize__every=2,
-                            prune__max_pruning_ratio=0.9),
+    "v33_paware3_bn": dict(_V5, **_SELECTED_FLOOR90, meta_train__prune_aware=2.0,
+                           meta_train__prune_aware_bn="batch"),
+    "v34_paware10_bn": dict(_V5, **_SELECTED_FLOOR90, meta_train__prune_aware=6.67,
+                            meta_train__prune_aware_bn="batch"),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
