@@ -24,7 +24,7 @@ from metaprune_jax.nets.cnn import apply_model, init_variables  # noqa: E402
 from metaprune_jax.graphs.graph import (from_graph, graph_from_reference_arrays,  # noqa: E402
                                  graph_layout, graph_to_reference_arrays, reference_edge_order,
                                  to_graph)
-from metaprune_jax.nets.inference import fold_batchnorm  # noqa: E402
+from metaprune_jax.nets.inference import fold_batchnorm, inference_form, pad_channels  # noqa: E402
 from metaprune_jax.nets.macs import count_macs  # noqa: E402
 from metaprune_jax.prune.groups import Group, Member, group_importance, pruning_groups  # noqa: E402
 from metaprune_jax.prune.masks import embed, full_masks, mask_variables, materialize  # noqa: E402
@@ -129,7 +129,7 @@ sys.modules.setdefault(f"{__name__}.regularizer", sys.modules[f"{__name__}.prune
 __all__ = [
   # Architectures and networks.
   "Arch", "Layer", "Op", "get_arch", "apply_model", "init_variables", "count_macs",
-  "fold_batchnorm",
+  "fold_batchnorm", "pad_channels", "inference_form",
   # Graphs of networks.
   "to_graph", "from_graph", "graph_layout", "reference_edge_order",
   "graph_to_reference_arrays", "graph_from_reference_arrays",

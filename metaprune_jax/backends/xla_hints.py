@@ -1,24 +1,30 @@
-"""The one place for the XLA:CPU-specific settings ("backend tuning"), and the switch for them.
+"""The one place for the backend-specific settings ("backend tuning"), and the switch for them.
 
-Every trick below was measured on XLA:CPU (a 2-core VM) and wins there; none was measured on a
-GPU or TPU, where cuDNN and XLA's own fusions are tuned differently. So each one is applied only
-when the backend that runs the program is the CPU, and GPUs and TPUs run plain JAX:
+Every trick below but the last was measured on XLA:CPU (a 2-core VM) and wins there. On a GPU
+(an NVIDIA H200, ``benchmarks/device_check.sh``, raw
+``benchmarks/results/device_check_gpu_h200_2026-12-04.json``) the traced ones would cost: the
+ResNet-56 train step 1.21x, the metanetwork forward+backward 1.13x and the meta-training step
+1.22x slower than plain JAX. So each is applied only when the backend that runs the program is
+the CPU, and GPUs and TPUs run plain JAX. The last row is the one setting measured on a GPU
+and applied there only:
 
-=============================  ==============================  ==================================
-setting                        lives in / decided by           CPU backend / other backends
-=============================  ==============================  ==================================
-convolution VJP                :func:`conv2d` here             hand-written / ``lax`` conv's own
-narrow-conv inference kernel   :func:`conv2d` asks             C++ direct conv / ``lax`` conv
+=============================  ====================================  ===========================
+setting                        lives in / decided by                 CPU backend / others
+=============================  ====================================  ===========================
+convolution VJP                :func:`conv2d` here                   hand-written / ``lax``'s
+narrow-conv inference kernel   :func:`conv2d` asks                   C++ direct conv / ``lax``
                                ``cpu_kernels.conv_use_for``
-materialise by division        :func:`materialize`,            ``y / ones`` / identity
+materialise by division        :func:`materialize`,                  ``y / ones`` / identity
                                :func:`materialize_cotangent`
-conv compiler options          :func:`conv_compiler_options`   no YNNPACK convs / ``{}``
-C++ edge kernels (metanet)     ``cpu_kernels.use_for`` asks    FFI kernels / XLA's fusions
+conv compiler options          :func:`conv_compiler_options`         no YNNPACK convs / ``{}``
+C++ edge kernels (metanet)     ``cpu_kernels.use_for`` asks          FFI kernels / XLA fusions
                                :func:`cpu_tuning`
-huge pages (glibc malloc)      ``host_memory`` (before jax     restart with the tunable / no
-                               is imported: env + devices)     restart where an accelerator is
-memory release after compile   :func:`compile_and_release`     ``malloc_trim`` / compile only
-=============================  ==============================  ==================================
+huge pages (glibc malloc)      ``host_memory`` (before jax           tunable / none where an
+                               is imported: env + devices)           accelerator is
+memory release after compile   :func:`compile_and_release`           ``malloc_trim`` / none
+pruned inference form padded   :func:`inference_channel_multiple`    none / multiples of 8 on
+to channel multiples           (``inference.inference_form``)        GPUs, none on TPUs
+=============================  ====================================  ===========================
 
 The switch (``backends/switch.py``, its names re-exported here): :func:`cpu_tuning` says whether the CPU settings apply. Its mode comes from
 ``METAPRUNE_JAX_BACKEND_TUNING`` (read when a program is traced) or, inside a
@@ -135,6 +141,33 @@ def conv_compiler_options(devices: Iterable | None = None) -> dict:
   if platform != "cpu" or not cpu_tuning(platform) or not _cpu_options_accepted(options):
     return {}
   return dict(options)
+
+
+# Channel multiple of a pruned network's inference form, per platform, where it was measured
+# (benchmarks/pruned_sweep.py, benchmarks/results/pruned_sweep_pad_gpu_h200_2026-12-04.json).
+_INFERENCE_CHANNEL_MULTIPLE = {"gpu": 8}
+
+
+def inference_channel_multiple(platform: str | None = None) -> int:
+  """The channel multiple a pruned network's inference form is zero-padded to on ``platform``.
+
+  The one setting here that was measured off the CPU, and it applies off the CPU only: on an
+  NVIDIA H200 (cuDNN through XLA:GPU, float32) the ResNet-56 pruned to 2.31x fewer MACs with
+  the reference's odd widths ran 0.66-0.78x as fast as the full network at batch 1024-8192, and
+  the same network zero-padded to multiples of 8 (``inference.pad_channels``: the same function
+  and decisions) 1.11x. On XLA:CPU padding buys nothing (the narrow-conv kernel runs any width),
+  so the CPU keeps the real widths; TPUs were never measured and keep them too.
+
+  Args:
+    platform: ``'cpu'``, ``'gpu'``, ``'tpu'``, ...; ``None``: ``jax.default_backend()``.
+
+  Returns:
+    8 on a GPU in tuning mode ``auto``; 1 (no padding) otherwise, and in modes ``none``
+    (plain JAX: the network as pruned) and ``cpu``.
+  """
+  if tuning_mode() != "auto":
+    return 1
+  return _INFERENCE_CHANNEL_MULTIPLE.get(platform or jax.default_backend(), 1)
 
 
 @functools.cache

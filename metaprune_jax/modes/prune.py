@@ -48,7 +48,6 @@ settings stop with an error naming the problem.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -120,13 +119,13 @@ def inference_seconds(arch: Arch, variables, image_hw, batch: int = 128, runs: i
                       fold: bool = True) -> float:
   """Median wall-clock seconds of one jitted eval-mode forward pass at ``batch`` images.
 
-  With ``fold`` (the default) the network is timed in its inference form, BatchNorm folded into
-  the convolutions (``inference.fold_batchnorm``; networks without a foldable BatchNorm are timed
-  as they are), as ``benchmarks/pruning.py`` times it.
+  With ``fold`` (the default) the network is timed in its inference form
+  (``inference.inference_form``): BatchNorm folded into the convolutions (networks without a
+  foldable BatchNorm are timed as they are), as ``benchmarks/pruning.py`` times it, and its
+  widths padded to the backend's channel multiple (8 on GPUs, none on the CPU).
   """
-  if fold:  # nothing to fold, or a BatchNorm not after a conv: timed as it is
-    with contextlib.suppress(ValueError):
-      arch, variables = inference.fold_batchnorm(arch, variables)
+  if fold:
+    arch, variables = inference.inference_form(arch, variables)
   fn = jax.jit(lambda v, x: cnn.apply_model(arch, v, x),
                compiler_options=xla_hints.conv_compiler_options())
   v = jax.device_put({"params": variables["params"], "batch_stats": variables["batch_stats"]})
@@ -514,7 +513,9 @@ def prune(config, workdir: str) -> dict:
       "mac_input_shape": list(shape), "widths": dict(final_arch.widths),
       "inference_speed_up": t_base / t_final, "base_latency_ms": 1e3 * t_base,
       "latency_ms": 1e3 * t_final, "latency_batch": batch, "latency_runs": runs,
-      "inference_form": "BatchNorm folded into the convolutions (fold_batchnorm), both networks",
+      "inference_form": "BatchNorm folded into the convolutions, widths padded to "
+                        "inference_channel_multiple (inference.inference_form), both networks",
+      "inference_channel_multiple": xla_hints.inference_channel_multiple(),
       "round_to": round_to, "max_pruning_ratio": max_ratio,
       "device": f"{d.platform}:{getattr(d, 'device_kind', '')} x{jax.device_count()}",
       "metanet_epoch": mn_epoch, "metanet_epoch_selection": selection, "budget": plan,
@@ -526,7 +527,7 @@ def prune(config, workdir: str) -> dict:
       "saved": {"orbax": os.path.join(out, "final"),
                 "state_dict_npz": os.path.join(out, "final_state_dict.npz"),
                 # the saved network keeps its BatchNorm layers (trainable, reference layout)
-                "fast_form": "metaprune_jax.nets.inference.fold_batchnorm("
+                "fast_form": "metaprune_jax.nets.inference.inference_form("
                              "*metaprune_jax.modes.prune.load_pruned(workdir))"},
   }
   if sparsity is not None:
