@@ -87,6 +87,10 @@ class CheckConfigTest(parameterized.TestCase):
       ("meta_train__prune_aware", 0.5, "config.meta_train.prune_aware=0.5: must be 0 (off) or "
        "a speed-up > 1"),
       ("meta_train__prune_aware", -2.0, "config.meta_train.prune_aware=-2.0: must be 0"),
+      ("meta_train__prune_aware_steps", -1, "config.meta_train.prune_aware_steps=-1: must be "
+       "an integer >= 0"),
+      ("meta_train__prune_aware_lr", 0.0, "config.meta_train.prune_aware_lr=0.0: must be a "
+       "learning rate > 0"),
       ("visualize__criterion", "l1", "config.visualize.criterion='l1': unknown criterion"),
       ("prune__normalizer", "l2", "config.prune.normalizer='l2': unknown normalizer"),
       ("prune__round_to", 0, "config.prune.round_to=0: must be a positive integer"),

@@ -385,12 +385,14 @@ def test_reg_warmup_scales_the_strength_and_compiles_once():
   assert step10._cache_size() == 1  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize("bn", ["running", "batch"])
-def test_prune_aware_loss_adds_the_pruned_networks_gradient(bn):
+@pytest.mark.parametrize("bn,steps", [("running", 0), ("batch", 0), ("batch", 2)])
+def test_prune_aware_loss_adds_the_pruned_networks_gradient(bn, steps):
   """``prune_aware``: the traced search picks prune_to_target's masks (full width), and the
   meta-gradient is the plain one plus, per model, the gradient of the cross-entropy of the
   transformed network under the masks the search picks for it (computed here apart, with
-  jax.grad through the metanetwork; ``batch``: its BatchNorm on batch statistics)."""
+  jax.grad through the metanetwork; ``batch``: its BatchNorm on batch statistics; ``steps``:
+  after that many SGD steps, unrolled here in a Python loop and differentiated through)."""
+  lr = 0.3
   from metaprune_jax.prune import pruning
   full, models, mc, phi, slots, x, y = _two_model_step_inputs()
   v = mp.init_variables(full, jax.random.PRNGKey(0), (8, 8))
@@ -403,8 +405,8 @@ def test_prune_aware_loss_adds_the_pruned_networks_gradient(bn):
   spec = metatrain._spec(mc)  # private: the hashable spec batched_loss_grads takes
   args = (spec, full, phi, slots, x, y, 16.0, 0.1, "max")
   g_plain, m_plain = jax.jit(lambda: metatrain.batched_loss_grads(*args))()
-  g_aware, m_aware = jax.jit(lambda: metatrain.batched_loss_grads(
-      *args, prune_aware=(2.0, 1.0, bn)))()
+  aware = (2.0, 1.0, bn) + ((steps, lr) if steps else ())
+  g_aware, m_aware = jax.jit(lambda: metatrain.batched_loss_grads(*args, prune_aware=aware))()
   extra, ce_extra = [], []
   for i in range(2):
     slot = jax.tree_util.tree_map(lambda a, i=i: a[i], slots)
@@ -413,11 +415,17 @@ def test_prune_aware_loss_adds_the_pruned_networks_gradient(bn):
     assert sum(float(jnp.sum(pm[s])) for s in pm) < sum(float(jnp.sum(slot.masks[s]))
                                                         for s in pm)
 
-    def ce(p, slot=slot, pm=pm, i=i):
-      th = metatrain.transformed_params(spec, p, full, slot)
+    def ce_of(th, slot=slot, pm=pm, i=i):
       out = mp.apply_model(full, {"params": th, "batch_stats": slot.batch_stats}, x[i, 0],
                            train=bn == "batch", masks=pm)
       return metatrain.cross_entropy(out[0] if bn == "batch" else out, y[i, 0])
+
+    def ce(p, slot=slot, ce_of=ce_of):
+      th = metatrain.transformed_params(spec, p, full, slot)
+      for _ in range(steps):  # one chunk of 8 images: every step takes it
+        d = jax.grad(ce_of)(th)
+        th = jax.tree_util.tree_map(lambda a, b: a - lr * b, th, d)
+      return ce_of(th)
     c, g = jax.value_and_grad(ce)(phi)
     extra.append(g)
     ce_extra.append(float(c))

@@ -164,16 +164,72 @@ def network_grads(arch: Arch, params, batch_stats, masks, images, labels,
   return g, ce_sum, correct / (n_batches * b)
 
 
+def unrolled_finetune_grads(arch: Arch, params, batch_stats, masks, images, labels,
+                            steps: int, lr: float, chunk: int = DEFAULT_CHUNK,
+                            batch_bn: bool = False):
+  """Gradient, through ``steps`` of plain SGD, of the network's loss after that finetune.
+
+  The network (under ``masks``) takes ``steps`` SGD steps of learning rate ``lr`` on the
+  cross-entropy of the first ``steps`` chunks of ``images`` (cycled when there are fewer), then
+  its loss is the summed per-batch mean cross-entropy over all of ``images`` (as
+  :func:`network_grads`). The gradient flows back through every update (second order), so it
+  says how the starting parameters should change for the finetuned network to be better: what
+  a pruned network's finetune makes of it, in a few differentiable steps.
+
+  Args:
+    arch, params, batch_stats, masks: as :func:`network_grads` (``masks``: the pruned network,
+      at full width; masked channels stay zero through the updates).
+    images: ``[B, b, H, W, 3]``; labels ``[B, b]``.
+    steps: SGD steps (>= 1).
+    lr: their learning rate.
+    chunk: images per step and per evaluated piece (:func:`chunk_size`).
+    batch_bn: BatchNorm on batch statistics (training mode, running statistics not updated).
+
+  Returns:
+    ``(grads like params, loss)``: the loss is the sum over the ``B`` batches of the finetuned
+    network's mean cross-entropy.
+  """
+  n_batches, b = images.shape[:2]
+  c = chunk_size(b, chunk)
+  xs = images.reshape(n_batches * b // c, c, *images.shape[2:])
+  ys = labels.reshape(n_batches * b // c, c)
+  idx = np.arange(steps) % xs.shape[0]
+  fx, fy = xs[idx], ys[idx]
+
+  def logits_of(th, x):
+    v = {"params": th, "batch_stats": batch_stats}
+    if batch_bn:
+      return cnn.apply_model(arch, v, x, train=True, masks=masks)[0]
+    return cnn.apply_model(arch, v, x, masks=masks)
+
+  def loss(th0):
+    def sgd(th, xy):
+      x, y = xy
+      g = jax.grad(lambda t: cross_entropy(logits_of(t, x), y))(th)
+      return jax.tree_util.tree_map(lambda a, d: a - lr * d, th, g), None
+    th, _ = jax.lax.scan(sgd, th0, (fx, fy))
+
+    def piece(total, xy):
+      x, y = xy
+      return total + cross_entropy(logits_of(th, x), y) * (c / b), None
+    total, _ = jax.lax.scan(piece, jnp.zeros((), jnp.float32), (xs, ys))
+    return total
+  value, g = jax.value_and_grad(loss)(params)
+  return g, value
+
+
 def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, normalizer,
                       use_masks=True, compat=False, chunk=DEFAULT_CHUNK, form="absolute",
                       prune_aware=None):
   """Per-slot ``(loss, ce, r, accuracy, grads_phi)``; images ``[B, b, H, W, 3]``.
 
   The network runs in eval mode (running BatchNorm statistics, docs/design.md section 5), so its
-  loss is a sum over images (``prune_aware=(speed_up, max_pruning_ratio[, bn])``: plus the same
-  cross-entropy of the transformed network pruned by group L2 to ``speed_up`` over the data
-  model, :func:`pruning.traced_prune_masks`, no gradient through the choice; ``bn='batch'``:
-  that pruned network's BatchNorm uses batch statistics): :func:`network_grads` cuts the ``B * b`` images into chunks
+  loss is a sum over images (``prune_aware=(speed_up, max_pruning_ratio[, bn[, steps, lr]])``:
+  plus the same cross-entropy of the transformed network pruned by group L2 to ``speed_up``
+  over the data model, :func:`pruning.traced_prune_masks`, no gradient through the choice;
+  ``bn='batch'``: that pruned network's BatchNorm uses batch statistics; ``steps > 0``: its
+  cross-entropy after ``steps`` differentiated SGD steps of rate ``lr``,
+  :func:`unrolled_finetune_grads`): :func:`network_grads` cuts the ``B * b`` images into chunks
   (``chunk_size(b, chunk)`` images) and a ``lax.scan`` accumulates the cross-entropy gradient
   with respect to the transformed parameters, one chunk at a time. The loss is the
   reference's: the sum over batches of each batch's mean cross-entropy. Chunking bounds the
@@ -191,12 +247,18 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
   g_ce, ce_sum, accuracy = network_grads(full_arch, theta, slot.batch_stats, masks, images,
                                          labels, chunk)
   if prune_aware is not None:  # (speed_up, max_pruning_ratio): also the pruned network's CE
-    speed_up, max_ratio, *bn = prune_aware
+    speed_up, max_ratio, *rest = prune_aware
+    batch_bn = bool(rest and rest[0] == "batch")
+    steps = int(rest[1]) if len(rest) > 1 else 0
     h, w = images.shape[-3:-1]
     pruned = pruning.traced_prune_masks(full_arch, theta, masks, speed_up, (1, 3, h, w),
                                         normalizer=normalizer, max_pruning_ratio=max_ratio)
-    g_p, ce_p, _ = network_grads(full_arch, theta, slot.batch_stats, pruned, images, labels,
-                                 chunk, batch_bn=bool(bn and bn[0] == "batch"))
+    if steps:  # the pruned network's loss after a short, differentiated finetune
+      g_p, ce_p = unrolled_finetune_grads(full_arch, theta, slot.batch_stats, pruned, images,
+                                          labels, steps, float(rest[2]), chunk, batch_bn)
+    else:
+      g_p, ce_p, _ = network_grads(full_arch, theta, slot.batch_stats, pruned, images, labels,
+                                   chunk, batch_bn=batch_bn)
     g_ce = jax.tree_util.tree_map(jnp.add, g_ce, g_p)
     ce_sum = ce_sum + ce_p
   r, g_r = jax.value_and_grad(

@@ -11,7 +11,7 @@ What is checked (the rest is left to the modes, which raise their own errors):
   ``prune.method`` (and its alias ``pruning.method``), the ``normalizer`` and ``criterion``
   fields of ``meta_train``, ``visualize`` and ``prune``; with ``prune.method='sl'``, its
   strength (> 0) and epochs (not 0, and equal to the transform budget every method gets);
-* sizes: ``prune.round_to`` (>= 1), ``meta_train.reg_warmup_epochs`` (0 to the epochs), ``meta_train.prune_aware`` (0 or > 1), ``prune.max_pruning_ratio`` (in (0, 1]), ``data_workers`` (>= 0), ``epochs``, ``batch_size``, ``eval_batch_size`` of every schedule section (any section
+* sizes: ``prune.round_to`` (>= 1), ``meta_train.reg_warmup_epochs`` (0 to the epochs), ``meta_train.prune_aware`` (0 or > 1), ``meta_train.prune_aware_steps`` (>= 0), ``meta_train.prune_aware_lr`` (> 0), ``prune.max_pruning_ratio`` (in (0, 1]), ``data_workers`` (>= 0), ``epochs``, ``batch_size``, ``eval_batch_size`` of every schedule section (any section
   holding both ``epochs`` and ``batch_size``) and the other batch/step counts, positive integers;
 * sharding: the global batches of the data-parallel schedules (and the evaluation batches of
   ``visualize`` and ``finetune_after_pruning``, ``meta_train.models_per_step``) divisible by the
@@ -188,6 +188,14 @@ def check_config(config, *, num_devices: int | None = None,
   value = _get(config, "meta_train.prune_aware_bn")
   if value is not None:
     _one_of("meta_train.prune_aware_bn", value, ("running", "batch"), "BatchNorm mode")
+  value = _get(config, "meta_train.prune_aware_steps")
+  if value is not None and (not _is_int(value) or value < 0):
+    raise ConfigError("meta_train.prune_aware_steps", value, "must be an integer >= 0 (0: the "
+                      "pruned network's loss as it is; N: after N differentiated SGD steps)")
+  value = _get(config, "meta_train.prune_aware_lr")
+  if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                            or not value > 0):
+    raise ConfigError("meta_train.prune_aware_lr", value, "must be a learning rate > 0")
   value = _get(config, "meta_train.reg_warmup_epochs")
   if value is not None:
     epochs = _get(config, "meta_train.epochs")

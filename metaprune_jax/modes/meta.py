@@ -148,7 +148,7 @@ def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
 
   The step's regulariser strength is ``reg * reg_scale`` (``reg_scale`` a float32 scalar, traced:
   a warm-up schedule, :func:`reg_warmup_scale`, compiles once); ``reg_scale=1`` is bit for bit
-  the strength ``reg``. ``prune_aware=(speed_up, max_pruning_ratio, bn)``: the loss also takes
+  the strength ``reg``. ``prune_aware=(speed_up, max_pruning_ratio, bn[, steps, lr])``: the loss also takes
   the cross-entropy of each transformed model pruned to ``speed_up``, its BatchNorm on
   ``bn`` (``running`` or ``batch``) statistics (``meta_train.prune_aware``, an extension, off by
   default)."""
@@ -264,8 +264,13 @@ def meta_train(config, workdir: str) -> dict:
   if aware:
     prune_aware = (aware, float(config.prune.get("max_pruning_ratio", 1.0)),
                    str(mt.get("prune_aware_bn", "running")))
+    if int(mt.get("prune_aware_steps", 0)):  # the pruned network's loss after a finetune
+      prune_aware += (int(mt.prune_aware_steps), float(mt.get("prune_aware_lr", 0.1)))
     signature["prune_aware"] = list(prune_aware)
-  else:
+  if not aware or not int(mt.get("prune_aware_steps", 0)):
+    signature["meta_train"].pop("prune_aware_steps", None)
+    signature["meta_train"].pop("prune_aware_lr", None)
+  if not aware:
     signature["meta_train"].pop("prune_aware", None)
     signature["meta_train"].pop("prune_aware_bn", None)
   history, start = [], 0
