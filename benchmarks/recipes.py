@@ -149,6 +149,15 @@ RECIPES = {
                            meta_train__prune_aware_bn="batch"),
     "v34_paware10_bn": dict(_V5, **_SELECTED_FLOOR90, meta_train__prune_aware=6.67,
                             meta_train__prune_aware_bn="batch"),
+    # v34 and v33 with the pruned network's loss taken after 10 differentiated SGD steps
+    # (lr 0.1; meta_train.prune_aware_steps): the metanetwork is scored on what a short
+    # finetune makes of its pruned output, the thing the pipeline's finetune decides
+    "v35_unroll10_bn": dict(_V5, **_SELECTED_FLOOR90, meta_train__prune_aware=6.67,
+                            meta_train__prune_aware_bn="batch", meta_train__prune_aware_steps=10,
+                            meta_train__prune_aware_lr=0.1),
+    "v36_unroll3_bn": dict(_V5, **_SELECTED_FLOOR90, meta_train__prune_aware=2.0,
+                           meta_train__prune_aware_bn="batch", meta_train__prune_aware_steps=10,
+                           meta_train__prune_aware_lr=0.1),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
