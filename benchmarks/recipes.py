@@ -158,6 +158,11 @@ RECIPES = {
     "v36_unroll3_bn": dict(_V5, **_SELECTED_FLOOR90, meta_train__prune_aware=2.0,
                            meta_train__prune_aware_bn="batch", meta_train__prune_aware_steps=10,
                            meta_train__prune_aware_lr=0.1),
+    # v35 with the regulariser 10x weaker (0.01): the unrolled term, not the regulariser,
+    # shapes the networks
+    "v37_unroll10_reg001": dict(_V5, **_SELECTED_FLOOR90, meta_train__reg=0.01,
+                                meta_train__prune_aware=6.67, meta_train__prune_aware_bn="batch",
+                                meta_train__prune_aware_steps=10, meta_train__prune_aware_lr=0.1),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
