@@ -155,8 +155,9 @@ def inference_channel_multiple(platform: str | None = None) -> int:
   NVIDIA H200 (cuDNN through XLA:GPU, float32) the ResNet-56 pruned to 2.31x fewer MACs with
   the reference's odd widths ran 0.66-0.78x as fast as the full network at batch 1024-8192, and
   the same network zero-padded to multiples of 8 (``inference.pad_channels``: the same function
-  and decisions) 1.11x. On XLA:CPU padding buys nothing (the narrow-conv kernel runs any width),
-  so the CPU keeps the real widths; TPUs were never measured and keep them too.
+  and decisions) 1.11x. On XLA:CPU padding costs (the narrow-conv kernel runs any width: 1.55x
+  padded against 1.87x unpadded at batch 128, ``pruned_sweep_cpu_2026-12-04.json``), so the CPU
+  keeps the real widths; TPUs were never measured and keep them too.
 
   Args:
     platform: ``'cpu'``, ``'gpu'``, ``'tpu'``, ...; ``None``: ``jax.default_backend()``.
