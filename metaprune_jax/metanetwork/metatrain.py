@@ -123,6 +123,24 @@ def chunk_size(batch: int, chunk: int) -> int:
   return max(d for d in range(1, chunk + 1) if batch % d == 0)
 
 
+def _chunks(images, labels, chunk: int):
+  """``(xs [n, c, H, W, 3], ys [n, c], c, b)``: the ``[B, b]`` batches cut into chunks of
+  ``c = chunk_size(b, chunk)`` images."""
+  n_batches, b = images.shape[:2]
+  c = chunk_size(b, chunk)
+  return (images.reshape(n_batches * b // c, c, *images.shape[2:]),
+          labels.reshape(n_batches * b // c, c), c, b)
+
+
+def _logits(arch: Arch, params, batch_stats, masks, x, batch_bn: bool):
+  """The network's logits on ``x``: eval mode, or BatchNorm on ``x``'s batch statistics
+  (training mode; the running statistics are not updated)."""
+  v = {"params": params, "batch_stats": batch_stats}
+  if batch_bn:
+    return cnn.apply_model(arch, v, x, train=True, masks=masks)[0]
+  return cnn.apply_model(arch, v, x, masks=masks)
+
+
 def network_grads(arch: Arch, params, batch_stats, masks, images, labels,
                   chunk: int = DEFAULT_CHUNK, batch_bn: bool = False):
   """Gradient of the summed per-batch mean cross-entropy of the network (eval mode).
@@ -139,21 +157,14 @@ def network_grads(arch: Arch, params, batch_stats, masks, images, labels,
   Returns:
     ``(grads like params, sum over the B batches of their mean CE, accuracy)``.
   """
-  n_batches, b = images.shape[:2]
-  c = chunk_size(b, chunk)
-  xs = images.reshape(n_batches * b // c, c, *images.shape[2:])
-  ys = labels.reshape(n_batches * b // c, c)
+  xs, ys, c, b = _chunks(images, labels, chunk)
 
   def step(carry, xy):
     g_acc, l_acc, a_acc = carry
     x, y = xy
 
     def ce(th):
-      v = {"params": th, "batch_stats": batch_stats}
-      if batch_bn:
-        logits, _ = cnn.apply_model(arch, v, x, train=True, masks=masks)
-      else:
-        logits = cnn.apply_model(arch, v, x, masks=masks)
+      logits = _logits(arch, th, batch_stats, masks, x, batch_bn)
       # this chunk's share of its batch's mean cross-entropy
       return cross_entropy(logits, y) * (c / b), jnp.sum(jnp.argmax(logits, -1) == y)
     (l, a), g = jax.value_and_grad(ce, has_aux=True)(params)
@@ -161,7 +172,7 @@ def network_grads(arch: Arch, params, batch_stats, masks, images, labels,
   zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
   # convolutions inside the scan use cnn.conv2d's explicit backward (fast in loops too)
   (g, ce_sum, correct), _ = jax.lax.scan(step, (zeros, 0.0, 0), (xs, ys))
-  return g, ce_sum, correct / (n_batches * b)
+  return g, ce_sum, correct / (xs.shape[0] * c)
 
 
 def unrolled_finetune_grads(arch: Arch, params, batch_stats, masks, images, labels,
@@ -189,18 +200,12 @@ def unrolled_finetune_grads(arch: Arch, params, batch_stats, masks, images, labe
     ``(grads like params, loss)``: the loss is the sum over the ``B`` batches of the finetuned
     network's mean cross-entropy.
   """
-  n_batches, b = images.shape[:2]
-  c = chunk_size(b, chunk)
-  xs = images.reshape(n_batches * b // c, c, *images.shape[2:])
-  ys = labels.reshape(n_batches * b // c, c)
+  xs, ys, c, b = _chunks(images, labels, chunk)
   idx = np.arange(steps) % xs.shape[0]
   fx, fy = xs[idx], ys[idx]
 
   def logits_of(th, x):
-    v = {"params": th, "batch_stats": batch_stats}
-    if batch_bn:
-      return cnn.apply_model(arch, v, x, train=True, masks=masks)[0]
-    return cnn.apply_model(arch, v, x, masks=masks)
+    return _logits(arch, th, batch_stats, masks, x, batch_bn)
 
   def loss(th0):
     def sgd(th, xy):

@@ -260,19 +260,18 @@ def meta_train(config, workdir: str) -> dict:
   if not warmup:  # likewise: without a warm-up, the signature of earlier checkpoints
     signature["meta_train"].pop("reg_warmup_epochs", None)
   aware = float(mt.get("prune_aware", 0.0))
+  aware_steps = int(mt.get("prune_aware_steps", 0)) if aware else 0
   prune_aware = None
-  if aware:
-    prune_aware = (aware, float(config.prune.get("max_pruning_ratio", 1.0)),
-                   str(mt.get("prune_aware_bn", "running")))
-    if int(mt.get("prune_aware_steps", 0)):  # the pruned network's loss after a finetune
-      prune_aware += (int(mt.prune_aware_steps), float(mt.get("prune_aware_lr", 0.1)))
+  if aware:  # (+ the pruned network's loss after a differentiated finetune of aware_steps)
+    prune_aware = ((aware, float(config.prune.get("max_pruning_ratio", 1.0)),
+                    str(mt.get("prune_aware_bn", "running")))
+                   + ((aware_steps, float(mt.get("prune_aware_lr", 0.1))) if aware_steps else ()))
     signature["prune_aware"] = list(prune_aware)
-  if not aware or not int(mt.get("prune_aware_steps", 0)):
-    signature["meta_train"].pop("prune_aware_steps", None)
-    signature["meta_train"].pop("prune_aware_lr", None)
-  if not aware:
-    signature["meta_train"].pop("prune_aware", None)
-    signature["meta_train"].pop("prune_aware_bn", None)
+  # keys at their off value stay out of the signature: earlier checkpoints stay valid
+  off = (() if aware else ("prune_aware", "prune_aware_bn")) + (
+      () if aware_steps else ("prune_aware_steps", "prune_aware_lr"))
+  for key in off:
+    signature["meta_train"].pop(key, None)
   history, start = [], 0
   if ckpt.latest_step() is not None:
     ckpt.check_signature(signature)
