@@ -163,6 +163,16 @@ RECIPES = {
     "v37_unroll10_reg001": dict(_V5, **_SELECTED_FLOOR90, meta_train__reg=0.01,
                                 meta_train__prune_aware=6.67, meta_train__prune_aware_bn="batch",
                                 meta_train__prune_aware_steps=10, meta_train__prune_aware_lr=0.1),
+    # v5 with the data models' BatchNorm on batch statistics in meta-training (as in the finetune
+    # that follows and in sparse learning's training): a channel's producer can shrink without
+    # moving the loss, only its BatchNorm scale/shift and its readers count (meta_train.bn)
+    "v38_batchbn": dict(_V5, **_SELECTED_FLOOR90, meta_train__bn="batch"),
+    # the same with the regulariser 10x stronger (1.0: what shrinks freely is satisfied first)
+    "v39_batchbn_reg1": dict(_V5, **_SELECTED_FLOOR90, meta_train__bn="batch",
+                             meta_train__reg=1.0),
+    # the same with the relative regulariser (only separating a group's channels lowers it)
+    "v40_batchbn_rel1": dict(_V5, **_SELECTED_FLOOR90, meta_train__bn="batch",
+                             meta_train__reg=1.0, meta_train__reg_form="relative"),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,

@@ -87,6 +87,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.meta_train.alpha = 16.0          # gamma base of the group-norm regulariser
   config.meta_train.reg = 0.1             # regulariser strength (the reference: 10; recipe v5)
   config.meta_train.normalizer = "max"
+  config.meta_train.bn = "running"  # the data models' BatchNorm in the cross-entropy: "running"
+                                   # statistics (the reference's) or "batch" (as in training)
   config.meta_train.prune_aware = 0.0  # > 1: the loss also takes the CE of each transformed
                                       # data model pruned to this speed-up over it (0: off)
   config.meta_train.prune_aware_bn = "running"  # that pruned network's BatchNorm: "running"

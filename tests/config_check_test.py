@@ -84,6 +84,7 @@ class CheckConfigTest(parameterized.TestCase):
        "an integer >= 0"),
       ("meta_train__reg_warmup_epochs", 31, "config.meta_train.reg_warmup_epochs=31: longer "
        "than meta_train.epochs=30"),
+      ("meta_train__bn", "train", "config.meta_train.bn='train': unknown BatchNorm mode"),
       ("meta_train__prune_aware", 0.5, "config.meta_train.prune_aware=0.5: must be 0 (off) or "
        "a speed-up > 1"),
       ("meta_train__prune_aware", -2.0, "config.meta_train.prune_aware=-2.0: must be 0"),

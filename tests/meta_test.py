@@ -385,6 +385,41 @@ def test_reg_warmup_scales_the_strength_and_compiles_once():
   assert step10._cache_size() == 1  # pylint: disable=protected-access
 
 
+def test_batch_bn_meta_gradient_is_the_train_mode_loss_gradient():
+  """``bn='batch'``: the meta-gradient is, per model, jax.grad through the metanetwork of the
+  transformed network's cross-entropy with BatchNorm on the batch's statistics (training mode)
+  plus the regulariser, computed here apart; it differs from the running-statistics gradient;
+  an unknown mode is named."""
+  from metaprune_jax.prune.regularizer import regularizer
+  full, _, mc, phi, slots, x, y = _two_model_step_inputs()
+  spec = metatrain._spec(mc)  # private: the hashable spec batched_loss_grads takes
+  args = (spec, full, phi, slots, x, y, 16.0, 0.1, "max")
+  g_run, _ = jax.jit(lambda: metatrain.batched_loss_grads(*args))()
+  g_batch, m_batch = jax.jit(lambda: metatrain.batched_loss_grads(*args, bn="batch"))()
+  want, ces = [], []
+  for i in range(2):
+    slot = jax.tree_util.tree_map(lambda a, i=i: a[i], slots)
+
+    def loss(p, slot=slot, i=i):
+      th = metatrain.transformed_params(spec, p, full, slot)
+      logits, _ = mp.apply_model(full, {"params": th, "batch_stats": slot.batch_stats},
+                                 x[i, 0], train=True, masks=slot.masks)
+      ce = metatrain.cross_entropy(logits, y[i, 0])
+      return ce + regularizer(full, {"params": th}, 16.0, 0.1, "max", masks=slot.masks), ce
+    (_, ce), g = jax.value_and_grad(loss, has_aux=True)(phi)
+    want.append(g)
+    ces.append(float(ce))
+  want = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *want)
+  jax.tree_util.tree_map(lambda u, w: np.testing.assert_allclose(u, w, rtol=2e-4, atol=1e-6),
+                         jax.device_get(g_batch), jax.device_get(want))
+  np.testing.assert_allclose(np.asarray(m_batch["ce"]), ces, rtol=1e-5)
+  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(g_run),
+                                                            jax.tree_util.tree_leaves(g_batch)))
+  assert diff > 1e-4
+  with pytest.raises(ValueError, match="bn='train'"):
+    metatrain.batched_loss_grads(*args, bn="train")
+
+
 @pytest.mark.parametrize("bn,steps", [("running", 0), ("batch", 0), ("batch", 2)])
 def test_prune_aware_loss_adds_the_pruned_networks_gradient(bn, steps):
   """``prune_aware``: the traced search picks prune_to_target's masks (full width), and the

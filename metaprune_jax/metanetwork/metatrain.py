@@ -225,11 +225,13 @@ def unrolled_finetune_grads(arch: Arch, params, batch_stats, masks, images, labe
 
 def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, normalizer,
                       use_masks=True, compat=False, chunk=DEFAULT_CHUNK, form="absolute",
-                      prune_aware=None):
+                      prune_aware=None, batch_bn=False):
   """Per-slot ``(loss, ce, r, accuracy, grads_phi)``; images ``[B, b, H, W, 3]``.
 
   The network runs in eval mode (running BatchNorm statistics, docs/design.md section 5), so its
-  loss is a sum over images (``prune_aware=(speed_up, max_pruning_ratio[, bn[, steps, lr]])``:
+  loss is a sum over images (``batch_bn``, an extension: BatchNorm on each chunk's batch
+  statistics instead, as in training, where shrinking a channel's producer is normalised away
+  and only its BatchNorm scale and shift and its readers decide the loss; ``prune_aware=(speed_up, max_pruning_ratio[, bn[, steps, lr]])``:
   plus the same cross-entropy of the transformed network pruned by group L2 to ``speed_up``
   over the data model, :func:`pruning.traced_prune_masks`, no gradient through the choice;
   ``bn='batch'``: that pruned network's BatchNorm uses batch statistics; ``steps > 0``: its
@@ -250,7 +252,7 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
     return th
   theta, pull = jax.vjp(theta_fn, phi)
   g_ce, ce_sum, accuracy = network_grads(full_arch, theta, slot.batch_stats, masks, images,
-                                         labels, chunk)
+                                         labels, chunk, batch_bn=batch_bn)
   if prune_aware is not None:  # (speed_up, max_pruning_ratio): also the pruned network's CE
     speed_up, max_ratio, *rest = prune_aware
     batch_bn = bool(rest and rest[0] == "batch")
@@ -327,7 +329,8 @@ def _grads_jit():
 
 def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, alpha, reg,
                        normalizer, lanes: int = 1, chunk: int = DEFAULT_CHUNK,
-                       form: str = "absolute", compat: bool = False, prune_aware=None):
+                       form: str = "absolute", compat: bool = False, prune_aware=None,
+                       bn: str = "running"):
   """Mean over a stack of data models ``[M, ...]`` of the loss gradients (and metrics).
 
   The ``M`` models are cut into ``lanes`` groups (``M % lanes == 0``; the data-parallel width,
@@ -335,8 +338,11 @@ def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, a
   partitioner gives each device its own), and each lane runs its models one after another in a
   ``lax.scan``, so a device never runs a model-batched (grouped) convolution. ``compat``: the
   reference's classifier scramble on each transformed model (at its kept widths);
-  ``prune_aware``: see :func:`_model_loss_grads`.
+  ``prune_aware``: see :func:`_model_loss_grads`; ``bn``: the data models' BatchNorm in the
+  cross-entropy, ``running`` statistics (the reference's) or each chunk's ``batch`` statistics.
   """
+  if bn not in ("running", "batch"):
+    raise ValueError(f"bn={bn!r}: the BatchNorm mode is 'running' or 'batch'")
   m = slots.flat.shape[0]
   if m % lanes:
     raise ValueError(f"{m} data models do not split into {lanes} lanes")
@@ -348,7 +354,8 @@ def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, a
       s, x, y = xs
       loss, ce, r, acc, g = _model_loss_grads(spec, full_arch, phi, s, x, y, alpha, reg,
                                               normalizer, chunk=chunk, form=form,
-                                              compat=compat, prune_aware=prune_aware)
+                                              compat=compat, prune_aware=prune_aware,
+                                              batch_bn=bn == "batch")
       return jax.tree_util.tree_map(jnp.add, g_sum, g), (loss, ce, r, acc)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, phi)
     return jax.lax.scan(one, zeros, (lane_slots, lane_images, lane_labels))

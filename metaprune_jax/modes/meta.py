@@ -139,7 +139,7 @@ def _generate_models(config, workdir, dataset, full, root, indices, done, mesh, 
 
 def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
                    chunk: int = metatrain.DEFAULT_CHUNK, form: str = "absolute",
-                   compat: bool = False, prune_aware=None):
+                   compat: bool = False, prune_aware=None, bn: str = "running"):
   """Jitted ``(phi, opt_state, slots[M], images[M,B,b,H,W,3], labels[M,B,b], reg_scale[]) ->
   (phi, opt_state, metrics)``; the model axis is sharded over the mesh's ``data`` axis (one lane
   of models per device, see :func:`metatrain.batched_loss_grads`); ``chunk``: images per scanned
@@ -151,7 +151,8 @@ def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
   the strength ``reg``. ``prune_aware=(speed_up, max_pruning_ratio, bn[, steps, lr])``: the loss also takes
   the cross-entropy of each transformed model pruned to ``speed_up``, its BatchNorm on
   ``bn`` (``running`` or ``batch``) statistics (``meta_train.prune_aware``, an extension, off by
-  default)."""
+  default); ``bn``: the data models' BatchNorm in the cross-entropy, ``running`` statistics (the
+  reference's) or ``batch`` statistics (``meta_train.bn``, an extension)."""
   model_sharded = NamedSharding(mesh, P("data"))
   repl = NamedSharding(mesh, P())
 
@@ -160,7 +161,7 @@ def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
     g, m = metatrain.batched_loss_grads(spec, full_arch, phi, slots, images, labels, alpha,
                                         strength, normalizer, lanes=mesh.shape["data"],
                                         chunk=chunk, form=form, compat=compat,
-                                        prune_aware=prune_aware)
+                                        prune_aware=prune_aware, bn=bn)
     updates, opt_state = tx.update(g, opt_state, phi)
     return optax.apply_updates(phi, updates), opt_state, m
   return jax.jit(step, in_shardings=(repl, repl, model_sharded, model_sharded, model_sharded,
@@ -270,6 +271,9 @@ def meta_train(config, workdir: str) -> dict:
   # keys at their off value stay out of the signature: earlier checkpoints stay valid
   off = (() if aware else ("prune_aware", "prune_aware_bn")) + (
       () if aware_steps else ("prune_aware_steps", "prune_aware_lr"))
+  bn = str(mt.get("bn", "running"))
+  if bn == "running":
+    off += ("bn",)
   for key in off:
     signature["meta_train"].pop(key, None)
   history, start = [], 0
@@ -282,7 +286,7 @@ def meta_train(config, workdir: str) -> dict:
   step_fn = make_meta_step(spec, full, tx, mesh, float(mt.alpha), float(mt.reg),
                            str(mt.get("normalizer", "max")),
                            int(mt.get("chunk_size", metatrain.DEFAULT_CHUNK)),
-                           str(mt.get("reg_form", "absolute")), compat, prune_aware)
+                           str(mt.get("reg_form", "absolute")), compat, prune_aware, bn)
   stacked = jax.device_get(metatrain.stack_slots([slots[p] for p in train_pos]))
   bsz, nb = int(mt.batch_size), int(mt.batches_per_model)
   if nb <= 0:  # the whole training split at every step (the reference's faithful setting)
