@@ -418,6 +418,21 @@ def test_batch_bn_meta_gradient_is_the_train_mode_loss_gradient():
   assert diff > 1e-4
   with pytest.raises(ValueError, match="bn='train'"):
     metatrain.batched_loss_grads(*args, bn="train")
+  # validation in the same mode: a padded batch's padding stays out of the batch statistics
+  class Padded:  # eval_batches' contract: valid rows first, then padding (mask 0)
+    def eval_batches(self, batch, split):
+      assert split == "val"
+      yield {"image": np.concatenate([np.asarray(x[0, 0]), np.full((3, 8, 8, 3), 9.0,
+                                                                    np.float32)]),
+             "label": np.concatenate([np.asarray(y[0, 0]), np.zeros(3, np.int32)]),
+             "mask": np.r_[np.ones(8), np.zeros(3)].astype(np.float32)}
+  slot0 = jax.tree_util.tree_map(lambda a: a[0], slots)
+  loss, acc = meta_modes.validate_metanet(spec, full, phi, [slot0], Padded(), 11, 0, bn="batch")
+  th = metatrain.transformed_params(spec, phi, full, slot0)
+  logits, _ = mp.apply_model(full, {"params": th, "batch_stats": slot0.batch_stats}, x[0, 0],
+                             train=True, masks=slot0.masks)
+  np.testing.assert_allclose(loss, float(metatrain.cross_entropy(logits, y[0, 0])), rtol=1e-5)
+  np.testing.assert_allclose(acc, float(jnp.mean(jnp.argmax(logits, -1) == y[0, 0])))
 
 
 @pytest.mark.parametrize("bn,steps", [("running", 0), ("batch", 0), ("batch", 2)])

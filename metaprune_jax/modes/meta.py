@@ -186,13 +186,15 @@ def reg_warmup_scale(warmup_epochs: int, steps_per_epoch: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _eval_fn(spec, full_arch, compat=False):
+def _eval_fn(spec, full_arch, compat=False, batch_bn=False):
   def f(phi, slot, x, y, valid):
     th = metatrain.transformed_params(spec, phi, full_arch, slot)
     if compat:
       th = metanet_lib.scramble_classifier(full_arch, {"params": th}, slot.masks)["params"]
     logits = cnn.apply_model(full_arch, {"params": th, "batch_stats": slot.batch_stats}, x,
-                             masks=slot.masks)
+                             train=batch_bn, masks=slot.masks)
+    if batch_bn:
+      logits = logits[0]
     logp = jax.nn.log_softmax(logits)
     nll = -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
     return jnp.sum(nll * valid), jnp.sum((jnp.argmax(logits, -1) == y) * valid), jnp.sum(valid)
@@ -200,18 +202,27 @@ def _eval_fn(spec, full_arch, compat=False):
 
 
 def validate_metanet(spec, full_arch, phi, slots, dataset, batch_size, max_batches,
-                     compat=False):
+                     compat=False, bn="running"):
   """Mean loss/accuracy of the transformed validation data models (no finetuning) on the
   validation split of the images (carved from the training split); ``compat``: with the
-  reference's classifier scramble, as meta-training saw them."""
-  f = _eval_fn(spec, full_arch, bool(compat))
+  reference's classifier scramble, as meta-training saw them; ``bn="batch"``: BatchNorm on each
+  validation batch's statistics (its padding left out), as ``meta_train.bn="batch"`` trained
+  them (the data models' running statistics no longer fit what the metanetwork returns)."""
+  batch_bn = bn == "batch"
+  f = _eval_fn(spec, full_arch, bool(compat), batch_bn)
   losses, accs = [], []
   for slot in slots:
     tot = np.zeros(3)
     for b, batch in enumerate(dataset.eval_batches(batch_size, "val")):
       if max_batches and b >= max_batches:
         break
-      out = f(phi, slot, batch["image"], batch["label"], batch["mask"])
+      x, y, valid = batch["image"], batch["label"], batch["mask"]
+      if batch_bn:  # padded rows must not enter the statistics: the valid rows come first
+        n = int(np.sum(np.asarray(valid)))
+        if n == 0:
+          continue
+        x, y, valid = x[:n], y[:n], valid[:n]
+      out = f(phi, slot, x, y, valid)
       tot += np.array(jax.device_get(out), np.float64)
     losses.append(tot[0] / max(tot[2], 1))
     accs.append(tot[1] / max(tot[2], 1))
@@ -342,7 +353,7 @@ def meta_train(config, workdir: str) -> dict:
       val_loss, val_acc = validate_metanet(spec, full, jax.device_get(phi),
                                            [slots[p] for p in val_pos], local_data,
                                            int(mt.get("eval_batch_size", 500)),
-                                           int(mt.get("val_batches", 0)), compat)
+                                           int(mt.get("val_batches", 0)), compat, bn)
       rec = {"epoch": epoch + 1, "lr": float(lr((epoch + 1) * steps_per_epoch - 1)),
              **{f"train_{k}": float(np.mean([d[k] for d in sums])) for k in sums[0]},
              **({"reg_scale": float(reg_scale)} if warmup else {}),
