@@ -231,9 +231,10 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
   The network runs in eval mode (running BatchNorm statistics, docs/design.md section 5), so its
   loss is a sum over images (``batch_bn``, an extension: BatchNorm on each chunk's batch
   statistics instead, as in training, where shrinking a channel's producer is normalised away
-  and only its BatchNorm scale and shift and its readers decide the loss; ``prune_aware=(speed_up, max_pruning_ratio[, bn[, steps, lr]])``:
-  plus the same cross-entropy of the transformed network pruned by group L2 to ``speed_up``
-  over the data model, :func:`pruning.traced_prune_masks`, no gradient through the choice;
+  and only its BatchNorm scale and shift and its readers decide the loss;
+  ``prune_aware=(speed_up, max_pruning_ratio[, bn[, steps, lr]])``: plus the same cross-entropy
+  of the transformed network pruned by group L2 to ``speed_up`` over the data model,
+  :func:`pruning.traced_prune_masks`, no gradient through the choice;
   ``bn='batch'``: that pruned network's BatchNorm uses batch statistics; ``steps > 0``: its
   cross-entropy after ``steps`` differentiated SGD steps of rate ``lr``,
   :func:`unrolled_finetune_grads`): :func:`network_grads` cuts the ``B * b`` images into chunks
@@ -255,17 +256,17 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
                                          labels, chunk, batch_bn=batch_bn)
   if prune_aware is not None:  # (speed_up, max_pruning_ratio): also the pruned network's CE
     speed_up, max_ratio, *rest = prune_aware
-    batch_bn = bool(rest and rest[0] == "batch")
+    pruned_bn = bool(rest and rest[0] == "batch")
     steps = int(rest[1]) if len(rest) > 1 else 0
     h, w = images.shape[-3:-1]
     pruned = pruning.traced_prune_masks(full_arch, theta, masks, speed_up, (1, 3, h, w),
                                         normalizer=normalizer, max_pruning_ratio=max_ratio)
     if steps:  # the pruned network's loss after a short, differentiated finetune
       g_p, ce_p = unrolled_finetune_grads(full_arch, theta, slot.batch_stats, pruned, images,
-                                          labels, steps, float(rest[2]), chunk, batch_bn)
+                                          labels, steps, float(rest[2]), chunk, pruned_bn)
     else:
       g_p, ce_p, _ = network_grads(full_arch, theta, slot.batch_stats, pruned, images, labels,
-                                   chunk, batch_bn=batch_bn)
+                                   chunk, batch_bn=pruned_bn)
     g_ce = jax.tree_util.tree_map(jnp.add, g_ce, g_p)
     ce_sum = ce_sum + ce_p
   r, g_r = jax.value_and_grad(
