@@ -170,6 +170,11 @@ RECIPES = {
     # the same with the regulariser 10x stronger (1.0: what shrinks freely is satisfied first)
     "v39_batchbn_reg1": dict(_V5, **_SELECTED_FLOOR90, meta_train__bn="batch",
                              meta_train__reg=1.0),
+    # between v38 and v39 (v39's no-finetune curve moved right of group L2's, at a cost)
+    "v41_batchbn_reg03": dict(_V5, **_SELECTED_FLOOR90, meta_train__bn="batch",
+                              meta_train__reg=0.3),
+    "v42_batchbn_reg003": dict(_V5, **_SELECTED_FLOOR90, meta_train__bn="batch",
+                               meta_train__reg=0.03),
     # the same with the relative regulariser (only separating a group's channels lowers it)
     "v40_batchbn_rel1": dict(_V5, **_SELECTED_FLOOR90, meta_train__bn="batch",
                              meta_train__reg=1.0, meta_train__reg_form="relative"),
