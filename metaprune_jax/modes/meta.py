@@ -191,10 +191,7 @@ def _eval_fn(spec, full_arch, compat=False, batch_bn=False):
     th = metatrain.transformed_params(spec, phi, full_arch, slot)
     if compat:
       th = metanet_lib.scramble_classifier(full_arch, {"params": th}, slot.masks)["params"]
-    logits = cnn.apply_model(full_arch, {"params": th, "batch_stats": slot.batch_stats}, x,
-                             train=batch_bn, masks=slot.masks)
-    if batch_bn:
-      logits = logits[0]
+    logits = metatrain._logits(full_arch, th, slot.batch_stats, slot.masks, x, batch_bn)  # pylint: disable=protected-access
     logp = jax.nn.log_softmax(logits)
     nll = -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
     return jnp.sum(nll * valid), jnp.sum((jnp.argmax(logits, -1) == y) * valid), jnp.sum(valid)
