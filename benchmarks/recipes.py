@@ -178,6 +178,20 @@ RECIPES = {
     # the same with the relative regulariser (only separating a group's channels lowers it)
     "v40_batchbn_rel1": dict(_V5, **_SELECTED_FLOOR90, meta_train__bn="batch",
                              meta_train__reg=1.0, meta_train__reg_form="relative"),
+    # the metanetwork taught to make each data model's channel-importance pattern what sparse
+    # learning makes of it (meta_train.imitate_sl: the scale-free distance of the group-L2
+    # shares to the data model after the `sl` transform), the cross-entropy on batch
+    # statistics, the group-norm regulariser nearly off (1e-4), each channel's standing in its
+    # group as an input (v12), the learning rate kept until epoch 24
+    "v43_imitate100": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=100.0,
+                           meta_train__bn="batch", meta_train__reg=1e-4,
+                           meta_train__lr_milestones=(24,), metanet__importance_input=True),
+    "v44_imitate30": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=30.0,
+                          meta_train__bn="batch", meta_train__reg=1e-4,
+                          meta_train__lr_milestones=(24,), metanet__importance_input=True),
+    "v45_imitate300": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=300.0,
+                           meta_train__bn="batch", meta_train__reg=1e-4,
+                           meta_train__lr_milestones=(24,), metanet__importance_input=True),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,

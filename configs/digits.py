@@ -96,6 +96,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.meta_train.prune_aware_steps = 0  # > 0: that pruned network's loss after this many
                                           # SGD steps, differentiated through (a finetune)
   config.meta_train.prune_aware_lr = 0.1   # those steps' learning rate
+  config.meta_train.imitate_sl = 0.0  # > 0: the loss also takes this weight times each
+                                     # transformed data model's relative distance to that data
+                                     # model after sparse learning (prune.sl; an extension)
   config.meta_train.reg_warmup_epochs = 0  # the strength rises linearly to `reg` over this many
                                            # epochs (0: full strength from the first step)
   # config.meta_train.reg_form = "relative": a scale-invariant per-group regulariser (see

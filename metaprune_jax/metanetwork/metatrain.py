@@ -37,6 +37,7 @@ from metaprune_jax.graphs import graph as graph_lib
 from metaprune_jax.metanetwork import metanet as metanet_lib
 from metaprune_jax.nets import cnn
 from metaprune_jax.nets.arch import Arch
+from metaprune_jax.prune import groups as groups_lib
 from metaprune_jax.prune import masks as masks_lib
 from metaprune_jax.prune import pruning
 from metaprune_jax.prune.regularizer import regularizer
@@ -56,15 +57,20 @@ class ModelSlot(NamedTuple):
       data model of ``full_arch``).
     masks: ``{space: [width] float32}`` (they also mark the graph's valid nodes).
     batch_stats: the embedded running statistics (kept as they are, docs/design.md 3.1).
+    target: None, or ``[F]`` float32: the embedded parameters the metanetwork's output is
+      pulled towards (:func:`imitation_distance`; ``meta_train.imitate_sl``: the data model
+      after sparse learning).
   """
 
   flat: Any
   layout: Any
   masks: Any
   batch_stats: Any
+  target: Any = None
 
 
-def make_slot(full_arch: Arch, variables: Mapping, keep: Mapping | None = None) -> ModelSlot:
+def make_slot(full_arch: Arch, variables: Mapping, keep: Mapping | None = None,
+              target: Mapping | None = None) -> ModelSlot:
   """Packs a data model for meta-training.
 
   Args:
@@ -72,15 +78,53 @@ def make_slot(full_arch: Arch, variables: Mapping, keep: Mapping | None = None) 
     variables: the data model's variables, materialised (``keep`` given: the kept channel
       indices of each space) or already at full width (``keep`` None, unmasked).
     keep: ``{space: kept indices}`` of the data model inside ``full_arch``.
+    target: optional variables of the same widths as ``variables`` (for example the data
+      model after sparse learning), embedded the same way as ``ModelSlot.target``.
   """
-  if keep is not None:
-    variables, masks = masks_lib.embed(full_arch, variables, keep)
-  else:
-    masks = masks_lib.full_masks(full_arch)
+  def embedded(v):
+    return masks_lib.embed(full_arch, v, keep) if keep is not None else (
+        v, masks_lib.full_masks(full_arch))
+  variables, masks = embedded(variables)
   layout = graph_lib.graph_layout(full_arch)
   flat = graph_lib.flatten_variables(full_arch, variables)
+  target_flat = None
+  if target is not None:
+    target_flat = np.asarray(graph_lib.flatten_variables(full_arch, embedded(target)[0]))
   return ModelSlot(np.asarray(flat), layout.arrays(), {k: np.asarray(v) for k, v in masks.items()},
-                   jax.tree_util.tree_map(np.asarray, variables["batch_stats"]))
+                   jax.tree_util.tree_map(np.asarray, variables["batch_stats"]), target_flat)
+
+
+def imitation_distance(full_arch: Arch, params, target_flat, masks=None) -> jax.Array:
+  """How differently two networks share each pruning group's norm among its channels.
+
+  ``sum over groups g of || sqrt(q_g(params)) - sqrt(q_g(target)) ||^2`` (a scalar, at most 2
+  per group), where ``q_g`` is the group-L2 importance of each channel of ``g``
+  (:func:`metaprune_jax.prune.groups.raw_group_importance`, what group-L2 pruning ranks) as a
+  share of the group's total: scale-free, so it asks for the target's pattern of strong and
+  weak channels, not its overall size (sparse learning, the target of
+  ``meta_train.imitate_sl``, also shrinks every kernel about 4x, which BatchNorm undoes), and
+  not for weight-level changes that cannot be told from the weights (docs/results.md, round
+  13). Pruned channels (``masks``) are zero in both and add nothing.
+
+  Args:
+    full_arch: the architecture of ``params`` (full width when ``masks`` are given).
+    params: the network's params.
+    target_flat: ``[F]`` the target's flat variables (:attr:`ModelSlot.target`).
+    masks: channel masks of an embedded network (its groups as meta-training's regulariser
+      takes them) or None.
+
+  Returns:
+    ``[]`` float32. Traceable (``full_arch`` static).
+  """
+  target = graph_lib.unflatten_variables(full_arch, target_flat)["params"]
+  total = jnp.float32(0.0)
+  for g in groups_lib.pruning_groups(full_arch, ignore_classes=masks is None):
+    shares = []
+    for p in (params, target):
+      raw = groups_lib.raw_group_importance(full_arch, p, g)
+      shares.append(jnp.sqrt(raw / (jnp.sum(raw) + 1e-30) + 1e-12))
+    total = total + jnp.sum(jnp.square(shares[0] - shares[1]))
+  return total
 
 
 def stack_slots(slots) -> ModelSlot:
@@ -225,8 +269,8 @@ def unrolled_finetune_grads(arch: Arch, params, batch_stats, masks, images, labe
 
 def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, normalizer,
                       use_masks=True, compat=False, chunk=DEFAULT_CHUNK, form="absolute",
-                      prune_aware=None, batch_bn=False):
-  """Per-slot ``(loss, ce, r, accuracy, grads_phi)``; images ``[B, b, H, W, 3]``.
+                      prune_aware=None, batch_bn=False, imitate=0.0):
+  """Per-slot ``(loss, ce, r, d, accuracy, grads_phi)``; images ``[B, b, H, W, 3]``.
 
   The network runs in eval mode (running BatchNorm statistics, docs/design.md section 5), so its
   loss is a sum over images (``batch_bn``, an extension: BatchNorm on each chunk's batch
@@ -243,6 +287,10 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
   reference's: the sum over batches of each batch's mean cross-entropy. Chunking bounds the
   activation memory (linear in the chunk) and is faster on CPU too (ResNet-56, 500 images:
   7.1 s in one piece, 4.3-4.4 s in chunks of 50-100, cache-sized activations).
+
+  ``imitate > 0`` (an extension, with ``slot.target``): the loss also takes ``imitate *
+  d``, ``d`` the :func:`imitation_distance` of the transformed parameters to the slot's target
+  (0 when off).
   """
   masks = slot.masks if use_masks else None
 
@@ -272,8 +320,14 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
   r, g_r = jax.value_and_grad(
       lambda th: regularizer(full_arch, {"params": th}, alpha, reg, normalizer,
                              masks=masks, form=form))(theta)
-  (g_phi,) = pull(jax.tree_util.tree_map(jnp.add, g_ce, g_r))
-  return ce_sum + r, ce_sum, r, accuracy, g_phi
+  g_theta = jax.tree_util.tree_map(jnp.add, g_ce, g_r)
+  d = jnp.float32(0.0)
+  if imitate and slot.target is not None:
+    d, g_d = jax.value_and_grad(
+        lambda th: imitation_distance(full_arch, th, slot.target, masks))(theta)
+    g_theta = jax.tree_util.tree_map(lambda a, b: a + imitate * b, g_theta, g_d)
+  (g_phi,) = pull(g_theta)
+  return ce_sum + r + imitate * d, ce_sum, r, d, accuracy, g_phi
 
 
 def meta_train_grads(config, params, arch: Arch, variables: Mapping, images_nhwc, labels,
@@ -331,7 +385,7 @@ def _grads_jit():
 def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, alpha, reg,
                        normalizer, lanes: int = 1, chunk: int = DEFAULT_CHUNK,
                        form: str = "absolute", compat: bool = False, prune_aware=None,
-                       bn: str = "running"):
+                       bn: str = "running", imitate: float = 0.0):
   """Mean over a stack of data models ``[M, ...]`` of the loss gradients (and metrics).
 
   The ``M`` models are cut into ``lanes`` groups (``M % lanes == 0``; the data-parallel width,
@@ -340,7 +394,9 @@ def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, a
   ``lax.scan``, so a device never runs a model-batched (grouped) convolution. ``compat``: the
   reference's classifier scramble on each transformed model (at its kept widths);
   ``prune_aware``: see :func:`_model_loss_grads`; ``bn``: the data models' BatchNorm in the
-  cross-entropy, ``running`` statistics (the reference's) or each chunk's ``batch`` statistics.
+  cross-entropy, ``running`` statistics (the reference's) or each chunk's ``batch`` statistics;
+  ``imitate``: the weight of the distance to each slot's target (``slots.target``, see
+  :func:`_model_loss_grads`; the metrics' ``imitate`` is that distance, 0 when off).
   """
   if bn not in ("running", "batch"):
     raise ValueError(f"bn={bn!r}: the BatchNorm mode is 'running' or 'batch'")
@@ -353,18 +409,21 @@ def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, a
   def lane(lane_slots, lane_images, lane_labels):
     def one(g_sum, xs):
       s, x, y = xs
-      loss, ce, r, acc, g = _model_loss_grads(spec, full_arch, phi, s, x, y, alpha, reg,
-                                              normalizer, chunk=chunk, form=form,
-                                              compat=compat, prune_aware=prune_aware,
-                                              batch_bn=bn == "batch")
-      return jax.tree_util.tree_map(jnp.add, g_sum, g), (loss, ce, r, acc)
+      loss, ce, r, d, acc, g = _model_loss_grads(spec, full_arch, phi, s, x, y, alpha, reg,
+                                                 normalizer, chunk=chunk, form=form,
+                                                 compat=compat, prune_aware=prune_aware,
+                                                 batch_bn=bn == "batch", imitate=imitate)
+      return jax.tree_util.tree_map(jnp.add, g_sum, g), (loss, ce, r, d, acc)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, phi)
     return jax.lax.scan(one, zeros, (lane_slots, lane_images, lane_labels))
 
-  g, (loss, ce, r, acc) = jax.vmap(lane)(slots_l, images_l, labels_l)
+  g, (loss, ce, r, d, acc) = jax.vmap(lane)(slots_l, images_l, labels_l)
   g = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0) / m, g)
   flat = lambda a: a.reshape(m)  # pylint: disable=unnecessary-lambda-assignment
-  return g, {"loss": flat(loss), "ce": flat(ce), "reg": flat(r), "accuracy": flat(acc)}
+  metrics = {"loss": flat(loss), "ce": flat(ce), "reg": flat(r), "accuracy": flat(acc)}
+  if imitate:
+    metrics["imitate"] = flat(d)
+  return g, metrics
 
 
 def transform_slot(config, params, full_arch: Arch, slot: ModelSlot) -> dict:

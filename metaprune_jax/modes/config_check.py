@@ -9,9 +9,10 @@ What is checked (the rest is left to the modes, which raise their own errors):
 
 * names: ``mode``, ``dataset``, ``arch``, ``metanet.precision``, every schedule's ``optimizer`` and ``keep``,
   ``prune.method`` (and its alias ``pruning.method``), the ``normalizer`` and ``criterion``
-  fields of ``meta_train``, ``visualize`` and ``prune``; with ``prune.method='sl'``, its
-  strength (> 0) and epochs (not 0, and equal to the transform budget every method gets);
-* sizes: ``prune.round_to`` (>= 1), ``meta_train.reg_warmup_epochs`` (0 to the epochs), ``meta_train.prune_aware`` (0 or > 1), ``meta_train.prune_aware_steps`` (>= 0), ``meta_train.prune_aware_lr`` (> 0), ``prune.max_pruning_ratio`` (in (0, 1]), ``data_workers`` (>= 0), ``epochs``, ``batch_size``, ``eval_batch_size`` of every schedule section (any section
+  fields of ``meta_train``, ``visualize`` and ``prune``; with ``prune.method='sl'`` (or
+  ``meta_train.imitate_sl`` > 0, whose targets sparse learning makes), its strength (> 0) and
+  epochs (not 0, and equal to the transform budget every method gets);
+* sizes: ``prune.round_to`` (>= 1), ``meta_train.reg_warmup_epochs`` (0 to the epochs), ``meta_train.prune_aware`` (0 or > 1), ``meta_train.prune_aware_steps`` (>= 0), ``meta_train.prune_aware_lr`` (> 0), ``meta_train.imitate_sl`` (>= 0), ``prune.max_pruning_ratio`` (in (0, 1]), ``data_workers`` (>= 0), ``epochs``, ``batch_size``, ``eval_batch_size`` of every schedule section (any section
   holding both ``epochs`` and ``batch_size``) and the other batch/step counts, positive integers;
 * sharding: the global batches of the data-parallel schedules (and the evaluation batches of
   ``visualize`` and ``finetune_after_pruning``, ``meta_train.models_per_step``) divisible by the
@@ -219,7 +220,15 @@ def check_config(config, *, num_devices: int | None = None,
   alias = _get(config, "pruning.method")
   if alias:
     _one_of("pruning.method", alias, PRUNE_METHODS + ("",), "pruning method")
-  if (alias or method) in ("sl", "metanet_sl"):  # sparse learning runs in the transform budget every method gets
+  imitate = _get(config, "meta_train.imitate_sl")
+  if imitate is not None and (isinstance(imitate, bool) or not isinstance(imitate, (int, float))
+                              or not imitate >= 0):
+    raise ConfigError("meta_train.imitate_sl", imitate, "must be a weight >= 0 (0: off; > 0: "
+                      "meta-training also pulls each transformed data model towards its "
+                      "sparse-learning-trained version)")
+  # sparse learning runs in the transform budget every method gets (and makes the targets of
+  # meta_train.imitate_sl)
+  if (alias or method) in ("sl", "metanet_sl") or (imitate or 0) > 0:
     reg = _get(config, "prune.sl.reg", 1e-2)
     if not isinstance(reg, (int, float)) or not reg > 0:
       raise ConfigError("prune.sl.reg", reg, "the sparse-learning strength must be > 0")

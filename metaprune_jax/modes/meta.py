@@ -53,6 +53,8 @@ from metaprune_jax.runtime import metric_writers
 from metaprune_jax.runtime import optim
 from metaprune_jax.runtime import sharding
 from metaprune_jax.runtime import train as train_lib
+from metaprune_jax.modes import common
+from metaprune_jax.modes import prune as prune_mode
 from metaprune_jax.modes.common import (META_DIR, load_metanet,  # noqa: F401 (also public here)
                                         metanet_config_for, metanet_epochs, split_models)
 
@@ -139,7 +141,8 @@ def _generate_models(config, workdir, dataset, full, root, indices, done, mesh, 
 
 def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
                    chunk: int = metatrain.DEFAULT_CHUNK, form: str = "absolute",
-                   compat: bool = False, prune_aware=None, bn: str = "running"):
+                   compat: bool = False, prune_aware=None, bn: str = "running",
+                   imitate: float = 0.0):
   """Jitted ``(phi, opt_state, slots[M], images[M,B,b,H,W,3], labels[M,B,b], reg_scale[]) ->
   (phi, opt_state, metrics)``; the model axis is sharded over the mesh's ``data`` axis (one lane
   of models per device, see :func:`metatrain.batched_loss_grads`); ``chunk``: images per scanned
@@ -152,7 +155,9 @@ def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
   the cross-entropy of each transformed model pruned to ``speed_up``, its BatchNorm on
   ``bn`` (``running`` or ``batch``) statistics (``meta_train.prune_aware``, an extension, off by
   default); ``bn``: the data models' BatchNorm in the cross-entropy, ``running`` statistics (the
-  reference's) or ``batch`` statistics (``meta_train.bn``, an extension)."""
+  reference's) or ``batch`` statistics (``meta_train.bn``, an extension); ``imitate``: the
+  weight of each transformed model's distance to its slot's target (``meta_train.imitate_sl``,
+  an extension; the slots then carry targets)."""
   model_sharded = NamedSharding(mesh, P("data"))
   repl = NamedSharding(mesh, P())
 
@@ -161,7 +166,7 @@ def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
     g, m = metatrain.batched_loss_grads(spec, full_arch, phi, slots, images, labels, alpha,
                                         strength, normalizer, lanes=mesh.shape["data"],
                                         chunk=chunk, form=form, compat=compat,
-                                        prune_aware=prune_aware, bn=bn)
+                                        prune_aware=prune_aware, bn=bn, imitate=imitate)
     updates, opt_state = tx.update(g, opt_state, phi)
     return optax.apply_updates(phi, updates), opt_state, m
   return jax.jit(step, in_shardings=(repl, repl, model_sharded, model_sharded, model_sharded,
@@ -226,6 +231,31 @@ def validate_metanet(spec, full_arch, phi, slots, dataset, batch_size, max_batch
   return float(np.mean(losses)), float(np.mean(accs))
 
 
+def sl_targets(config, dataset, models, root: str) -> list[dict]:
+  """Each data model after sparse learning (``meta_train.imitate_sl``'s targets).
+
+  Every data model is trained as the ``sl`` prune method trains a network in its transform
+  stage (``config.finetune_after_metanet``, keeping the last epoch, with the group-norm
+  regulariser of ``config.prune.sl`` on its own weights), from its own seed, in
+  ``root/model_XXXXX`` (resumed and reused like any training run).
+
+  Returns:
+    The trained variables of each data model, at its own widths.
+  """
+  sparsity = prune_mode.sl_settings(config)
+  schedule = common.with_keep(config.finetune_after_metanet, "last")
+  out = []
+  for m in tqdm.tqdm(models, desc="meta_train: sparse-learning targets", dynamic_ncols=True,
+                     disable=jax.process_index() != 0):
+    seed = int(m.info.get("seed", int(config.seed) * 100003 + 1 + m.index))
+    ft = train_lib.fit(schedule, m.arch, m.variables, None, dataset,
+                       os.path.join(root, f"model_{m.index:05d}"), seed=seed, config=config,
+                       signature={"stage": "sl_target"}, desc=f"sl target {m.index}",
+                       sparsity=sparsity)
+    out.append(jax.device_get(ft.variables))
+  return out
+
+
 def meta_train(config, workdir: str) -> dict:
   """The ``meta_train`` mode. Returns the last epoch's metrics."""
   mt = config.meta_train
@@ -239,7 +269,11 @@ def meta_train(config, workdir: str) -> dict:
   train_pos, val_pos = split_models(len(models), float(mt.get("val_fraction", 0.2)))
   logging.info("meta_train: %d data models (%d train, %d validation), %s", len(models),
                len(train_pos), len(val_pos), full.name)
-  slots = [metatrain.make_slot(full, m.variables, m.keep) for m in models]
+  imitate = float(mt.get("imitate_sl", 0.0))
+  targets = (sl_targets(config, dataset, models, os.path.join(os.path.abspath(workdir), META_DIR,
+                                                              "sl_targets"))
+             if imitate else [None] * len(models))
+  slots = [metatrain.make_slot(full, m.variables, m.keep, t) for m, t in zip(models, targets)]
 
   mesh = sharding.make_mesh()
   per_step = int(mt.get("models_per_step", 0) or jax.device_count())
@@ -282,6 +316,11 @@ def meta_train(config, workdir: str) -> dict:
   bn = str(mt.get("bn", "running"))
   if bn == "running":
     off += ("bn",)
+  if imitate:  # the targets: sparse learning as the prune method `sl` runs it
+    signature["imitate_sl"] = {"sl": list(prune_mode.sl_settings(config)),
+                               "schedule": config.finetune_after_metanet.to_dict()}
+  else:
+    off += ("imitate_sl",)
   for key in off:
     signature["meta_train"].pop(key, None)
   history, start = [], 0
@@ -294,7 +333,8 @@ def meta_train(config, workdir: str) -> dict:
   step_fn = make_meta_step(spec, full, tx, mesh, float(mt.alpha), float(mt.reg),
                            str(mt.get("normalizer", "max")),
                            int(mt.get("chunk_size", metatrain.DEFAULT_CHUNK)),
-                           str(mt.get("reg_form", "absolute")), compat, prune_aware, bn)
+                           str(mt.get("reg_form", "absolute")), compat, prune_aware, bn,
+                           imitate)
   stacked = jax.device_get(metatrain.stack_slots([slots[p] for p in train_pos]))
   bsz, nb = int(mt.batch_size), int(mt.batches_per_model)
   if nb <= 0:  # the whole training split at every step (the reference's faithful setting)
