@@ -85,6 +85,8 @@ class CheckConfigTest(parameterized.TestCase):
       ("meta_train__reg_warmup_epochs", 31, "config.meta_train.reg_warmup_epochs=31: longer "
        "than meta_train.epochs=30"),
       ("meta_train__bn", "train", "config.meta_train.bn='train': unknown BatchNorm mode"),
+      ("meta_train__imitate_sl", -1.0, "config.meta_train.imitate_sl=-1.0: must be a weight "
+       ">= 0"),
       ("meta_train__prune_aware", 0.5, "config.meta_train.prune_aware=0.5: must be 0 (off) or "
        "a speed-up > 1"),
       ("meta_train__prune_aware", -2.0, "config.meta_train.prune_aware=-2.0: must be 0"),
@@ -124,6 +126,8 @@ class CheckConfigTest(parameterized.TestCase):
     with self.assertRaises(config_check.ConfigError):
       self._check(prune__method="metanet_sl", **overrides)
     self._check(prune__method="group_l2", **overrides)  # only sl reads them
+    with self.assertRaises(config_check.ConfigError):  # and the targets of imitate_sl
+      self._check(prune__method="group_l2", meta_train__imitate_sl=10.0, **overrides)
 
   @parameterized.parameters("metanet", "group_l2", "sl", "random", "metanet_sl")
   def test_pruning_methods(self, method):

@@ -23,6 +23,7 @@ from metaprune_jax.metanetwork import metatrain
 from metaprune_jax.modes import meta as meta_modes
 from metaprune_jax.prune.regularizer import regularizer
 from metaprune_jax.runtime import datamodels
+from metaprune_jax.runtime import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = str(_fixtures.path())  # $METAPRUNE_REFERENCE_FIXTURES (tests/_fixtures.py)
@@ -772,3 +773,33 @@ def test_chunked_network_gradient_equals_whole_batches():
     assert acc == acc_all
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_all)):
       np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
+def test_meta_train_imitating_sparse_learning_makes_and_checks_its_targets(tmp_path):
+  """``meta_train.imitate_sl``: each data model is trained by sparse learning (the regulariser
+  in its training, its group norm falling), meta-training logs the distance to those targets,
+  and a rerun with another weight is refused by the checkpoint signature, nothing overwritten."""
+  from e2e_pipeline_test import tiny_config  # pylint: disable=g-import-not-at-top
+  full, models = _tiny_models(2, seed=6)
+  for i, (small, sv, keep) in enumerate(models):
+    datamodels.save_data_model(str(tmp_path), i, small, sv, keep, {"seed": 7 + i}, full)
+  c = tiny_config()
+  c.unlock()
+  c.arch = "resnet_tiny"
+  c.meta_train.batch_size = 8
+  c.meta_train.imitate_sl = 10.0
+  rec = meta_modes.meta_train(c, str(tmp_path))
+  assert rec["train_imitate"] > 0
+  for i, (small, sv, _) in enumerate(models):
+    run = tmp_path / "meta_train" / "sl_targets" / f"model_{i:05d}"
+    hist = [json.loads(l) for l in open(run / "metrics.jsonl")]
+    assert hist and all(h["train_reg"] > 0 for h in hist)
+    _, _, tv, _ = train_lib.load_run(str(run))
+    before = regularizer(small, sv, 16.0, 0.01, "max")
+    after = regularizer(small, jax.device_get(tv), 16.0, 0.01, "max")
+    assert float(after) < float(before)
+  saved = sorted(os.listdir(tmp_path / "meta_train" / "checkpoints"))
+  c.meta_train.imitate_sl = 20.0
+  with pytest.raises(Exception, match="imitate_sl"):
+    meta_modes.meta_train(c, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "meta_train" / "checkpoints")) == saved
