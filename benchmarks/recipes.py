@@ -192,6 +192,16 @@ RECIPES = {
     "v45_imitate300": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=300.0,
                            meta_train__bn="batch", meta_train__reg=1e-4,
                            meta_train__lr_milestones=(24,), metanet__importance_input=True),
+    # v44 and v43 with the reference's metanetwork size (8 x 64; v8): more capacity to make
+    # sparse learning's pattern without its damage
+    "v46_imitate30_8x64": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=30.0,
+                               meta_train__bn="batch", meta_train__reg=1e-4,
+                               meta_train__lr_milestones=(24,), metanet__importance_input=True,
+                               metanet__num_layers=8, metanet__hidden=64),
+    "v47_imitate100_8x64": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=100.0,
+                                meta_train__bn="batch", meta_train__reg=1e-4,
+                                meta_train__lr_milestones=(24,), metanet__importance_input=True,
+                                metanet__num_layers=8, metanet__hidden=64),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
