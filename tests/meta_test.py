@@ -332,6 +332,24 @@ def _two_model_step_inputs():
   return full, models, mc, phi, slots, x, y
 
 
+def _mean_model_grad(phi, slots, loss):
+  """The mean over the stacked slots of ``jax.grad`` of ``loss(p, slot, i) -> (value, aux)``,
+  each model apart (an independent computation of a batched meta-gradient), and the auxes."""
+  grads, auxes = [], []
+  for i in range(jax.tree_util.tree_leaves(slots)[0].shape[0]):
+    slot = jax.tree_util.tree_map(lambda a, i=i: a[i], slots)
+    (_, aux), g = jax.value_and_grad(lambda p, slot=slot, i=i: loss(p, slot, i),
+                                     has_aux=True)(phi)
+    grads.append(g)
+    auxes.append(float(aux))
+  return jax.tree_util.tree_map(lambda *a: sum(a) / len(a), *grads), auxes
+
+
+def _assert_grads_close(got, want):
+  jax.tree_util.tree_map(lambda u, w: np.testing.assert_allclose(u, w, rtol=2e-4, atol=1e-6),
+                         jax.device_get(got), jax.device_get(want))
+
+
 def test_one_meta_step_lowers_the_loss():
   """Three jitted meta steps lower the loss (each step's metrics are those of the metanetwork
   it starts from, so the fourth call reports the loss after three updates)."""
@@ -398,22 +416,15 @@ def test_batch_bn_meta_gradient_is_the_train_mode_loss_gradient():
   args = (spec, full, phi, slots, x, y, 16.0, 0.1, "max")
   g_run, _ = jax.jit(lambda: metatrain.batched_loss_grads(*args))()
   g_batch, m_batch = jax.jit(lambda: metatrain.batched_loss_grads(*args, bn="batch"))()
-  want, ces = [], []
-  for i in range(2):
-    slot = jax.tree_util.tree_map(lambda a, i=i: a[i], slots)
 
-    def loss(p, slot=slot, i=i):
-      th = metatrain.transformed_params(spec, p, full, slot)
-      logits, _ = mp.apply_model(full, {"params": th, "batch_stats": slot.batch_stats},
-                                 x[i, 0], train=True, masks=slot.masks)
-      ce = metatrain.cross_entropy(logits, y[i, 0])
-      return ce + regularizer(full, {"params": th}, 16.0, 0.1, "max", masks=slot.masks), ce
-    (_, ce), g = jax.value_and_grad(loss, has_aux=True)(phi)
-    want.append(g)
-    ces.append(float(ce))
-  want = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *want)
-  jax.tree_util.tree_map(lambda u, w: np.testing.assert_allclose(u, w, rtol=2e-4, atol=1e-6),
-                         jax.device_get(g_batch), jax.device_get(want))
+  def loss(p, slot, i):
+    th = metatrain.transformed_params(spec, p, full, slot)
+    logits, _ = mp.apply_model(full, {"params": th, "batch_stats": slot.batch_stats},
+                               x[i, 0], train=True, masks=slot.masks)
+    ce = metatrain.cross_entropy(logits, y[i, 0])
+    return ce + regularizer(full, {"params": th}, 16.0, 0.1, "max", masks=slot.masks), ce
+  want, ces = _mean_model_grad(phi, slots, loss)
+  _assert_grads_close(g_batch, want)
   np.testing.assert_allclose(np.asarray(m_batch["ce"]), ces, rtol=1e-5)
   diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(g_run),
                                                             jax.tree_util.tree_leaves(g_batch)))
@@ -503,24 +514,17 @@ def test_imitation_meta_gradient_adds_the_weighted_distance_gradient():
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(g_off),
                          jax.device_get(g_plain))
   assert "imitate" not in m_off
-  want, ds = [], []
-  for i in range(2):
-    slot = jax.tree_util.tree_map(lambda a, i=i: a[i], slots)
 
-    def loss(p, slot=slot, i=i):
-      th = metatrain.transformed_params(spec, p, full, slot)
-      logits = mp.apply_model(full, {"params": th, "batch_stats": slot.batch_stats}, x[i, 0],
-                              masks=slot.masks)
-      d = metatrain.imitation_distance(full, th, slot.target, slot.masks)
-      return (metatrain.cross_entropy(logits, y[i, 0])
-              + regularizer(full, {"params": th}, 16.0, 0.1, "max", masks=slot.masks)
-              + 5.0 * d), d
-    (_, d), gi = jax.value_and_grad(loss, has_aux=True)(phi)
-    want.append(gi)
-    ds.append(float(d))
-  want = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *want)
-  jax.tree_util.tree_map(lambda u, w: np.testing.assert_allclose(u, w, rtol=2e-4, atol=1e-6),
-                         jax.device_get(g), jax.device_get(want))
+  def loss(p, slot, i):
+    th = metatrain.transformed_params(spec, p, full, slot)
+    logits = mp.apply_model(full, {"params": th, "batch_stats": slot.batch_stats}, x[i, 0],
+                            masks=slot.masks)
+    d = metatrain.imitation_distance(full, th, slot.target, slot.masks)
+    return (metatrain.cross_entropy(logits, y[i, 0])
+            + regularizer(full, {"params": th}, 16.0, 0.1, "max", masks=slot.masks)
+            + 5.0 * d), d
+  want, ds = _mean_model_grad(phi, slots, loss)
+  _assert_grads_close(g, want)
   np.testing.assert_allclose(np.asarray(m["imitate"]), ds, rtol=1e-5)
   assert min(ds) > 1e-3
   diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(g),
