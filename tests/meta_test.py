@@ -514,6 +514,9 @@ def test_imitation_meta_gradient_adds_the_weighted_distance_gradient():
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(g_off),
                          jax.device_get(g_plain))
   assert "imitate" not in m_off
+  with pytest.raises(ValueError, match="carry no targets"):
+    metatrain.batched_loss_grads(spec, full, phi, plain_slots, x, y, 16.0, 0.1, "max",
+                                 imitate=5.0)
 
   def loss(p, slot, i):
     th = metatrain.transformed_params(spec, p, full, slot)

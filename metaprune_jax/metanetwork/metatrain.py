@@ -404,6 +404,9 @@ def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, a
   """
   if bn not in ("running", "batch"):
     raise ValueError(f"bn={bn!r}: the BatchNorm mode is 'running' or 'batch'")
+  if imitate and slots.target is None:
+    raise ValueError(f"imitate={imitate}: the slots carry no targets to imitate "
+                     "(make_slot(..., target=))")
   m = slots.flat.shape[0]
   if m % lanes:
     raise ValueError(f"{m} data models do not split into {lanes} lanes")
