@@ -124,9 +124,8 @@ def imitation_distance(full_arch: Arch, params, target_flat, masks=None) -> jax.
       raw = groups_lib.raw_group_importance(full_arch, p, g)
       shares.append(jnp.sqrt(raw / (jnp.sum(raw) + 1e-30) + 1e-12))
     term = jnp.sum(jnp.square(shares[0] - shares[1]))
-    if masks is not None and g.space in masks:  # as materialised: a group pruned to exactly
-      # num_classes channels is not a pruning group there (groups.pruning_groups)
-      term = jnp.where(jnp.sum(masks[g.space] > 0) == full_arch.num_classes, 0.0, term)
+    if masks is not None and g.space in masks:  # only the materialised network's groups
+      term = jnp.where(groups_lib.kept_as_group(full_arch, g, masks), term, 0.0)
     total = total + term
   return total
 

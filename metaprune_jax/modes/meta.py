@@ -97,6 +97,11 @@ def generate(config, workdir: str) -> list[int]:
   return datamodels.list_data_models(root)
 
 
+def data_model_seed(config, index: int) -> int:
+  """The seed data model ``index`` is made from (``generate`` stores it in the model's info)."""
+  return int(config.seed) * 100003 + 1 + int(index)
+
+
 def _generate_models(config, workdir, dataset, full, root, indices, done, mesh, writer, desc):
   """Trains, prunes, finetunes and stores the data models `indices` (those not `done`) on
   `mesh`; `writer`: this process stores them."""
@@ -108,7 +113,7 @@ def _generate_models(config, workdir, dataset, full, root, indices, done, mesh, 
   for i in bar:
     if i in done:
       continue
-    seed = int(config.seed) * 100003 + 1 + i
+    seed = data_model_seed(config, i)
     base = os.path.join(workdir, "generate", f"model_{i:05d}")
     v = init(full, jax.random.fold_in(jax.random.PRNGKey(seed), 0), tuple(dataset.image_hw))
     trained = train_lib.fit(train_schedule, full, v, None, dataset, os.path.join(base, "train"),
@@ -247,7 +252,7 @@ def sl_targets(config, dataset, models, root: str) -> list[dict]:
   out = []
   for m in tqdm.tqdm(models, desc="meta_train: sparse-learning targets", dynamic_ncols=True,
                      disable=jax.process_index() != 0):
-    seed = int(m.info.get("seed", int(config.seed) * 100003 + 1 + m.index))
+    seed = int(m.info.get("seed", data_model_seed(config, m.index)))
     ft = train_lib.fit(schedule, m.arch, m.variables, None, dataset,
                        os.path.join(root, f"model_{m.index:05d}"), seed=seed, config=config,
                        signature={"stage": "sl_target"}, desc=f"sl target {m.index}",

@@ -124,6 +124,13 @@ def pruning_groups(arch: Arch, ignore_classes: bool = True) -> tuple[Group, ...]
   return tuple(groups)
 
 
+def kept_as_group(arch: Arch, group: Group, masks: Mapping) -> jax.Array:
+  """Whether ``group`` of a masked (embedded) network is a pruning group of the materialised
+  network: not when exactly ``num_classes`` of its channels are kept (:func:`pruning_groups`
+  skips such groups there). A traced boolean scalar; ``masks``: ``{space: [width]}``."""
+  return jnp.sum(masks[group.space] > 0) != arch.num_classes
+
+
 def _member_sq(arch: Arch, params: Mapping, m: Member) -> jax.Array:
   """Per-channel squared L2 norm of one member's slice, ``[width]``."""
   p = params[m.layer]

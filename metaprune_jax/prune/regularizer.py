@@ -54,7 +54,7 @@ def group_gammas(arch: Arch, params: Mapping, alpha: float = 16.0, normalizer: s
     if keep is not None:
       gamma = jnp.where(keep, gamma, 0.0)
       # a group pruned to exactly num_classes channels is ignored, as in the materialised net
-      gamma = jnp.where(jnp.sum(keep) == arch.num_classes, 0.0, gamma)
+      gamma = jnp.where(groups_lib.kept_as_group(arch, g, masks), gamma, 0.0)
     out.append(jax.lax.stop_gradient(gamma))
   return out
 
