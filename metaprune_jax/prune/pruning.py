@@ -229,8 +229,8 @@ def _prepare(arch, variables, masks, input_shape, steps, criterion, normalizer, 
   masks_lib.check_masks(arch, masks)
   start = {s: (int(np.sum(np.asarray(masks[s]) > 0.5)) if s in masks else arch.width(s))
            for s in arch.spaces}
-  plan = _Plan(arch, start, input_shape, steps, criterion, normalizer, round_to,
-               max_pruning_ratio)
+  plan = _cached_plan(arch, start, input_shape, steps, criterion, normalizer, round_to,
+                      max_pruning_ratio)
   keep = {g.space: (jnp.asarray(masks[g.space], jnp.float32) if g.space in masks
                     else jnp.ones((g.width,), jnp.float32)) for g in plan.groups}
   fixed = [start[s] for s in arch.spaces]
@@ -350,8 +350,6 @@ def prune_to_target(arch: Arch, variables: Mapping, target_speed_up: float,
   max_pruning_ratio = check_max_pruning_ratio(max_pruning_ratio)
   plan, keep, fixed, params, start = _prepare(arch, variables, masks, input_shape, steps,
                                               criterion, normalizer, round_to, max_pruning_ratio)
-  plan = _cached_plan(arch, start, input_shape, steps, criterion, normalizer, round_to,
-                      max_pruning_ratio)
   key = rng if rng is not None else jax.random.PRNGKey(0)
   step, keep, speed = _search(plan, params, keep, fixed, jnp.float32(target_speed_up), key)
   keep = jax.device_get(keep)
@@ -430,8 +428,6 @@ def pruning_trajectory(arch: Arch, variables: Mapping, input_shape=(1, 3, 32, 32
   max_pruning_ratio = check_max_pruning_ratio(max_pruning_ratio)
   plan, keep, fixed, params, start = _prepare(arch, variables, masks, input_shape, steps,
                                               criterion, normalizer, round_to, max_pruning_ratio)
-  plan = _cached_plan(arch, start, input_shape, steps, criterion, normalizer, round_to,
-                      max_pruning_ratio)
   key = rng if rng is not None else jax.random.PRNGKey(0)
   hist, speeds = _trajectory(plan, params, keep, fixed, key)
   return jax.device_get(hist), np.asarray(speeds, np.float64)
