@@ -214,6 +214,19 @@ RECIPES = {
                                     meta_train__lr_milestones=(24,),
                                     metanet__importance_input=True, metanet__num_layers=8,
                                     metanet__hidden=64, generate__num_models=16),
+    # v48 imitating what the channels carry instead of their weights (meta_train.imitate_on:
+    # the shares of each channel's post-ReLU signal; round 14 measured v48's low-importance
+    # channels still carrying 11-28% of their group's largest signal, sparse learning's 0-26%)
+    "v50_imitate_act10_8x64": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=10.0,
+                                   meta_train__imitate_on="activations", meta_train__bn="batch",
+                                   meta_train__reg=1e-4, meta_train__lr_milestones=(24,),
+                                   metanet__importance_input=True, metanet__num_layers=8,
+                                   metanet__hidden=64),
+    "v51_imitate_act30_8x64": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=30.0,
+                                   meta_train__imitate_on="activations", meta_train__bn="batch",
+                                   meta_train__reg=1e-4, meta_train__lr_milestones=(24,),
+                                   metanet__importance_input=True, metanet__num_layers=8,
+                                   metanet__hidden=64),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,

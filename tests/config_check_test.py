@@ -87,6 +87,8 @@ class CheckConfigTest(parameterized.TestCase):
       ("meta_train__bn", "train", "config.meta_train.bn='train': unknown BatchNorm mode"),
       ("meta_train__imitate_sl", -1.0, "config.meta_train.imitate_sl=-1.0: must be a weight "
        ">= 0"),
+      ("meta_train__imitate_on", "signals", "config.meta_train.imitate_on='signals': unknown "
+       "imitation distance"),
       ("meta_train__prune_aware", 0.5, "config.meta_train.prune_aware=0.5: must be 0 (off) or "
        "a speed-up > 1"),
       ("meta_train__prune_aware", -2.0, "config.meta_train.prune_aware=-2.0: must be 0"),

@@ -494,11 +494,57 @@ def test_imitation_distance_is_scale_free_and_masked_equals_materialised():
       same.masks)) < 1e-9
 
 
-def test_imitation_meta_gradient_adds_the_weighted_distance_gradient():
+def test_activation_imitation_reads_signals_not_kernel_scale():
+  """``activation_imitation_distance``: the first BatchNorm's signal is the RMS of
+  ReLU(BatchNorm on batch statistics (conv(x))) computed here apart; shrinking one channel's
+  producing kernel 10x (BatchNorm normalises it back) leaves the distance at 0 where the
+  weight-share distance moves, shrinking its BatchNorm scale and shift 10x moves it; the
+  embedded (masked) data model gives the materialised one's distance."""
+  full, models = _tiny_models(2, seed=4)
+  small, sv, keep = models[0]
+  x = jax.random.normal(jax.random.PRNGKey(7), (16, 8, 8, 3))
+  sig = metatrain.bn_signal(small, sv["params"], sv["batch_stats"], None, x)
+  conv, bn = small.layers[0].name, small.layers[1].name
+  assert small.layers[1].kind == "bn" and small.layers[0].kind == "conv"
+  y = jax.lax.conv_general_dilated(x, sv["params"][conv]["kernel"], (1, 1), ((1, 1), (1, 1)),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  mu, var = jnp.mean(y, (0, 1, 2)), jnp.var(y, (0, 1, 2))
+  z = jax.nn.relu((y - mu) / jnp.sqrt(var + 1e-5) * sv["params"][bn]["scale"]
+                  + sv["params"][bn]["bias"])
+  np.testing.assert_allclose(np.asarray(sig[bn]), np.sqrt(np.mean(np.square(z), (0, 1, 2))),
+                             rtol=1e-4, atol=1e-6)
+
+  def edit(fn):
+    p = jax.tree_util.tree_map(np.array, sv["params"])
+    fn(p)
+    return p
+  shrunk_kernel = edit(lambda p: p[conv]["kernel"].__setitem__((..., 0), p[conv]["kernel"][..., 0] * 0.1))
+  silenced = edit(lambda p: [p[bn][k].__setitem__(0, p[bn][k][0] * 0.1) for k in ("scale", "bias")])
+  own = metatrain.make_slot(small, sv, None, target=sv)
+  d = lambda p: float(metatrain.activation_imitation_distance(  # pylint: disable=unnecessary-lambda-assignment
+      small, p, sv["batch_stats"], own.target, x))
+  assert d(sv["params"]) < 1e-9
+  assert d(shrunk_kernel) < 1e-7
+  assert float(metatrain.imitation_distance(small, shrunk_kernel, own.target)) > 1e-4
+  assert d(silenced) > 1e-3
+  other = {"params": silenced, "batch_stats": sv["batch_stats"]}
+  want = float(metatrain.activation_imitation_distance(
+      small, sv["params"], sv["batch_stats"], metatrain.make_slot(small, other, None,
+                                                                  target=other).target, x))
+  slot = metatrain.make_slot(full, sv, keep, target=other)
+  embedded = graph_lib.unflatten_variables(full, slot.flat)["params"]
+  got = float(metatrain.activation_imitation_distance(full, embedded, slot.batch_stats,
+                                                      slot.target, x, slot.masks))
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("imitate_on", ["weights", "activations"])
+def test_imitation_meta_gradient_adds_the_weighted_distance_gradient(imitate_on):
   """``imitate=w`` with targets in the slots: the meta-gradient is, per model, jax.grad
   through the metanetwork of the cross-entropy + regulariser + ``w`` times the imitation
-  distance, computed here apart; the metrics report the distance; ``imitate=0`` is the
-  plain gradient bit for bit."""
+  distance (on the weights, or on the activations of the model's first chunk of images),
+  computed here apart; the metrics report the distance; ``imitate=0`` is the plain gradient
+  bit for bit."""
   full, models, mc, phi, _, x, y = _two_model_step_inputs()
   targets = [jax.tree_util.tree_map(lambda a, i=i: a * (1.0 + 0.3 * np.cos(
       np.arange(a.size).reshape(a.shape) + i)), sv) for i, (_, sv, _) in enumerate(models)]
@@ -507,7 +553,8 @@ def test_imitation_meta_gradient_adds_the_weighted_distance_gradient():
   plain_slots = metatrain.stack_slots([metatrain.make_slot(full, sv, k) for _, sv, k in models])
   spec = metatrain._spec(mc)  # private: the hashable spec batched_loss_grads takes
   args = (spec, full, phi, slots, x, y, 16.0, 0.1, "max")
-  g, m = jax.jit(lambda: metatrain.batched_loss_grads(*args, imitate=5.0))()
+  g, m = jax.jit(lambda: metatrain.batched_loss_grads(*args, imitate=5.0,
+                                                      imitate_on=imitate_on))()
   g_off, m_off = jax.jit(lambda: metatrain.batched_loss_grads(*args))()
   g_plain, _ = jax.jit(lambda: metatrain.batched_loss_grads(
       spec, full, phi, plain_slots, x, y, 16.0, 0.1, "max"))()
@@ -517,12 +564,18 @@ def test_imitation_meta_gradient_adds_the_weighted_distance_gradient():
   with pytest.raises(ValueError, match="carry no targets"):
     metatrain.batched_loss_grads(spec, full, phi, plain_slots, x, y, 16.0, 0.1, "max",
                                  imitate=5.0)
+  with pytest.raises(ValueError, match="imitate_on='activation'"):
+    metatrain.batched_loss_grads(*args, imitate=5.0, imitate_on="activation")
 
   def loss(p, slot, i):
     th = metatrain.transformed_params(spec, p, full, slot)
     logits = mp.apply_model(full, {"params": th, "batch_stats": slot.batch_stats}, x[i, 0],
                             masks=slot.masks)
-    d = metatrain.imitation_distance(full, th, slot.target, slot.masks)
+    if imitate_on == "activations":  # one batch of 8 images: the first chunk is all of it
+      d = metatrain.activation_imitation_distance(full, th, slot.batch_stats, slot.target,
+                                                  x[i, 0], slot.masks)
+    else:
+      d = metatrain.imitation_distance(full, th, slot.target, slot.masks)
     return (metatrain.cross_entropy(logits, y[i, 0])
             + regularizer(full, {"params": th}, 16.0, 0.1, "max", masks=slot.masks)
             + 5.0 * d), d

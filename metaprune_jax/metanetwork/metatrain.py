@@ -130,6 +130,75 @@ def imitation_distance(full_arch: Arch, params, target_flat, masks=None) -> jax.
   return total
 
 
+def bn_signal(arch: Arch, params, batch_stats, masks, x) -> dict:
+  """Each BatchNorm layer's per-channel signal on ``x``: the root mean square of its output
+  after a ReLU, BatchNorm on ``x``'s batch statistics (training mode, as the finetunes run it).
+
+  Args:
+    arch: the architecture of ``params`` (full width when ``masks`` are given).
+    params, batch_stats: the network's variables (``batch_stats`` only fills the collection:
+      training mode does not read it).
+    masks: channel masks or None (a pruned channel's parameters are zero, so its signal is 0).
+    x: ``[n, H, W, 3]`` images.
+
+  Returns:
+    ``{bn layer name: [width] float32}``. Traceable.
+  """
+  _, state = cnn.CNN(arch).apply(
+      {"params": params, "batch_stats": batch_stats}, x, train=True, masks=masks,
+      capture_intermediates=lambda mdl, _: isinstance(mdl, cnn.BatchNorm),
+      mutable=["batch_stats", "intermediates"])
+  out = {}
+  for name, val in state["intermediates"].items():
+    y = jax.nn.relu(val["__call__"][0])
+    out[name] = jnp.sqrt(jnp.mean(jnp.square(y), axis=tuple(range(y.ndim - 1))) + 1e-12)
+  return out
+
+
+def activation_imitation_distance(full_arch: Arch, params, batch_stats, target_flat, x,
+                                  masks=None) -> jax.Array:
+  """:func:`imitation_distance` on what the channels carry instead of their weights.
+
+  ``sum over groups g of || sqrt(s_g(params)) - sqrt(s_g(target)) ||^2``, where ``s_g`` is each
+  channel's share of the group's signal: the sum over the group's BatchNorm layers of
+  :func:`bn_signal` on ``x``. A channel whose kernels shrink is normalised back by BatchNorm and
+  keeps its signal; only a channel whose BatchNorm scale and shift silence it, as sparse
+  learning's do, loses it (docs/results.md, round 14). The target runs on the same images
+  under ``stop_gradient``. Groups without a BatchNorm add nothing; on an embedded network a
+  group pruned to exactly ``num_classes`` channels is left out, as in the materialised one.
+
+  Args:
+    full_arch: the architecture of ``params``.
+    params: the network's params; batch_stats: its running statistics (unread).
+    target_flat: ``[F]`` the target's flat variables (:attr:`ModelSlot.target`).
+    x: ``[n, H, W, 3]`` images.
+    masks: channel masks of an embedded network or None.
+
+  Returns:
+    ``[]`` float32. Traceable (``full_arch`` static).
+  """
+  target = jax.lax.stop_gradient(graph_lib.unflatten_variables(full_arch, target_flat)["params"])
+  mine = bn_signal(full_arch, params, batch_stats, masks, x)
+  theirs = bn_signal(full_arch, target, batch_stats, masks, x)
+  total = jnp.float32(0.0)
+  for g in groups_lib.pruning_groups(full_arch, ignore_classes=masks is None):
+    bns = [m.layer for m in g.members if m.kind == "bn" and m.layer in mine]
+    if not bns:
+      continue
+    shares = []
+    for sig in (mine, theirs):
+      a = sum(sig[l] for l in bns)
+      shares.append(jnp.sqrt(a / jnp.sum(a) + 1e-12))
+    term = jnp.sum(jnp.square(shares[0] - shares[1]))
+    if masks is not None and g.space in masks:
+      term = jnp.where(groups_lib.kept_as_group(full_arch, g, masks), term, 0.0)
+    total = total + term
+  return total
+
+
+IMITATE_ON = ("weights", "activations")
+
+
 def stack_slots(slots) -> ModelSlot:
   """Stacks slots along a new leading "model" axis (for ``vmap``/sharding)."""
   return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *slots)
@@ -272,7 +341,7 @@ def unrolled_finetune_grads(arch: Arch, params, batch_stats, masks, images, labe
 
 def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, normalizer,
                       use_masks=True, compat=False, chunk=DEFAULT_CHUNK, form="absolute",
-                      prune_aware=None, batch_bn=False, imitate=0.0):
+                      prune_aware=None, batch_bn=False, imitate=0.0, imitate_on="weights"):
   """Per-slot ``(loss, ce, r, d, accuracy, grads_phi)``; images ``[B, b, H, W, 3]``.
 
   The network runs in eval mode (running BatchNorm statistics, docs/design.md section 5), so its
@@ -293,7 +362,8 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
 
   ``imitate > 0`` (an extension, with ``slot.target``): the loss also takes ``imitate *
   d``, ``d`` the :func:`imitation_distance` of the transformed parameters to the slot's target
-  (0 when off).
+  (0 when off); ``imitate_on="activations"``: :func:`activation_imitation_distance` on the
+  first chunk of ``images`` instead.
   """
   masks = slot.masks if use_masks else None
 
@@ -326,8 +396,13 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
   g_theta = jax.tree_util.tree_map(jnp.add, g_ce, g_r)
   d = jnp.float32(0.0)
   if imitate and slot.target is not None:
-    d, g_d = jax.value_and_grad(
-        lambda th: imitation_distance(full_arch, th, slot.target, masks))(theta)
+    if imitate_on == "activations":
+      x0 = _chunks(images, labels, chunk)[0][0]
+      dist = lambda th: activation_imitation_distance(full_arch, th, slot.batch_stats,  # pylint: disable=unnecessary-lambda-assignment
+                                                      slot.target, x0, masks)
+    else:
+      dist = lambda th: imitation_distance(full_arch, th, slot.target, masks)  # pylint: disable=unnecessary-lambda-assignment
+    d, g_d = jax.value_and_grad(dist)(theta)
     g_theta = jax.tree_util.tree_map(lambda a, b: a + imitate * b, g_theta, g_d)
   (g_phi,) = pull(g_theta)
   return ce_sum + r + imitate * d, ce_sum, r, d, accuracy, g_phi
@@ -388,7 +463,8 @@ def _grads_jit():
 def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, alpha, reg,
                        normalizer, lanes: int = 1, chunk: int = DEFAULT_CHUNK,
                        form: str = "absolute", compat: bool = False, prune_aware=None,
-                       bn: str = "running", imitate: float = 0.0):
+                       bn: str = "running", imitate: float = 0.0,
+                       imitate_on: str = "weights"):
   """Mean over a stack of data models ``[M, ...]`` of the loss gradients (and metrics).
 
   The ``M`` models are cut into ``lanes`` groups (``M % lanes == 0``; the data-parallel width,
@@ -399,8 +475,13 @@ def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, a
   ``prune_aware``: see :func:`_model_loss_grads`; ``bn``: the data models' BatchNorm in the
   cross-entropy, ``running`` statistics (the reference's) or each chunk's ``batch`` statistics;
   ``imitate``: the weight of the distance to each slot's target (``slots.target``, see
-  :func:`_model_loss_grads`; the metrics' ``imitate`` is that distance, 0 when off).
+  :func:`_model_loss_grads`; the metrics' ``imitate`` is that distance, 0 when off);
+  ``imitate_on``: ``weights`` (:func:`imitation_distance`) or ``activations``
+  (:func:`activation_imitation_distance`).
   """
+  if imitate_on not in IMITATE_ON:
+    raise ValueError(f"imitate_on={imitate_on!r}: the imitation distance is on one of "
+                     f"{IMITATE_ON}")
   if bn not in ("running", "batch"):
     raise ValueError(f"bn={bn!r}: the BatchNorm mode is 'running' or 'batch'")
   if imitate and slots.target is None:
@@ -418,7 +499,8 @@ def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, a
       loss, ce, r, d, acc, g = _model_loss_grads(spec, full_arch, phi, s, x, y, alpha, reg,
                                                  normalizer, chunk=chunk, form=form,
                                                  compat=compat, prune_aware=prune_aware,
-                                                 batch_bn=bn == "batch", imitate=imitate)
+                                                 batch_bn=bn == "batch", imitate=imitate,
+                                                 imitate_on=imitate_on)
       return jax.tree_util.tree_map(jnp.add, g_sum, g), (loss, ce, r, d, acc)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, phi)
     return jax.lax.scan(one, zeros, (lane_slots, lane_images, lane_labels))

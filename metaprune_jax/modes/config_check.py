@@ -186,6 +186,9 @@ def check_config(config, *, num_devices: int | None = None,
                             or not (value == 0 or value > 1)):
     raise ConfigError("meta_train.prune_aware", value, "must be 0 (off) or a speed-up > 1 over "
                       "the data models")
+  value = _get(config, "meta_train.imitate_on")
+  if value is not None:
+    _one_of("meta_train.imitate_on", value, ("weights", "activations"), "imitation distance")
   value = _get(config, "meta_train.bn")
   if value is not None:
     _one_of("meta_train.bn", value, ("running", "batch"), "BatchNorm mode")

@@ -147,7 +147,7 @@ def _generate_models(config, workdir, dataset, full, root, indices, done, mesh, 
 def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
                    chunk: int = metatrain.DEFAULT_CHUNK, form: str = "absolute",
                    compat: bool = False, prune_aware=None, bn: str = "running",
-                   imitate: float = 0.0):
+                   imitate: float = 0.0, imitate_on: str = "weights"):
   """Jitted ``(phi, opt_state, slots[M], images[M,B,b,H,W,3], labels[M,B,b], reg_scale[]) ->
   (phi, opt_state, metrics)``; the model axis is sharded over the mesh's ``data`` axis (one lane
   of models per device, see :func:`metatrain.batched_loss_grads`); ``chunk``: images per scanned
@@ -162,7 +162,8 @@ def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
   default); ``bn``: the data models' BatchNorm in the cross-entropy, ``running`` statistics (the
   reference's) or ``batch`` statistics (``meta_train.bn``, an extension); ``imitate``: the
   weight of each transformed model's distance to its slot's target (``meta_train.imitate_sl``,
-  an extension; the slots then carry targets)."""
+  an extension; the slots then carry targets), on the ``imitate_on`` form
+  (``meta_train.imitate_on``: ``weights`` or ``activations``)."""
   model_sharded = NamedSharding(mesh, P("data"))
   repl = NamedSharding(mesh, P())
 
@@ -171,7 +172,8 @@ def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
     g, m = metatrain.batched_loss_grads(spec, full_arch, phi, slots, images, labels, alpha,
                                         strength, normalizer, lanes=mesh.shape["data"],
                                         chunk=chunk, form=form, compat=compat,
-                                        prune_aware=prune_aware, bn=bn, imitate=imitate)
+                                        prune_aware=prune_aware, bn=bn, imitate=imitate,
+                                        imitate_on=imitate_on)
     updates, opt_state = tx.update(g, opt_state, phi)
     return optax.apply_updates(phi, updates), opt_state, m
   return jax.jit(step, in_shardings=(repl, repl, model_sharded, model_sharded, model_sharded,
@@ -321,11 +323,14 @@ def meta_train(config, workdir: str) -> dict:
   bn = str(mt.get("bn", "running"))
   if bn == "running":
     off += ("bn",)
+  imitate_on = str(mt.get("imitate_on", "weights"))
   if imitate:  # the targets: sparse learning as the prune method `sl` runs it
     signature["imitate_sl"] = {"sl": list(prune_mode.sl_settings(config)),
                                "schedule": config.finetune_after_metanet.to_dict()}
   else:
     off += ("imitate_sl",)
+  if not imitate or imitate_on == "weights":
+    off += ("imitate_on",)
   for key in off:
     signature["meta_train"].pop(key, None)
   history, start = [], 0
@@ -339,7 +344,7 @@ def meta_train(config, workdir: str) -> dict:
                            str(mt.get("normalizer", "max")),
                            int(mt.get("chunk_size", metatrain.DEFAULT_CHUNK)),
                            str(mt.get("reg_form", "absolute")), compat, prune_aware, bn,
-                           imitate)
+                           imitate, imitate_on)
   stacked = jax.device_get(metatrain.stack_slots([slots[p] for p in train_pos]))
   bsz, nb = int(mt.batch_size), int(mt.batches_per_model)
   if nb <= 0:  # the whole training split at every step (the reference's faithful setting)
