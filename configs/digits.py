@@ -100,7 +100,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                      # transformed data model's relative distance to that data
                                      # model after sparse learning (prune.sl; an extension)
   config.meta_train.imitate_on = "weights"  # that distance on the channels' "weights" (group-L2
-                                            # shares) or "activations" (post-ReLU signal shares)
+                                            # shares), "activations" (post-ReLU signal shares)
+                                            # or "both" (their sum)
   config.meta_train.reg_warmup_epochs = 0  # the strength rises linearly to `reg` over this many
                                            # epochs (0: full strength from the first step)
   # config.meta_train.reg_form = "relative": a scale-invariant per-group regulariser (see

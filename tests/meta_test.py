@@ -538,7 +538,7 @@ def test_activation_imitation_reads_signals_not_kernel_scale():
   np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
-@pytest.mark.parametrize("imitate_on", ["weights", "activations"])
+@pytest.mark.parametrize("imitate_on", ["weights", "activations", "both"])
 def test_imitation_meta_gradient_adds_the_weighted_distance_gradient(imitate_on):
   """``imitate=w`` with targets in the slots: the meta-gradient is, per model, jax.grad
   through the metanetwork of the cross-entropy + regulariser + ``w`` times the imitation
@@ -571,11 +571,12 @@ def test_imitation_meta_gradient_adds_the_weighted_distance_gradient(imitate_on)
     th = metatrain.transformed_params(spec, p, full, slot)
     logits = mp.apply_model(full, {"params": th, "batch_stats": slot.batch_stats}, x[i, 0],
                             masks=slot.masks)
-    if imitate_on == "activations":  # one batch of 8 images: the first chunk is all of it
-      d = metatrain.activation_imitation_distance(full, th, slot.batch_stats, slot.target,
-                                                  x[i, 0], slot.masks)
-    else:
-      d = metatrain.imitation_distance(full, th, slot.target, slot.masks)
+    d = 0.0
+    if imitate_on in ("activations", "both"):  # one batch of 8 images: the first chunk is all
+      d = d + metatrain.activation_imitation_distance(full, th, slot.batch_stats, slot.target,
+                                                      x[i, 0], slot.masks)
+    if imitate_on in ("weights", "both"):
+      d = d + metatrain.imitation_distance(full, th, slot.target, slot.masks)
     return (metatrain.cross_entropy(logits, y[i, 0])
             + regularizer(full, {"params": th}, 16.0, 0.1, "max", masks=slot.masks)
             + 5.0 * d), d

@@ -196,7 +196,7 @@ def activation_imitation_distance(full_arch: Arch, params, batch_stats, target_f
   return total
 
 
-IMITATE_ON = ("weights", "activations")
+IMITATE_ON = ("weights", "activations", "both")
 
 
 def stack_slots(slots) -> ModelSlot:
@@ -363,7 +363,7 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
   ``imitate > 0`` (an extension, with ``slot.target``): the loss also takes ``imitate *
   d``, ``d`` the :func:`imitation_distance` of the transformed parameters to the slot's target
   (0 when off); ``imitate_on="activations"``: :func:`activation_imitation_distance` on the
-  first chunk of ``images`` instead.
+  first chunk of ``images`` instead; ``"both"``: the sum of the two.
   """
   masks = slot.masks if use_masks else None
 
@@ -396,12 +396,16 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
   g_theta = jax.tree_util.tree_map(jnp.add, g_ce, g_r)
   d = jnp.float32(0.0)
   if imitate and slot.target is not None:
-    if imitate_on == "activations":
-      x0 = _chunks(images, labels, chunk)[0][0]
-      dist = lambda th: activation_imitation_distance(full_arch, th, slot.batch_stats,  # pylint: disable=unnecessary-lambda-assignment
-                                                      slot.target, x0, masks)
-    else:
-      dist = lambda th: imitation_distance(full_arch, th, slot.target, masks)  # pylint: disable=unnecessary-lambda-assignment
+    x0 = _chunks(images, labels, chunk)[0][0]
+
+    def dist(th):
+      out = jnp.float32(0.0)
+      if imitate_on in ("weights", "both"):
+        out = out + imitation_distance(full_arch, th, slot.target, masks)
+      if imitate_on in ("activations", "both"):
+        out = out + activation_imitation_distance(full_arch, th, slot.batch_stats, slot.target,
+                                                  x0, masks)
+      return out
     d, g_d = jax.value_and_grad(dist)(theta)
     g_theta = jax.tree_util.tree_map(lambda a, b: a + imitate * b, g_theta, g_d)
   (g_phi,) = pull(g_theta)
@@ -476,8 +480,8 @@ def batched_loss_grads(spec, full_arch, phi, slots: ModelSlot, images, labels, a
   cross-entropy, ``running`` statistics (the reference's) or each chunk's ``batch`` statistics;
   ``imitate``: the weight of the distance to each slot's target (``slots.target``, see
   :func:`_model_loss_grads`; the metrics' ``imitate`` is that distance, 0 when off);
-  ``imitate_on``: ``weights`` (:func:`imitation_distance`) or ``activations``
-  (:func:`activation_imitation_distance`).
+  ``imitate_on``: ``weights`` (:func:`imitation_distance`), ``activations``
+  (:func:`activation_imitation_distance`) or ``both`` (their sum).
   """
   if imitate_on not in IMITATE_ON:
     raise ValueError(f"imitate_on={imitate_on!r}: the imitation distance is on one of "

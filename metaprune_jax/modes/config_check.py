@@ -188,7 +188,8 @@ def check_config(config, *, num_devices: int | None = None,
                       "the data models")
   value = _get(config, "meta_train.imitate_on")
   if value is not None:
-    _one_of("meta_train.imitate_on", value, ("weights", "activations"), "imitation distance")
+    _one_of("meta_train.imitate_on", value, ("weights", "activations", "both"),
+            "imitation distance")
   value = _get(config, "meta_train.bn")
   if value is not None:
     _one_of("meta_train.bn", value, ("running", "batch"), "BatchNorm mode")

@@ -163,7 +163,7 @@ def make_meta_step(spec, full_arch: Arch, tx, mesh, alpha, reg, normalizer,
   reference's) or ``batch`` statistics (``meta_train.bn``, an extension); ``imitate``: the
   weight of each transformed model's distance to its slot's target (``meta_train.imitate_sl``,
   an extension; the slots then carry targets), on the ``imitate_on`` form
-  (``meta_train.imitate_on``: ``weights`` or ``activations``)."""
+  (``meta_train.imitate_on``: ``weights``, ``activations`` or ``both``)."""
   model_sharded = NamedSharding(mesh, P("data"))
   repl = NamedSharding(mesh, P())
 
