@@ -9,10 +9,10 @@ network right after its method's transform (the one the final pruning is given) 
 every pruning group with BatchNorm each channel's max-normalised group-L2 importance is set beside
 its signal: the root mean square of ``ReLU(BatchNorm(.))`` over the validation split, BatchNorm
 on the split's batch statistics, summed over the group's BatchNorm layers
-(``metatrain.bn_signal``), relative to the group's strongest channel. Writes per run the share of
-channels under 0.1 importance, and of those the share that is silent (signal under 0.05 of the
-group's strongest) and the quantiles (10/25/50/75/90%) of their relative signal, against the other
-channels'.
+(``metatrain.bn_signal``), relative to the group's strongest channel. Writes per run: the share
+of channels under 0.1 importance; the share of all channels that are silent (signal under 0.05 of
+the group's strongest); among the channels under 0.1, the share that is silent and the quantiles
+(10/25/50/75/90%) of their relative signal, against the other channels'.
 """
 
 import glob
@@ -55,6 +55,7 @@ def summarise(imp: np.ndarray, rel: np.ndarray) -> dict:
   low = imp < 0.1
   q = lambda a: np.round(np.quantile(a, _QUANTILES), 3).tolist() if a.size else []  # pylint: disable=unnecessary-lambda-assignment
   return {"channels": int(imp.size), "under_0.1": float(np.mean(low)),
+          "silent": float(np.mean(rel < _SILENT)),
           "silent_among_under_0.1": float(np.mean(rel[low] < _SILENT)) if low.any() else None,
           "signal_under_0.1": q(rel[low]), "signal_rest": q(rel[~low])}
 
@@ -92,7 +93,7 @@ def main(argv):
     out["runs"][name] = {"method": method, "dir": os.path.abspath(d), "per_seed": per_seed,
                          "all": summarise(np.concatenate(imps), np.concatenate(rels))}
     a = out["runs"][name]["all"]
-    print(f"{name:12s} under 0.1 {a['under_0.1']:.2f}, silent among them "
+    print(f"{name:12s} under 0.1 {a['under_0.1']:.2f}, silent {a['silent']:.2f}, among them "
           f"{a['silent_among_under_0.1']}, their signal {a['signal_under_0.1']}, "
           f"the rest {a['signal_rest']}", flush=True)
   if _OUT.value:
