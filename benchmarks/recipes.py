@@ -227,6 +227,11 @@ RECIPES = {
                                    meta_train__reg=1e-4, meta_train__lr_milestones=(24,),
                                    metanet__importance_input=True, metanet__num_layers=8,
                                    metanet__hidden=64),
+    "v53_imitate_act100_8x64": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=100.0,
+                                    meta_train__imitate_on="activations", meta_train__bn="batch",
+                                    meta_train__reg=1e-4, meta_train__lr_milestones=(24,),
+                                    metanet__importance_input=True, metanet__num_layers=8,
+                                    metanet__hidden=64),
     # both distances: silent channels (v50) whose weights are small too (v48), since group-L2
     # pruning ranks weights (v50's silenced channels kept their kernels: none under 0.1)
     "v52_imitate_both10_8x64": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=10.0,
