@@ -839,7 +839,8 @@ def test_chunked_network_gradient_equals_whole_batches():
 def test_meta_train_imitating_sparse_learning_makes_and_checks_its_targets(tmp_path):
   """``meta_train.imitate_sl``: each data model is trained by sparse learning (the regulariser
   in its training, its group norm falling), meta-training logs the distance to those targets,
-  and a rerun with another weight is refused by the checkpoint signature, nothing overwritten."""
+  and a rerun with another weight or another distance (``imitate_on``) is refused by the
+  checkpoint signature, nothing overwritten."""
   from e2e_pipeline_test import tiny_config  # pylint: disable=g-import-not-at-top
   full, models = _tiny_models(2, seed=6)
   for i, (small, sv, keep) in enumerate(models):
@@ -862,5 +863,9 @@ def test_meta_train_imitating_sparse_learning_makes_and_checks_its_targets(tmp_p
   saved = sorted(os.listdir(tmp_path / "meta_train" / "checkpoints"))
   c.meta_train.imitate_sl = 20.0
   with pytest.raises(Exception, match="imitate_sl"):
+    meta_modes.meta_train(c, str(tmp_path))
+  c.meta_train.imitate_sl = 10.0
+  c.meta_train.imitate_on = "activations"  # another distance: another run
+  with pytest.raises(Exception, match="imitate_on"):
     meta_modes.meta_train(c, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "meta_train" / "checkpoints")) == saved
