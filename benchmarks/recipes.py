@@ -244,6 +244,11 @@ RECIPES = {
                                     meta_train__reg=1e-4, meta_train__lr_milestones=(24,),
                                     metanet__importance_input=True, metanet__num_layers=8,
                                     metanet__hidden=64),
+    "v55_imitate_both3_8x64": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=3.0,
+                                   meta_train__imitate_on="both", meta_train__bn="batch",
+                                   meta_train__reg=1e-4, meta_train__lr_milestones=(24,),
+                                   metanet__importance_input=True, metanet__num_layers=8,
+                                   metanet__hidden=64),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
