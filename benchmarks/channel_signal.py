@@ -51,13 +51,17 @@ def network_signal(arch, variables, images) -> tuple[np.ndarray, np.ndarray]:
   return np.concatenate(imps), np.concatenate(rels)
 
 
+def _quantiles(a: np.ndarray) -> list:
+  return np.round(np.quantile(a, _QUANTILES), 3).tolist() if a.size else []
+
+
 def summarise(imp: np.ndarray, rel: np.ndarray) -> dict:
+  """The shares and signal quantiles of one network's (or several pooled) channels."""
   low = imp < 0.1
-  q = lambda a: np.round(np.quantile(a, _QUANTILES), 3).tolist() if a.size else []  # pylint: disable=unnecessary-lambda-assignment
   return {"channels": int(imp.size), "under_0.1": float(np.mean(low)),
           "silent": float(np.mean(rel < _SILENT)),
           "silent_among_under_0.1": float(np.mean(rel[low] < _SILENT)) if low.any() else None,
-          "signal_under_0.1": q(rel[low]), "signal_rest": q(rel[~low])}
+          "signal_under_0.1": _quantiles(rel[low]), "signal_rest": _quantiles(rel[~low])}
 
 
 def main(argv):

@@ -15,6 +15,12 @@ import os
 # epochs, and round 8's per-group floor for every method (so their baselines are round 8's)
 _SELECTED_FLOOR90 = dict(prune__metanet_epoch=0, visualize__every=2, prune__max_pruning_ratio=0.9)
 _V5 = dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1)
+# what the imitation recipes at the paper's metanetwork size share (rounds 13-14): the
+# cross-entropy on batch statistics, the group-norm regulariser nearly off, each channel's
+# standing as an input, the learning rate kept to epoch 24, 8 x 64
+_IMITATE_8X64 = dict(_V5, **_SELECTED_FLOOR90, meta_train__bn="batch", meta_train__reg=1e-4,
+                     meta_train__lr_milestones=(24,), metanet__importance_input=True,
+                     metanet__num_layers=8, metanet__hidden=64)
 
 RECIPES = {
     # the settings shipped before the search: 3 x 16, ratios 0.01, 6 epochs, lr 1e-3, reg 10,
@@ -194,61 +200,32 @@ RECIPES = {
                            meta_train__lr_milestones=(24,), metanet__importance_input=True),
     # v44 and v43 with the reference's metanetwork size (8 x 64; v8): more capacity to make
     # sparse learning's pattern without its damage
-    "v46_imitate30_8x64": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=30.0,
-                               meta_train__bn="batch", meta_train__reg=1e-4,
-                               meta_train__lr_milestones=(24,), metanet__importance_input=True,
-                               metanet__num_layers=8, metanet__hidden=64),
-    "v47_imitate100_8x64": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=100.0,
-                                meta_train__bn="batch", meta_train__reg=1e-4,
-                                meta_train__lr_milestones=(24,), metanet__importance_input=True,
-                                metanet__num_layers=8, metanet__hidden=64),
+    "v46_imitate30_8x64": dict(_IMITATE_8X64, meta_train__imitate_sl=30.0),
+    "v47_imitate100_8x64": dict(_IMITATE_8X64, meta_train__imitate_sl=100.0),
     # v46 at a third of the weight (at 8 x 64, 30 beat 100 by far)
-    "v48_imitate10_8x64": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=10.0,
-                               meta_train__bn="batch", meta_train__reg=1e-4,
-                               meta_train__lr_milestones=(24,), metanet__importance_input=True,
-                               metanet__num_layers=8, metanet__hidden=64),
+    "v48_imitate10_8x64": dict(_IMITATE_8X64, meta_train__imitate_sl=10.0),
     # v48 with twice the data models (16; the first 8 are the search's): does the imitation
     # generalise better to the network it is applied to? Run like v5_dm16
-    "v49_imitate10_8x64_dm16": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=10.0,
-                                    meta_train__bn="batch", meta_train__reg=1e-4,
-                                    meta_train__lr_milestones=(24,),
-                                    metanet__importance_input=True, metanet__num_layers=8,
-                                    metanet__hidden=64, generate__num_models=16),
+    "v49_imitate10_8x64_dm16": dict(_IMITATE_8X64, meta_train__imitate_sl=10.0,
+                                    generate__num_models=16),
     # v48 imitating what the channels carry instead of their weights (meta_train.imitate_on:
     # the shares of each channel's post-ReLU signal; round 14 measured v48's low-importance
-    # channels still carrying 11-28% of their group's largest signal, sparse learning's 0-26%)
-    "v50_imitate_act10_8x64": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=10.0,
-                                   meta_train__imitate_on="activations", meta_train__bn="batch",
-                                   meta_train__reg=1e-4, meta_train__lr_milestones=(24,),
-                                   metanet__importance_input=True, metanet__num_layers=8,
-                                   metanet__hidden=64),
-    "v51_imitate_act30_8x64": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=30.0,
-                                   meta_train__imitate_on="activations", meta_train__bn="batch",
-                                   meta_train__reg=1e-4, meta_train__lr_milestones=(24,),
-                                   metanet__importance_input=True, metanet__num_layers=8,
-                                   metanet__hidden=64),
-    "v53_imitate_act100_8x64": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=100.0,
-                                    meta_train__imitate_on="activations", meta_train__bn="batch",
-                                    meta_train__reg=1e-4, meta_train__lr_milestones=(24,),
-                                    metanet__importance_input=True, metanet__num_layers=8,
-                                    metanet__hidden=64),
+    # channels still carrying 20-33% of their group's strongest signal (10th-90th percentile),
+    # sparse learning's 0-32%, a third of them silent)
+    "v50_imitate_act10_8x64": dict(_IMITATE_8X64, meta_train__imitate_sl=10.0,
+                                   meta_train__imitate_on="activations"),
+    "v51_imitate_act30_8x64": dict(_IMITATE_8X64, meta_train__imitate_sl=30.0,
+                                   meta_train__imitate_on="activations"),
+    "v53_imitate_act100_8x64": dict(_IMITATE_8X64, meta_train__imitate_sl=100.0,
+                                    meta_train__imitate_on="activations"),
     # both distances: silent channels (v50) whose weights are small too (v48), since group-L2
     # pruning ranks weights (v50's silenced channels kept their kernels: none under 0.1)
-    "v52_imitate_both10_8x64": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=10.0,
-                                    meta_train__imitate_on="both", meta_train__bn="batch",
-                                    meta_train__reg=1e-4, meta_train__lr_milestones=(24,),
-                                    metanet__importance_input=True, metanet__num_layers=8,
-                                    metanet__hidden=64),
-    "v54_imitate_both30_8x64": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=30.0,
-                                    meta_train__imitate_on="both", meta_train__bn="batch",
-                                    meta_train__reg=1e-4, meta_train__lr_milestones=(24,),
-                                    metanet__importance_input=True, metanet__num_layers=8,
-                                    metanet__hidden=64),
-    "v55_imitate_both3_8x64": dict(_V5, **_SELECTED_FLOOR90, meta_train__imitate_sl=3.0,
-                                   meta_train__imitate_on="both", meta_train__bn="batch",
-                                   meta_train__reg=1e-4, meta_train__lr_milestones=(24,),
-                                   metanet__importance_input=True, metanet__num_layers=8,
-                                   metanet__hidden=64),
+    "v52_imitate_both10_8x64": dict(_IMITATE_8X64, meta_train__imitate_sl=10.0,
+                                    meta_train__imitate_on="both"),
+    "v54_imitate_both30_8x64": dict(_IMITATE_8X64, meta_train__imitate_sl=30.0,
+                                    meta_train__imitate_on="both"),
+    "v55_imitate_both3_8x64": dict(_IMITATE_8X64, meta_train__imitate_sl=3.0,
+                                   meta_train__imitate_on="both"),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,

@@ -514,15 +514,16 @@ def test_activation_imitation_reads_signals_not_kernel_scale():
   np.testing.assert_allclose(np.asarray(sig[bn]), np.sqrt(np.mean(np.square(z), (0, 1, 2))),
                              rtol=1e-4, atol=1e-6)
 
-  def edit(fn):
-    p = jax.tree_util.tree_map(np.array, sv["params"])
-    fn(p)
-    return p
-  shrunk_kernel = edit(lambda p: p[conv]["kernel"].__setitem__((..., 0), p[conv]["kernel"][..., 0] * 0.1))
-  silenced = edit(lambda p: [p[bn][k].__setitem__(0, p[bn][k][0] * 0.1) for k in ("scale", "bias")])
+  shrunk_kernel = jax.tree_util.tree_map(np.array, sv["params"])  # writable copies
+  shrunk_kernel[conv]["kernel"][..., 0] *= 0.1
+  silenced = jax.tree_util.tree_map(np.array, sv["params"])
+  for k in ("scale", "bias"):
+    silenced[bn][k][0] *= 0.1
   own = metatrain.make_slot(small, sv, None, target=sv)
-  d = lambda p: float(metatrain.activation_imitation_distance(  # pylint: disable=unnecessary-lambda-assignment
-      small, p, sv["batch_stats"], own.target, x))
+
+  def d(p):
+    return float(metatrain.activation_imitation_distance(small, p, sv["batch_stats"],
+                                                         own.target, x))
   assert d(sv["params"]) < 1e-9
   assert d(shrunk_kernel) < 1e-7
   assert float(metatrain.imitation_distance(small, shrunk_kernel, own.target)) > 1e-4
