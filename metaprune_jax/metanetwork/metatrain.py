@@ -396,7 +396,7 @@ def _model_loss_grads(spec, full_arch, phi, slot, images, labels, alpha, reg, no
   g_theta = jax.tree_util.tree_map(jnp.add, g_ce, g_r)
   d = jnp.float32(0.0)
   if imitate and slot.target is not None:
-    x0 = _chunks(images, labels, chunk)[0][0]
+    x0 = _chunks(images, labels, chunk)[0][0] if imitate_on != "weights" else None
 
     def dist(th):
       out = jnp.float32(0.0)
