@@ -119,15 +119,21 @@ def imitation_distance(full_arch: Arch, params, target_flat, masks=None) -> jax.
   target = graph_lib.unflatten_variables(full_arch, target_flat)["params"]
   total = jnp.float32(0.0)
   for g in groups_lib.pruning_groups(full_arch, ignore_classes=masks is None):
-    shares = []
-    for p in (params, target):
-      raw = groups_lib.raw_group_importance(full_arch, p, g)
-      shares.append(jnp.sqrt(raw / (jnp.sum(raw) + 1e-30) + 1e-12))
-    term = jnp.sum(jnp.square(shares[0] - shares[1]))
-    if masks is not None and g.space in masks:  # only the materialised network's groups
-      term = jnp.where(groups_lib.kept_as_group(full_arch, g, masks), term, 0.0)
-    total = total + term
+    total = total + _share_gap(full_arch, g, masks,
+                               groups_lib.raw_group_importance(full_arch, params, g),
+                               groups_lib.raw_group_importance(full_arch, target, g))
   return total
+
+
+def _share_gap(full_arch: Arch, g, masks, mine, theirs) -> jax.Array:
+  """``|| sqrt(mine / sum(mine)) - sqrt(theirs / sum(theirs)) ||^2`` for group ``g`` (``[width]``
+  magnitudes each); 0 for a group the materialised network does not have
+  (:func:`groups_lib.kept_as_group`)."""
+  shares = [jnp.sqrt(a / (jnp.sum(a) + 1e-30) + 1e-12) for a in (mine, theirs)]
+  term = jnp.sum(jnp.square(shares[0] - shares[1]))
+  if masks is not None and g.space in masks:  # only the materialised network's groups
+    term = jnp.where(groups_lib.kept_as_group(full_arch, g, masks), term, 0.0)
+  return term
 
 
 def bn_signal(arch: Arch, params, batch_stats, masks, x) -> dict:
@@ -185,14 +191,8 @@ def activation_imitation_distance(full_arch: Arch, params, batch_stats, target_f
     bns = [m.layer for m in g.members if m.kind == "bn" and m.layer in mine]
     if not bns:
       continue
-    shares = []
-    for sig in (mine, theirs):
-      a = sum(sig[l] for l in bns)
-      shares.append(jnp.sqrt(a / jnp.sum(a) + 1e-12))
-    term = jnp.sum(jnp.square(shares[0] - shares[1]))
-    if masks is not None and g.space in masks:
-      term = jnp.where(groups_lib.kept_as_group(full_arch, g, masks), term, 0.0)
-    total = total + term
+    total = total + _share_gap(full_arch, g, masks, sum(mine[l] for l in bns),
+                               sum(theirs[l] for l in bns))
   return total
 
 
