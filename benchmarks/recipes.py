@@ -226,6 +226,19 @@ RECIPES = {
                                     meta_train__imitate_on="both"),
     "v55_imitate_both3_8x64": dict(_IMITATE_8X64, meta_train__imitate_sl=3.0,
                                    meta_train__imitate_on="both"),
+    # v52 with round 10's pruned cross-entropy (each transformed data model pruned by group L2
+    # to 2x / 4x over it, i.e. ~3x / ~6x over the base network, BatchNorm on batch statistics):
+    # v52's networks look like sparse learning's (silent low-importance channels) but do not
+    # work without those channels (no-finetune 0.707 at 3x, sparse learning 0.981); this term
+    # asks the kept channels to carry the function
+    "v56_imitate_both10_paware3": dict(_IMITATE_8X64, meta_train__imitate_sl=10.0,
+                                       meta_train__imitate_on="both",
+                                       meta_train__prune_aware=2.0,
+                                       meta_train__prune_aware_bn="batch"),
+    "v57_imitate_both10_paware6": dict(_IMITATE_8X64, meta_train__imitate_sl=10.0,
+                                       meta_train__imitate_on="both",
+                                       meta_train__prune_aware=4.0,
+                                       meta_train__prune_aware_bn="batch"),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
