@@ -202,6 +202,16 @@ struct Planes {
   int64_t wp, iy_lo;
 };
 
+// The last pass over a contiguous run of m output floats (whole pixels of every channel): +
+// residual, ReLU, then the run copied out.
+inline void FinishRun(const Geom& g, float* run, int64_t m, const float* res, float* out) {
+  if (res)
+    for (int64_t i = 0; i < m; ++i) run[i] += res[i];
+  if (g.relu)
+    for (int64_t i = 0; i < m; ++i) run[i] = run[i] > 0.0f ? run[i] : 0.0f;
+  std::memcpy(out, run, sizeof(float) * m);
+}
+
 #ifdef __AVX512F__
 // r[i][j] -> r[j][i] for a 16 x 16 block of floats held in 16 registers: pairs of rows
 // interleaved (ps, then pd), which leaves each 128-bit lane of u[4i + k] holding column
@@ -234,8 +244,10 @@ __attribute__((always_inline)) inline void Transpose16(__m512 (&r)[16]) {
   }
 }
 
-// Epilogue (below) from the accumulators (r[o], o < kO; the rest 0), through a register transpose: pixel p's kO channels
-// are one masked store (the same additions in the same order: equal to the last bit).
+// Epilogue (below) from the accumulators (r[o], o < kO; the rest 0) through a register
+// transpose, after which r[p] holds pixel p's channels: a whole-width block's pixels go into
+// one run with plain overlapping stores, a narrower block's are masked stores (the same
+// additions in the same order: equal to the last bit).
 template <int kO>
 __attribute__((always_inline)) inline void EpilogueV(const Geom& g, __m512 (&r)[16], int64_t n,
                                                      float* out, const float* res) {
@@ -243,12 +255,7 @@ __attribute__((always_inline)) inline void EpilogueV(const Geom& g, __m512 (&r)[
   if (kO == g.O) {  // n pixels are one run of n * kO floats: overlapping stores, in order
     alignas(64) float run[16 * kO + 16];
     for (int64_t p = 0; p < n; ++p) _mm512_storeu_ps(run + p * kO, r[p]);
-    const int64_t mm = n * kO;
-    if (res)
-      for (int64_t i = 0; i < mm; ++i) run[i] += res[i];
-    if (g.relu)
-      for (int64_t i = 0; i < mm; ++i) run[i] = run[i] > 0.0f ? run[i] : 0.0f;
-    std::memcpy(out, run, sizeof(float) * mm);
+    FinishRun(g, run, n * kO, res, out);
     return;
   }
   const __mmask16 m = static_cast<__mmask16>((1u << kO) - 1u);
@@ -295,12 +302,7 @@ inline void Epilogue(const Geom& g, const float (&tile)[kO][16], int64_t n, floa
     alignas(64) float run[16 * kO];
     for (int64_t p = 0; p < n; ++p)
       for (int o = 0; o < kO; ++o) run[p * kO + o] = tile[o][p];
-    const int64_t m = n * kO;
-    if (res)
-      for (int64_t i = 0; i < m; ++i) run[i] += res[i];
-    if (g.relu)
-      for (int64_t i = 0; i < m; ++i) run[i] = run[i] > 0.0f ? run[i] : 0.0f;
-    std::memcpy(out, run, sizeof(float) * m);
+    FinishRun(g, run, n * kO, res, out);
     return;
   }
   for (int64_t p = 0; p < n; ++p) {
