@@ -236,7 +236,10 @@ def test_run_config_precision_reaches_the_metanetwork():
                                               ((2, 16, 16, 32, 23), 1, 1), ((1, 8, 8, 40, 51), 1, 1),
                                               # input rows transposed 16 pixels x 16 channels at
                                               # a time: partial blocks of both
-                                              ((1, 5, 40, 33, 7), 1, 1), ((2, 6, 21, 17, 16), 1, 1)])
+                                              ((1, 5, 40, 33, 7), 1, 1), ((2, 6, 21, 17, 16), 1, 1),
+                                              # 1-2 outputs: 4 tiles at a time (a task's last
+                                              # group short: repeated tiles not written)
+                                              ((1, 5, 16, 4, 1), 1, 1), ((3, 7, 24, 12, 2), 1, 1)])
 @pytest.mark.parametrize("pixel_path", [True, False])
 def test_conv_kernel_equals_xla(shape, stride, pad, pixel_path, monkeypatch):
   monkeypatch.setattr(cpu_kernels, "CONV_PIXEL_PATH", pixel_path)
