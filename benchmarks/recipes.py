@@ -239,6 +239,12 @@ RECIPES = {
                                        meta_train__imitate_on="both",
                                        meta_train__prune_aware=4.0,
                                        meta_train__prune_aware_bn="batch"),
+    # round 16: v52 with one after-pruning finetune epoch for every method (the budget where the
+    # no-finetune curves should matter most; the baselines run under it too)
+    "v52_imitate_both10_8x64_ft1": dict(_IMITATE_8X64, meta_train__imitate_sl=10.0,
+                                        meta_train__imitate_on="both",
+                                        finetune_after_pruning__epochs=1,
+                                        finetune_after_pruning__milestones=()),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
