@@ -21,6 +21,9 @@ _V5 = dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1)
 _IMITATE_8X64 = dict(_V5, **_SELECTED_FLOOR90, meta_train__bn="batch", meta_train__reg=1e-4,
                      meta_train__lr_milestones=(24,), metanet__importance_input=True,
                      metanet__num_layers=8, metanet__hidden=64)
+# round 14's v52: the imitation of both the weights and the signals, at weight 10 (rounds 15-16
+# build on it)
+_V52 = dict(_IMITATE_8X64, meta_train__imitate_sl=10.0, meta_train__imitate_on="both")
 
 RECIPES = {
     # the settings shipped before the search: 3 x 16, ratios 0.01, 6 epochs, lr 1e-3, reg 10,
@@ -220,8 +223,7 @@ RECIPES = {
                                     meta_train__imitate_on="activations"),
     # both distances: silent channels (v50) whose weights are small too (v48), since group-L2
     # pruning ranks weights (v50's silenced channels kept their kernels: none under 0.1)
-    "v52_imitate_both10_8x64": dict(_IMITATE_8X64, meta_train__imitate_sl=10.0,
-                                    meta_train__imitate_on="both"),
+    "v52_imitate_both10_8x64": dict(_V52),
     "v54_imitate_both30_8x64": dict(_IMITATE_8X64, meta_train__imitate_sl=30.0,
                                     meta_train__imitate_on="both"),
     "v55_imitate_both3_8x64": dict(_IMITATE_8X64, meta_train__imitate_sl=3.0,
@@ -231,19 +233,13 @@ RECIPES = {
     # v52's networks look like sparse learning's (silent low-importance channels) but do not
     # work without those channels (no-finetune 0.707 at 3x, sparse learning 0.981); this term
     # asks the kept channels to carry the function
-    "v56_imitate_both10_paware3": dict(_IMITATE_8X64, meta_train__imitate_sl=10.0,
-                                       meta_train__imitate_on="both",
-                                       meta_train__prune_aware=2.0,
+    "v56_imitate_both10_paware3": dict(_V52, meta_train__prune_aware=2.0,
                                        meta_train__prune_aware_bn="batch"),
-    "v57_imitate_both10_paware6": dict(_IMITATE_8X64, meta_train__imitate_sl=10.0,
-                                       meta_train__imitate_on="both",
-                                       meta_train__prune_aware=4.0,
+    "v57_imitate_both10_paware6": dict(_V52, meta_train__prune_aware=4.0,
                                        meta_train__prune_aware_bn="batch"),
     # round 16: v52 with one after-pruning finetune epoch for every method (the budget where the
     # no-finetune curves should matter most; the baselines run under it too)
-    "v52_imitate_both10_8x64_ft1": dict(_IMITATE_8X64, meta_train__imitate_sl=10.0,
-                                        meta_train__imitate_on="both",
-                                        finetune_after_pruning__epochs=1,
+    "v52_imitate_both10_8x64_ft1": dict(_V52, finetune_after_pruning__epochs=1,
                                         finetune_after_pruning__milestones=()),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
