@@ -241,6 +241,9 @@ RECIPES = {
     # no-finetune curves should matter most; the baselines run under it too)
     "v52_imitate_both10_8x64_ft1": dict(_V52, finetune_after_pruning__epochs=1,
                                         finetune_after_pruning__milestones=()),
+    # and three epochs, the learning rate x0.1 for the last (the 10-epoch schedule's shape)
+    "v52_imitate_both10_8x64_ft3": dict(_V52, finetune_after_pruning__epochs=3,
+                                        finetune_after_pruning__milestones=(2,)),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
