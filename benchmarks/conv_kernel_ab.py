@@ -40,11 +40,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "metaprune_jax", "backends", "csrc")
 SOURCE = os.path.join(CSRC, "conv_cpu.cc")
 # (H = W, C, O, residual): the pruned ResNet-56's kinds of 3x3 convolutions (stage 1 at 32x32
-# reading or writing the 15-channel stream, stage 2 at 16x16, stage 3 at 8x8) and a full one
+# reading or writing the 15-channel stream, stage 2 at 16x16, stage 3 at 8x8), a full one, and
+# the main job's
 _CONVS = ((32, 15, 1, False), (32, 15, 2, False), (32, 15, 3, False), (32, 15, 5, False),
           (32, 15, 7, False), (32, 15, 9, False), (32, 1, 15, True), (32, 5, 15, True),
           (32, 16, 16, True), (16, 32, 1, False), (16, 32, 6, False), (16, 32, 9, False),
-          (16, 32, 18, False), (8, 64, 24, False))
+          (16, 32, 18, False), (8, 64, 24, False), (8, 64, 3, False),
+          # the main job's pruned resnet8 at 8x8 (digits): a 10-channel stream, inner width 4
+          (8, 10, 4, False), (8, 4, 10, True))
 
 
 def _build(source: str, tag: str, tmp: str) -> str:

@@ -239,7 +239,9 @@ def test_run_config_precision_reaches_the_metanetwork():
                                               ((1, 5, 40, 33, 7), 1, 1), ((2, 6, 21, 17, 16), 1, 1),
                                               # 1-2 outputs: 4 tiles at a time (a task's last
                                               # group short: repeated tiles not written)
-                                              ((1, 5, 16, 4, 1), 1, 1), ((3, 7, 24, 12, 2), 1, 1)])
+                                              ((1, 5, 16, 4, 1), 1, 1), ((3, 7, 24, 12, 2), 1, 1),
+                                              # and of 8-pixel row pairs (a lone last row)
+                                              ((1, 7, 8, 9, 2), 1, 1), ((2, 8, 8, 6, 5), 1, 1)])
 @pytest.mark.parametrize("pixel_path", [True, False])
 def test_conv_kernel_equals_xla(shape, stride, pad, pixel_path, monkeypatch):
   monkeypatch.setattr(cpu_kernels, "CONV_PIXEL_PATH", pixel_path)

@@ -10,8 +10,8 @@
 // * RowsPix / RowsPix8, at most geom[5] output channels (cpu_kernels.CONV_PIXEL_MAX_OUT, 16) at
 //   stride 1 along x, output rows at least 8 pixels wide: vectorised over 16 output pixels (two 8-pixel rows for 8-wide outputs),
 //   from input rows transposed into channel planes once per task; no lane is idle whatever the
-//   channel counts. With few output channels several 16-pixel tiles are computed together
-//   (PixTilesAtOnce), so that each broadcast weight feeds independent FMA chains: one tile of
+//   channel counts. With few output channels several 16-pixel tiles (RowsPix8: row pairs) are
+//   computed together (PixTilesAtOnce), so that each broadcast weight feeds independent FMA chains: one tile of
 //   one channel is a single chain, bound by the FMA latency. AVX-512 builds transpose the input
 //   rows into planes (blocks of at least 8 channels), and the accumulators back into NHWC
 //   pixels, 16 x 16 in registers (Transpose16) instead of float by float. Measured against the
@@ -385,36 +385,51 @@ void RowsPix8(const Geom& g, const Planes& pl, const float* w, const float* bias
 #ifndef __AVX512F__
   alignas(64) float tile[kO][16];
 #endif
-  for (int64_t oy = oy0; oy < oy1; oy += 2) {
-    const bool two = oy + 1 < oy1;
-    const int64_t r0 = oy * g.sh - g.ph - pl.iy_lo;
-    const int64_t r1 = two ? r0 + g.sh : r0;  // a lone last row computes itself twice
-    v16 acc[kO];
-    for (int o = 0; o < kO; ++o) acc[o] = v16{} + (bias ? bias[o0 + o] : 0.0f);
+  constexpr int kR = PixTilesAtOnce<kO>();  // tiles (row pairs) at once, as RowsPix
+  const int64_t total = (oy1 - oy0 + 1) / 2;
+  for (int64_t i0 = 0; i0 < total; i0 += kR) {
+    const float* pa[kR];
+    const float* pb[kR];
+    int64_t oys[kR];
+    bool two[kR];
+    for (int j = 0; j < kR; ++j) {  // past the last tile: the last tile again, not written
+      oys[j] = oy0 + 2 * std::min<int64_t>(i0 + j, total - 1);
+      two[j] = oys[j] + 1 < oy1;
+      const int64_t r0 = oys[j] * g.sh - g.ph - pl.iy_lo;
+      pa[j] = pl.data + r0 * g.C * pl.wp;
+      pb[j] = pl.data + (two[j] ? r0 + g.sh : r0) * g.C * pl.wp;  // a lone last row: twice
+    }
+    v16 acc[kR][kO];
+    for (int j = 0; j < kR; ++j)
+      for (int o = 0; o < kO; ++o) acc[j][o] = v16{} + (bias ? bias[o0 + o] : 0.0f);
     for (int64_t ky = 0; ky < g.kh; ++ky) {
-      const float* pa = pl.data + (r0 + ky) * g.C * pl.wp;
-      const float* pb = pl.data + (r1 + ky) * g.C * pl.wp;
       for (int64_t c = 0; c < g.C; ++c) {
+        const int64_t off = (ky * g.C + c) * pl.wp;
         for (int64_t kx = 0; kx < g.kw; ++kx) {
-          const v8u lo = *reinterpret_cast<const v8u*>(pa + c * pl.wp + kx);
-          const v8u hi = *reinterpret_cast<const v8u*>(pb + c * pl.wp + kx);
-          const v16 xv = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
-                                                 13, 14, 15);
           const float* wk = w + ((ky * g.kw + kx) * g.C + c) * g.O + o0;
-          for (int o = 0; o < kO; ++o) acc[o] += xv * wk[o];
+          for (int j = 0; j < kR; ++j) {
+            const v8u lo = *reinterpret_cast<const v8u*>(pa[j] + off + kx);
+            const v8u hi = *reinterpret_cast<const v8u*>(pb[j] + off + kx);
+            const v16 xv = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                                   12, 13, 14, 15);
+            for (int o = 0; o < kO; ++o) acc[j][o] += xv * wk[o];
+          }
         }
       }
     }
-    // rows oy and oy + 1 are consecutive in memory (Wo = 8): one run of pixels
-    const int64_t off = (b * g.Ho + oy) * g.Wo * g.O + o0;
+    for (int j = 0; j < kR && i0 + j < total; ++j) {
+      // rows oy and oy + 1 are consecutive in memory (Wo = 8): one run of pixels
+      const int64_t off = (b * g.Ho + oys[j]) * g.Wo * g.O + o0;
+      const float* res = g.res ? g.res + off : nullptr;
 #ifdef __AVX512F__
-    __m512 r[16];
-    for (int o = 0; o < 16; ++o) r[o] = o < kO ? (__m512)acc[o] : _mm512_setzero_ps();
-    EpilogueV<kO>(g, r, two ? 16 : 8, out + off, g.res ? g.res + off : nullptr);
+      __m512 r[16];
+      for (int o = 0; o < 16; ++o) r[o] = o < kO ? (__m512)acc[j][o] : _mm512_setzero_ps();
+      EpilogueV<kO>(g, r, two[j] ? 16 : 8, out + off, res);
 #else
-    for (int o = 0; o < kO; ++o) std::memcpy(tile[o], &acc[o], sizeof(v16));
-    Epilogue<kO>(g, tile, two ? 16 : 8, out + off, g.res ? g.res + off : nullptr);
+      for (int o = 0; o < kO; ++o) std::memcpy(tile[o], &acc[j][o], sizeof(v16));
+      Epilogue<kO>(g, tile, two[j] ? 16 : 8, out + off, res);
 #endif
+    }
   }
 }
 
