@@ -540,7 +540,7 @@ def prune(config, workdir: str) -> dict:
     np.savez(os.path.join(out, "final_state_dict.npz"), **sd)
     try:
       import torch  # pylint: disable=g-import-not-at-top
-      torch.save({k: torch.from_numpy(np.asarray(a)) for k, a in sd.items()},
+      torch.save({k: torch.from_numpy(np.array(a)) for k, a in sd.items()},  # writable copies
                  os.path.join(out, "final_state_dict.pth"))
       report["saved"]["state_dict_pth"] = os.path.join(out, "final_state_dict.pth")
     except ImportError:  # torch is an optional extra; the .npz holds the same state dict
