@@ -7,10 +7,10 @@
 // with the bias and the residual optional (empty operands) and act the identity or ReLU: a
 // folded network's conv -> bias -> (residual add) -> ReLU in one pass over memory.
 // Three paths, chosen per call (ConvImpl):
-// * RowsPix / RowsPix8, at most geom[5] output channels (cpu_kernels.CONV_PIXEL_MAX_OUT, 16) at
+// * RowsPix, at most geom[5] output channels (cpu_kernels.CONV_PIXEL_MAX_OUT, 16) at
 //   stride 1 along x, output rows at least 8 pixels wide: vectorised over 16 output pixels (two 8-pixel rows for 8-wide outputs),
 //   from input rows transposed into channel planes once per task; no lane is idle whatever the
-//   channel counts. With few output channels several 16-pixel tiles (RowsPix8: row pairs) are
+//   channel counts. With few output channels several 16-pixel tiles (or row pairs) are
 //   computed together (PixTilesAtOnce), so that each broadcast weight feeds independent FMA chains: one tile of
 //   one channel is a single chain, bound by the FMA latency. AVX-512 builds transpose the input
 //   rows into planes (blocks of at least 8 channels), and the accumulators back into NHWC
@@ -326,23 +326,41 @@ inline void Epilogue(const Geom& g, const float (&tile)[kO][16], int64_t n, floa
 template <int kO>
 constexpr int PixTilesAtOnce() { return kO <= 2 ? 4 : kO <= 10 ? 2 : 1; }
 
-template <int kO>
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+
+// Output channels [o0, o0 + kO) of output rows [oy0, oy1) of image b, a 16-lane tile at a time:
+// 16 consecutive pixels of a row, or (kPair, an 8-pixel-wide output such as a CIFAR ResNet's
+// last stage) two output rows of 8 pixels, consecutive in memory, so no lane is idle there
+// either. kR tiles at once (PixTilesAtOnce).
+template <int kO, bool kPair>
 void RowsPix(const Geom& g, const Planes& pl, const float* w, const float* bias, float* out,
              int64_t b, int64_t oy0, int64_t oy1, int64_t o0) {
 #ifndef __AVX512F__
   alignas(64) float tile[kO][16];
 #endif
   constexpr int kR = PixTilesAtOnce<kO>();
-  const int64_t tiles = (g.Wo + 15) / 16;
-  const int64_t total = (oy1 - oy0) * tiles;  // the task's tiles, row by row
+  const int64_t per_row = kPair ? 1 : (g.Wo + 15) / 16;
+  const int64_t total = kPair ? (oy1 - oy0 + 1) / 2 : (oy1 - oy0) * per_row;  // the task's tiles
   for (int64_t i0 = 0; i0 < total; i0 += kR) {
-    const float* base[kR];
-    int64_t oys[kR], ox0s[kR];
+    const float* pa[kR];  // the tile's first input plane row (kPair: of each output row)
+    const float* pb[kR];
+    int64_t n[kR], out_off[kR];  // its pixels and its first output float
     for (int j = 0; j < kR; ++j) {  // past the last tile: the last tile again, not written
       const int64_t i = std::min<int64_t>(i0 + j, total - 1);
-      oys[j] = oy0 + i / tiles;
-      ox0s[j] = (i % tiles) * 16;
-      base[j] = pl.data + (oys[j] * g.sh - g.ph - pl.iy_lo) * g.C * pl.wp + ox0s[j];
+      if constexpr (kPair) {
+        const int64_t oy = oy0 + 2 * i;
+        const bool two = oy + 1 < oy1;
+        const int64_t r0 = oy * g.sh - g.ph - pl.iy_lo;
+        pa[j] = pl.data + r0 * g.C * pl.wp;
+        pb[j] = pl.data + (two ? r0 + g.sh : r0) * g.C * pl.wp;  // a lone last row: twice
+        n[j] = two ? 16 : 8;
+        out_off[j] = (b * g.Ho + oy) * g.Wo * g.O + o0;
+      } else {
+        const int64_t oy = oy0 + i / per_row, ox0 = (i % per_row) * 16;
+        pa[j] = pb[j] = pl.data + (oy * g.sh - g.ph - pl.iy_lo) * g.C * pl.wp + ox0;
+        n[j] = std::min<int64_t>(16, g.Wo - ox0);
+        out_off[j] = ((b * g.Ho + oy) * g.Wo + ox0) * g.O + o0;
+      }
     }
     v16 acc[kR][kO];
     for (int j = 0; j < kR; ++j)
@@ -353,81 +371,29 @@ void RowsPix(const Geom& g, const Planes& pl, const float* w, const float* bias,
         for (int64_t kx = 0; kx < g.kw; ++kx) {
           const float* wk = w + ((ky * g.kw + kx) * g.C + c) * g.O + o0;
           for (int j = 0; j < kR; ++j) {
-            const v16 xv = *reinterpret_cast<const v16u*>(base[j] + off + kx);
+            v16 xv;
+            if constexpr (kPair) {
+              const v8u lo = *reinterpret_cast<const v8u*>(pa[j] + off + kx);
+              const v8u hi = *reinterpret_cast<const v8u*>(pb[j] + off + kx);
+              xv = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                           14, 15);
+            } else {
+              xv = *reinterpret_cast<const v16u*>(pa[j] + off + kx);
+            }
             for (int o = 0; o < kO; ++o) acc[j][o] += xv * wk[o];
           }
         }
       }
     }
     for (int j = 0; j < kR && i0 + j < total; ++j) {
-      const int64_t n = std::min<int64_t>(16, g.Wo - ox0s[j]);
-      const int64_t off = ((b * g.Ho + oys[j]) * g.Wo + ox0s[j]) * g.O + o0;
-      const float* res = g.res ? g.res + off : nullptr;
+      const float* res = g.res ? g.res + out_off[j] : nullptr;
 #ifdef __AVX512F__
       __m512 r[16];  // built here: acc passed by reference measured slower (kept in memory)
       for (int o = 0; o < 16; ++o) r[o] = o < kO ? (__m512)acc[j][o] : _mm512_setzero_ps();
-      EpilogueV<kO>(g, r, n, out + off, res);
+      EpilogueV<kO>(g, r, n[j], out + out_off[j], res);
 #else
       for (int o = 0; o < kO; ++o) std::memcpy(tile[o], &acc[j][o], sizeof(v16));
-      Epilogue<kO>(g, tile, n, out + off, res);
-#endif
-    }
-  }
-}
-
-// The same for an 8-pixel-wide output (a CIFAR ResNet's last stage): a 16-lane tile is two
-// output rows of 8 pixels, so no lane is idle there either.
-typedef float v8u __attribute__((vector_size(32), aligned(4)));
-
-template <int kO>
-void RowsPix8(const Geom& g, const Planes& pl, const float* w, const float* bias, float* out,
-              int64_t b, int64_t oy0, int64_t oy1, int64_t o0) {
-#ifndef __AVX512F__
-  alignas(64) float tile[kO][16];
-#endif
-  constexpr int kR = PixTilesAtOnce<kO>();  // tiles (row pairs) at once, as RowsPix
-  const int64_t total = (oy1 - oy0 + 1) / 2;
-  for (int64_t i0 = 0; i0 < total; i0 += kR) {
-    const float* pa[kR];
-    const float* pb[kR];
-    int64_t oys[kR];
-    bool two[kR];
-    for (int j = 0; j < kR; ++j) {  // past the last tile: the last tile again, not written
-      oys[j] = oy0 + 2 * std::min<int64_t>(i0 + j, total - 1);
-      two[j] = oys[j] + 1 < oy1;
-      const int64_t r0 = oys[j] * g.sh - g.ph - pl.iy_lo;
-      pa[j] = pl.data + r0 * g.C * pl.wp;
-      pb[j] = pl.data + (two[j] ? r0 + g.sh : r0) * g.C * pl.wp;  // a lone last row: twice
-    }
-    v16 acc[kR][kO];
-    for (int j = 0; j < kR; ++j)
-      for (int o = 0; o < kO; ++o) acc[j][o] = v16{} + (bias ? bias[o0 + o] : 0.0f);
-    for (int64_t ky = 0; ky < g.kh; ++ky) {
-      for (int64_t c = 0; c < g.C; ++c) {
-        const int64_t off = (ky * g.C + c) * pl.wp;
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          const float* wk = w + ((ky * g.kw + kx) * g.C + c) * g.O + o0;
-          for (int j = 0; j < kR; ++j) {
-            const v8u lo = *reinterpret_cast<const v8u*>(pa[j] + off + kx);
-            const v8u hi = *reinterpret_cast<const v8u*>(pb[j] + off + kx);
-            const v16 xv = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
-                                                   12, 13, 14, 15);
-            for (int o = 0; o < kO; ++o) acc[j][o] += xv * wk[o];
-          }
-        }
-      }
-    }
-    for (int j = 0; j < kR && i0 + j < total; ++j) {
-      // rows oy and oy + 1 are consecutive in memory (Wo = 8): one run of pixels
-      const int64_t off = (b * g.Ho + oys[j]) * g.Wo * g.O + o0;
-      const float* res = g.res ? g.res + off : nullptr;
-#ifdef __AVX512F__
-      __m512 r[16];
-      for (int o = 0; o < 16; ++o) r[o] = o < kO ? (__m512)acc[j][o] : _mm512_setzero_ps();
-      EpilogueV<kO>(g, r, two[j] ? 16 : 8, out + off, res);
-#else
-      for (int o = 0; o < kO; ++o) std::memcpy(tile[o], &acc[j][o], sizeof(v16));
-      Epilogue<kO>(g, tile, two[j] ? 16 : 8, out + off, res);
+      Epilogue<kO>(g, tile, n[j], out + out_off[j], res);
 #endif
     }
   }
@@ -437,11 +403,12 @@ template <int... kOs>
 void RowsPixBlock(int64_t n, const Geom& g, const Planes& pl, const float* w, const float* bias,
                   float* out, int64_t b, int64_t oy0, int64_t oy1, int64_t o0,
                   std::integer_sequence<int, kOs...>) {
-  // RowsPix<n> (RowsPix8<n> for 8-pixel rows), n in 1..kPixBlock
+  // RowsPix<n, Wo == 8>, n in 1..kPixBlock
   if (g.Wo == 8)
-    ((n == kOs + 1 ? (RowsPix8<kOs + 1>(g, pl, w, bias, out, b, oy0, oy1, o0), 0) : 0), ...);
+    ((n == kOs + 1 ? (RowsPix<kOs + 1, true>(g, pl, w, bias, out, b, oy0, oy1, o0), 0) : 0), ...);
   else
-    ((n == kOs + 1 ? (RowsPix<kOs + 1>(g, pl, w, bias, out, b, oy0, oy1, o0), 0) : 0), ...);
+    ((n == kOs + 1 ? (RowsPix<kOs + 1, false>(g, pl, w, bias, out, b, oy0, oy1, o0), 0) : 0),
+     ...);
 }
 
 void RowsPixAll(const Geom& g, const float* x, const float* w, const float* bias, float* out,
