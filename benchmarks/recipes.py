@@ -244,6 +244,15 @@ RECIPES = {
     # and three epochs, the learning rate x0.1 for the last (the 10-epoch schedule's shape)
     "v52_imitate_both10_8x64_ft3": dict(_V52, finetune_after_pruning__epochs=3,
                                         finetune_after_pruning__milestones=(2,)),
+    # round 17: one epoch, the pruned network before it a keep-best candidate too (every
+    # method), at the shipped learning rate and at a tenth of it
+    "v52_imitate_both10_8x64_ft1_start": dict(_V52, finetune_after_pruning__epochs=1,
+                                              finetune_after_pruning__milestones=(),
+                                              finetune_after_pruning__keep="best_from_start"),
+    "v52_imitate_both10_8x64_ft1_start_lr1": dict(_V52, finetune_after_pruning__epochs=1,
+                                                  finetune_after_pruning__milestones=(),
+                                                  finetune_after_pruning__keep="best_from_start",
+                                                  finetune_after_pruning__lr=0.001),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,

@@ -127,6 +127,38 @@ class CheckpointTest(absltest.TestCase):
       self.assertTrue(guard.should_stop(2))
     self.assertEqual(signal.getsignal(signal.SIGTERM), previous)
 
+  def test_best_from_start(self):
+    # keep='best_from_start': the given network is a candidate before the first epoch. At lr 1
+    # both epochs end below it on validation, so it is returned bit for bit (and by load_run and
+    # a finished run's resume); keep='best' must return an epoch's network instead.
+    start = self.result.variables
+    start_val = train.evaluate(self.arch, start, None, self.ds, 120, split="val")["accuracy"]
+    wild = dict(lr=1.0, epochs=2, milestones=())
+    workdir = tempfile.mkdtemp()
+    res = train.fit(_schedule(keep="best_from_start", **wild), self.arch, start, None, self.ds,
+                    workdir)
+    self.assertLess(max(h["val_accuracy"] for h in res.history), start_val)
+    self.assertEqual(res.best_epoch, train.START_EPOCH)
+    _assert_trees_equal(start, res.variables)
+    _assert_trees_equal(start, train.load_run(workdir)[2])
+    again = train.fit(_schedule(keep="best_from_start", **wild), self.arch, start, None, self.ds,
+                      workdir)
+    self.assertEqual(again.best_epoch, train.START_EPOCH)
+    _assert_trees_equal(start, again.variables)
+    best = train.fit(_schedule(keep="best", **wild), self.arch, start, None, self.ds,
+                     tempfile.mkdtemp())
+    self.assertEqual(best.best_epoch, int(np.argmax([h["val_accuracy"] for h in best.history])))
+    self.assertFalse(all(np.array_equal(a, b) for a, b in
+                         zip(jax.tree.leaves(start), jax.tree.leaves(best.variables))))
+    # an epoch strictly better than the start is kept (lr 0.05, as the start was trained)
+    mild = train.fit(_schedule(keep="best_from_start", lr=0.05, epochs=2, milestones=()),
+                     self.arch, start, None, self.ds, tempfile.mkdtemp())
+    vals = [h["val_accuracy"] for h in mild.history]
+    self.assertGreater(max(vals), start_val)
+    self.assertEqual(mild.best_epoch, int(np.argmax(vals)))
+    with self.assertRaisesRegex(ValueError, "schedule.keep must be one of"):
+      train.fit(_schedule(keep="first"), self.arch, start, None, self.ds, tempfile.mkdtemp())
+
   def test_missing_checkpoint(self):
     with self.assertRaisesRegex(ckpt_lib.CheckpointError, "No checkpoint"):
       train.load_run(tempfile.mkdtemp())

@@ -74,7 +74,7 @@ def read_json(path: str) -> Any:
 
 
 def with_keep(schedule, keep: str):
-  """A copy of a schedule section with ``keep`` ('last' | 'best') replaced."""
+  """A copy of a schedule section with ``keep`` (one of ``train.KEEP``) replaced."""
   d = schedule.to_dict() if hasattr(schedule, "to_dict") else dict(schedule)
   d["keep"] = keep
   return ml_collections.ConfigDict(d)

@@ -26,7 +26,7 @@ from typing import Any
 
 PRUNE_METHODS = ("metanet", "group_l2", "sl", "random", "metanet_sl")
 OPTIMIZERS = ("sgd", "adamw")
-KEEP = ("last", "best")
+KEEP = ("last", "best", "best_from_start")  # as train.KEEP
 CRITERIA = ("l2", "random")
 NORMALIZERS = ("max", "mean", "none")
 PRECISIONS = ("default", "high", "highest", "fastest", "bfloat16", "tensorfloat32", "float32")

@@ -289,8 +289,10 @@ def budget(config, method: str) -> dict:
        "after_pruning": int(config.finetune_after_pruning.epochs)}
   b["total"] = sum(b.values())
   b["transform_kind"] = TRANSFORMS[method]
-  b["selection"] = ("after-pruning finetune keeps its best validation-accuracy epoch; the "
-                    "transform keeps its last epoch; the test split is only reported")
+  start = (", the pruned network before it counting as a candidate"
+           if config.finetune_after_pruning.get("keep") == "best_from_start" else "")
+  b["selection"] = (f"after-pruning finetune keeps its best validation-accuracy epoch{start}; "
+                    "the transform keeps its last epoch; the test split is only reported")
   return b
 
 
@@ -454,7 +456,10 @@ def prune(config, workdir: str) -> dict:
   v = jax.device_get(v)
   commit("transform", rec2)
 
-  # ---- 3. pruning to the target + finetune "after pruning" (keep the best validation epoch)
+  # ---- 3. pruning to the target + finetune "after pruning" (keep the best validation epoch;
+  # with keep='best_from_start' the pruned network before the finetune is a candidate too)
+  after_keep = ("best_from_start" if config.finetune_after_pruning.get("keep") == "best_from_start"
+                else "best")
   stage_target = target / rec1["speed_up"] * (1 + 1e-9)  # exact product >= target
   k3 = _stage_key("final", k2, stage_target, steps, criterion, normalizer, seed,
                   config.finetune_after_pruning.to_dict(), *((round_to,) if round_to > 1 else ()),
@@ -476,7 +481,7 @@ def prune(config, workdir: str) -> dict:
             "pruning_steps": res.steps,
             "accuracy_no_finetune": small_test(v, masks3)["accuracy"],
             "val_accuracy_no_finetune": small_val(v, masks3)["accuracy"]}
-    ft = train_lib.fit(common.with_keep(config.finetune_after_pruning, "best"), small,
+    ft = train_lib.fit(common.with_keep(config.finetune_after_pruning, after_keep), small,
                        masks_lib.mask_variables(small, v, masks3), masks3, dataset, d3,
                        seed=seed, config=config, signature={"stage": "after_pruning"},
                        desc="prune: after-pruning finetune")

@@ -30,6 +30,9 @@ from metaprune_jax.runtime import optim
 from metaprune_jax.runtime import sharding
 from metaprune_jax.runtime import state as state_lib
 
+KEEP = ("last", "best", "best_from_start")  # schedule.keep values (see `fit`)
+START_EPOCH = -1  # FitResult.best_epoch when keep='best_from_start' kept the given network
+
 
 class Preempted(SystemExit):
   """Raised after the SIGTERM checkpoint has been written (exit status 143)."""
@@ -44,10 +47,11 @@ class FitResult:
   """What `fit` returns.
 
   Attributes:
-    variables: {'params', 'batch_stats'} of the kept epoch ('last' or 'best'), masked.
+    variables: {'params', 'batch_stats'} of the kept epoch, masked.
     history: one dict of metrics per epoch.
     step: the final optimizer step.
-    best_epoch: the epoch of `variables` (0-based; the last one for keep='last').
+    best_epoch: the epoch of `variables` (0-based; the last one for keep='last';
+      ``START_EPOCH`` (-1) when keep='best_from_start' kept the given network).
   """
 
   variables: dict[str, Any]
@@ -121,8 +125,10 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
 
   Args:
     schedule: config section with `epochs`, `batch_size`, `eval_batch_size`, `optimizer`,
-      `lr`, `milestones`, `gamma`, `momentum`, `weight_decay`, `keep` ('last' | 'best'
-      validation accuracy; the test split is only reported), `ckpt_every_steps` (0: end of epoch only), `max_to_keep`.
+      `lr`, `milestones`, `gamma`, `momentum`, `weight_decay`, `keep` ('last' epoch | 'best'
+      validation-accuracy epoch | 'best_from_start': the same, with the given network as a
+      candidate before the first epoch, kept only if no epoch is strictly better; the test
+      split is only reported), `ckpt_every_steps` (0: end of epoch only), `max_to_keep`.
     arch: the Arch.
     variables: initial {'params', 'batch_stats'} (ignored when resuming).
     masks: {space: [width] float32} (pruned channels stay exactly zero) or None.
@@ -162,9 +168,10 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
                      f"{jax.process_count()}.")
   dataset = dataset.for_mesh(mesh)
   keep = schedule.get("keep", "last")
-  if keep not in ("last", "best"):
-    raise ValueError(f"schedule.keep must be 'last' or 'best', got {keep!r}.")
-  check_validation_split(dataset, eval_batch, keep == "best")
+  if keep not in KEEP:
+    raise ValueError(f"schedule.keep must be one of {KEEP}, got {keep!r}.")
+  selects = keep != "last"
+  check_validation_split(dataset, eval_batch, selects)
   steps_per_epoch = dataset.steps_per_epoch(batch_size)
   epochs = int(schedule["epochs"])
   total_steps = epochs * steps_per_epoch
@@ -186,7 +193,7 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
 
   rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
   state = state_lib.create_state(arch, variables, tx, rng, masks)
-  best = state.variables if keep == "best" else {}
+  best = state.variables if selects else {}
   arrays = sharding.replicate({"train": state, "best": best}, mesh)
   history: list[dict[str, Any]] = []
   best_acc, best_epoch = -1.0, -1
@@ -197,7 +204,8 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
     os.makedirs(workdir, exist_ok=True)
   ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=int(schedule.get("max_to_keep", 3)),
                                processes=sharding.mesh_processes(mesh) if subset else None)
-  if ckpt.latest_step() is not None:
+  resumed = ckpt.latest_step() is not None
+  if resumed:
     ckpt.check_signature(run_signature)
     arrays, meta = ckpt.restore(arrays)
     history = meta.get("history", [])
@@ -206,6 +214,11 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
   else:
     logging.info("%s: no checkpoint in %s; starting from the given variables.", desc, workdir)
   state, best = arrays["train"], arrays["best"]
+  if keep == "best_from_start" and not resumed:  # the given network, before any epoch
+    best_acc = evaluate(arch, state.variables, state.masks, dataset, eval_batch, mesh,
+                        "val")["accuracy"]
+    best_epoch = START_EPOCH
+    logging.info("%s: the given network's val acc %.4f is the first candidate.", desc, best_acc)
   # The checkpoint's history is authoritative: lines and events of lost epochs are dropped.
   metrics = metric_writers.MetricWriter(workdir, history, (ckpt.latest_step() or 0) + 1,
                                         enabled=is_chief)
@@ -264,7 +277,7 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
         if "reg" in sums:
           record["train_reg"] = float(sums["reg"]) / num
         history.append(record)
-        if keep == "best" and val["accuracy"] > best_acc:  # selected on validation only
+        if selects and val["accuracy"] > best_acc:  # selected on validation only
           best_acc, best_epoch = val["accuracy"], epoch
           best = jax.tree.map(jnp.copy, state.variables)
         elif keep == "last":
@@ -278,7 +291,7 @@ def fit(schedule: Mapping[str, Any], arch, variables: dict[str, Any], masks,
   finally:
     metrics.close()
     ckpt.close()
-  final = best if keep == "best" else state.variables
+  final = best if selects else state.variables
   return FitResult(variables=final, history=history, step=step, best_epoch=best_epoch)
 
 
@@ -309,7 +322,7 @@ def load_run(workdir: str, subdir: str | None = None):
   ckpt.close()
   train = arrays["train"]
   variables = {"params": train["params"], "batch_stats": train.get("batch_stats", {})}
-  if meta.get("finished") and meta.get("keep") == "best" and arrays.get("best"):
+  if meta.get("finished") and meta.get("keep", "last") != "last" and arrays.get("best"):
     variables = arrays["best"]
   config = meta.get("config")
   config = ml_collections.ConfigDict(config) if isinstance(config, dict) else config
