@@ -1,6 +1,7 @@
 """benchmarks/compare_methods.py at its smallest settings: the schema external checks read, and
 its bad-input errors (nothing written)."""
 
+import json
 import os
 import shutil
 import sys
@@ -55,6 +56,26 @@ class CompareMethodsTest(absltest.TestCase):
     rep = pipeline.read_json(os.path.join(self.out, "seed_0", "random_2", "report.json"))
     self.assertEqual(rep["accuracy_after"], s["targets"]["2.0"]["random"]["values"][0])
     self.assertEqual(rep["budget"], s["settings"]["budget"]["random"])
+
+  def test_best_from_start(self):
+    # keep='best_from_start' after pruning: the pruned network before the finetune is a
+    # candidate, so no method ends below its no-finetune validation accuracy; the report says so.
+    from metaprune_jax.modes import common as pipeline  # pylint: disable=g-import-not-at-top
+    config = self.config.copy_and_resolve_references()
+    config.finetune_after_pruning.keep = "best_from_start"
+    config.finetune_after_pruning.lr = 3.0  # wrecks the finetune: the start must win
+    out = os.path.join(self.tmp, "start")
+    compare_methods.run(config, [0], [2.0], ["group_l2"], out, reuse=self.out, plot=False)
+    rep = pipeline.read_json(os.path.join(out, "seed_0", "group_l2_2", "report.json"))
+    self.assertIn("the pruned network before it counting as a candidate",
+                  rep["budget"]["selection"])
+    with open(os.path.join(rep["stage_dirs"]["final"], "metrics.jsonl")) as f:
+      epochs = [r["val_accuracy"] for r in map(json.loads, f) if "val_accuracy" in r]
+    self.assertLen(epochs, 1)
+    self.assertLess(epochs[0], rep["stages"]["prune"]["val_accuracy_no_finetune"])
+    self.assertEqual(rep["stages"]["after_pruning"]["best_epoch"], -1)
+    self.assertEqual(rep["val_accuracy_after"], rep["stages"]["prune"]["val_accuracy_no_finetune"])
+    self.assertEqual(rep["accuracy_after"], rep["stages"]["prune"]["accuracy_no_finetune"])
 
   def test_bad_input_writes_nothing(self):
     before = _snapshot(self.out)
