@@ -261,7 +261,8 @@ def plot_comparison(summary: dict, path: str) -> None:
     c = summary["curves"][m]
     mean, std = np.asarray(c["test_mean"]), np.asarray(c["test_std"])
     a2.plot(c["speed_ups"], mean, color=COLORS.get(m), label=m)
-    a2.fill_between(c["speed_ups"], mean - std, mean + std, color=COLORS.get(m), alpha=0.15)
+    a2.fill_between(c["speed_ups"], np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1),
+                    color=COLORS.get(m), alpha=0.15)
   a1.set_xticks(range(len(targets)), [f"{float(t):g}x" for t in targets])
   a1.set_xlabel("target speed-up (MACs)")
   a1.set_ylabel(f"test accuracy after the final finetune (mean +- std, {n} seeds)")

@@ -253,6 +253,12 @@ RECIPES = {
                                                   finetune_after_pruning__milestones=(),
                                                   finetune_after_pruning__keep="best_from_start",
                                                   finetune_after_pruning__lr=0.001),
+    # round 18: the lr-0.001 regime with sparse learning at 0.03 (and 0.003), the strengths
+    # round 14 tried: in this regime its validation-best strength (for `sl` and `metanet_sl`)
+    "v52_imitate_both10_8x64_ft1_start_lr1_sl03": dict(
+        _V52, finetune_after_pruning__epochs=1, finetune_after_pruning__milestones=(),
+        finetune_after_pruning__keep="best_from_start", finetune_after_pruning__lr=0.001,
+        prune__sl__reg=0.03),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
@@ -276,9 +282,9 @@ def get_config(arg: str | None = None):
   c = mod.get_config()
   c.prune.metanet_epoch = -1  # the search scored each recipe's last epoch
   for key, value in RECIPES[arg].items():
-    if "__" in key:
-      section, field = key.split("__")
-      c[section][field] = value
-    else:  # a top-level field (reference_compat)
-      c[key] = value
+    *sections, field = key.split("__")  # a__b__c = c.a.b.c; no "__": a top-level field
+    node = c
+    for section in sections:
+      node = node[section]
+    node[field] = value
   return c

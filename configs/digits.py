@@ -30,7 +30,8 @@ def schedule(**kw) -> ml_collections.ConfigDict:
     gamma=0.1,
     momentum=0.9,
     weight_decay=5e-4,
-    keep="last",           # 'last' epoch or 'best' validation-accuracy epoch
+    keep="last",           # 'last' epoch, 'best' validation-accuracy epoch, or 'best_from_start'
+                           # (the same, the given network a candidate before the first epoch)
     ckpt_every_steps=0,    # extra checkpoints every N steps (0: end of each epoch only)
     max_to_keep=2,         # checkpoints kept
   ))
