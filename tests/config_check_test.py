@@ -135,6 +135,14 @@ class CheckConfigTest(parameterized.TestCase):
   def test_pruning_methods(self, method):
     self._check(prune__method=method)
 
+  def test_names_match_the_library(self):
+    # config_check keeps its own copies (it imports no jax): they must be the library's
+    from metaprune_jax.modes import prune  # pylint: disable=g-import-not-at-top
+    from metaprune_jax.runtime import train  # pylint: disable=g-import-not-at-top
+    self.assertEqual(config_check.KEEP, train.KEEP)
+    self.assertEqual(set(config_check.PRUNE_METHODS), set(prune.METHODS))
+    self._check(finetune_after_pruning__keep="best_from_start")
+
   def test_batches_the_devices_do_not_divide(self):
     self._check(devices=4)
     with self.assertRaisesRegex(config_check.ConfigError,
