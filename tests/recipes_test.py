@@ -2,7 +2,6 @@
 library reads with a default (a typo would add a new field silently and change nothing), lands
 each value where it names, and passes the config check."""
 
-import importlib.util
 import os
 import sys
 
@@ -13,6 +12,7 @@ from metaprune_jax.modes import config_check
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import compare_methods  # noqa: E402  pylint: disable=g-import-not-at-top
 import recipes  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Fields the library reads with a default and configs/digits.py leaves out on purpose:
@@ -22,11 +22,7 @@ OPTIONAL = {"meta_train__reg_form", "metanet__importance_input"}
 
 
 def _digits():
-  spec = importlib.util.spec_from_file_location("_digits_for_recipes",
-                                                os.path.join(ROOT, "configs", "digits.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return compare_methods.load_config(os.path.join(ROOT, "configs", "digits.py"))
 
 
 def _node(config, path):
