@@ -24,6 +24,9 @@ _IMITATE_8X64 = dict(_V5, **_SELECTED_FLOOR90, meta_train__bn="batch", meta_trai
 # round 14's v52: the imitation of both the weights and the signals, at weight 10 (rounds 15-16
 # build on it)
 _V52 = dict(_IMITATE_8X64, meta_train__imitate_sl=10.0, meta_train__imitate_on="both")
+# v52 with one after-pruning finetune epoch, the pruned network before it a keep-best candidate
+_FT1_START = dict(_V52, finetune_after_pruning__epochs=1, finetune_after_pruning__milestones=(),
+                  finetune_after_pruning__keep="best_from_start")
 
 RECIPES = {
     # the settings shipped before the search: 3 x 16, ratios 0.01, 6 epochs, lr 1e-3, reg 10,
@@ -246,19 +249,12 @@ RECIPES = {
                                         finetune_after_pruning__milestones=(2,)),
     # round 17: one epoch, the pruned network before it a keep-best candidate too (every
     # method), at the shipped learning rate and at a tenth of it
-    "v52_imitate_both10_8x64_ft1_start": dict(_V52, finetune_after_pruning__epochs=1,
-                                              finetune_after_pruning__milestones=(),
-                                              finetune_after_pruning__keep="best_from_start"),
-    "v52_imitate_both10_8x64_ft1_start_lr1": dict(_V52, finetune_after_pruning__epochs=1,
-                                                  finetune_after_pruning__milestones=(),
-                                                  finetune_after_pruning__keep="best_from_start",
-                                                  finetune_after_pruning__lr=0.001),
+    "v52_imitate_both10_8x64_ft1_start": dict(_FT1_START),
+    "v52_imitate_both10_8x64_ft1_start_lr1": dict(_FT1_START, finetune_after_pruning__lr=0.001),
     # round 18: the lr-0.001 regime with sparse learning at 0.03 (and 0.003), the strengths
     # round 14 tried: in this regime its validation-best strength (for `sl` and `metanet_sl`)
-    "v52_imitate_both10_8x64_ft1_start_lr1_sl03": dict(
-        _V52, finetune_after_pruning__epochs=1, finetune_after_pruning__milestones=(),
-        finetune_after_pruning__keep="best_from_start", finetune_after_pruning__lr=0.001,
-        prune__sl__reg=0.03),
+    "v52_imitate_both10_8x64_ft1_start_lr1_sl03": dict(_FT1_START, finetune_after_pruning__lr=0.001,
+                                                       prune__sl__reg=0.03),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
