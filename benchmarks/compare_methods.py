@@ -28,6 +28,11 @@ and ``<out>/compare.png`` (accuracy after finetuning per target; the no-finetune
 Progress goes to stdout. A re-run with the same settings resumes (every stage is resumable);
 an ``--out`` holding a comparison of other settings is an error and nothing is overwritten.
 ``--smoke`` shrinks every schedule to one epoch (the test of this script).
+
+``--set=METHOD:FIELD=VALUE`` (repeatable) gives one method settings of its own, for a comparison
+with each method at its validation-best settings, e.g. ``--set=sl:prune.sl.reg=0.03
+--set=group_l2:finetune_after_pruning.lr=0.01``: only the method's own stages (``prune.*``,
+the two finetune schedules) and never their epochs (the budget stays the same for every method).
 """
 
 from __future__ import annotations
@@ -60,6 +65,11 @@ _CURVE_MAX = flags.DEFINE_float("curve_max", 0.0, "No-finetune curves stop at th
 _SMOKE = flags.DEFINE_bool("smoke", False, "One epoch everywhere, 2 data models, 20 pruning "
                            "steps: checks the script, not the method.")
 _PLOT = flags.DEFINE_bool("plot", True, "Write compare.png.")
+_SET = flags.DEFINE_multi_string(
+    "set", [], "METHOD:FIELD=VALUE, a setting for one method only (repeatable), e.g. "
+    "sl:prune.sl.reg=0.03 or group_l2:finetune_after_pruning.lr=0.01: each method at its own "
+    "validation-best settings. Only the method's own stages may differ (prune.*, the "
+    "finetunes' schedules); their epochs may not (the budget is the same for every method).")
 
 
 def load_config(path: str):
@@ -100,6 +110,60 @@ def check_args(methods, targets, seeds):
     raise ValueError(f"every target speed-up must be > 1, got {targets}")
 
 
+# Per-method settings may touch only what each method runs alone (its transform, pruning and
+# after-pruning finetune); everything before is shared by every method of a seed.
+PER_METHOD_SECTIONS = ("prune", "finetune_after_metanet", "finetune_after_pruning")
+_NOT_PER_METHOD = ("prune.method", "prune.target_speed_up", "prune.stage_dir",
+                   "finetune_after_metanet.epochs", "finetune_after_pruning.epochs")
+
+
+def parse_settings(items) -> dict:
+  """``["sl:prune.sl.reg=0.03", ...]`` -> ``{"sl": {"prune.sl.reg": 0.03}}`` (values read as
+  Python literals, else kept as strings). Raises ValueError naming a malformed item."""
+  import ast  # pylint: disable=g-import-not-at-top
+  out = {}
+  for item in items:
+    method, sep, rest = item.partition(":")
+    field, eq, value = rest.partition("=")
+    if not sep or not eq or not method.strip() or not field.strip():
+      raise ValueError(f"--set {item!r}: expected METHOD:FIELD=VALUE, e.g. sl:prune.sl.reg=0.03")
+    try:
+      value = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      value = value.strip()
+    out.setdefault(method.strip(), {})[field.strip()] = value
+  return out
+
+
+def method_config(config, method: str, settings: dict):
+  """A copy of ``config`` with ``settings[method]`` applied (``{dotted field: value}``).
+
+  Raises:
+    ValueError: a field outside the method's own stages, an epoch count (the budget every
+      method gets), a field the config does not have, or a value of the wrong type.
+  """
+  c = copy.deepcopy(config)
+  for field, value in settings.get(method, {}).items():
+    path = field.split(".")
+    if path[0] not in PER_METHOD_SECTIONS or field in _NOT_PER_METHOD:
+      why = ("an epoch count: every method gets the same budget" if field.endswith(".epochs")
+             else "not a setting of the method's own stages "
+             f"({', '.join(PER_METHOD_SECTIONS)}, epochs and prune.method excepted)")
+      raise ValueError(f"--set {method}:{field}: {why}")
+    node = c
+    for name in path[:-1]:
+      if name not in node:
+        raise ValueError(f"--set {method}:{field}: the config has no field {field!r}")
+      node = node[name]
+    if path[-1] not in node:
+      raise ValueError(f"--set {method}:{field}: the config has no field {field!r}")
+    try:
+      node[path[-1]] = value
+    except TypeError as e:
+      raise ValueError(f"--set {method}:{field}={value!r}: {e}") from e
+  return c
+
+
 def _has_data_models(d: str) -> bool:
   return os.path.isdir(os.path.join(d, "data_models"))
 
@@ -114,8 +178,14 @@ def curve_on_grid(curve: dict, grid: np.ndarray) -> np.ndarray:
   return np.where(grid <= s[-1] * (1 + 1e-9), out, np.nan)
 
 
-def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True) -> dict:
-  """Runs the comparison; returns (and writes) the compare.json dict."""
+def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True,
+        settings_per_method=None) -> dict:
+  """Runs the comparison; returns (and writes) the compare.json dict.
+
+  ``settings_per_method``: ``{method: {dotted field: value}}`` applied to that method's runs only
+  (``method_config``), e.g. each method's validation-best learning rate; recorded in
+  ``settings.per_method``.
+  """
   import jax  # pylint: disable=g-import-not-at-top
 
   from metaprune_jax.runtime import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -126,16 +196,21 @@ def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True
   from metaprune_jax.modes import visualize  # pylint: disable=g-import-not-at-top
 
   check_args(methods, targets, seeds)
+  per_method = {m: dict(v) for m, v in (settings_per_method or {}).items() if v}
+  stray = sorted(set(per_method) - set(methods))
+  if stray:
+    raise ValueError(f"settings for method(s) {stray} that are not compared ({methods})")
+  configs = {m: method_config(config, m, per_method) for m in methods}
   for m in methods:
     if m in pipeline.SPARSE_METHODS:
-      prune_mode.sl_settings(config)
+      prune_mode.sl_settings(configs[m])
   out = os.path.abspath(out)
   curve_max = float(curve_max or max(targets))
   settings = pipeline.jsonable({
       "seeds": seeds, "targets": targets, "methods": methods, "config": config.to_dict(),
-      "budget": {m: prune_mode.budget(config, m) for m in methods},
+      "budget": {m: prune_mode.budget(configs[m], m) for m in methods},
       "curve_max": curve_max, "selection": "validation split (carved from train); test only "
-      "reported", "reuse": reuse})
+      "reported", "reuse": reuse, **({"per_method": per_method} if per_method else {})})
   path = os.path.join(out, "compare.json")
   if os.path.exists(path):
     old = pipeline.read_json(path).get("settings", {})
@@ -176,14 +251,16 @@ def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True
       say(f"seed {seed}: meta_train {c.meta_train.epochs} epochs")
       modes.get("meta_train")(c, sd)
       c.metanet_dir = sd
-      if int(c.prune.get("metanet_epoch", -1)) == 0:
+      if any(int(configs[m].prune.get("metanet_epoch", -1)) == 0 for m in methods
+             if m in pipeline.METANET_METHODS):
         say(f"seed {seed}: visualize (its validation curves choose the metanetwork epoch)")
         modes.get("visualize")(c, sd)
     c.prune.stage_dir = os.path.join(sd, "stages")
     for method in methods:
       report = None
+      mc = method_config(c, method, per_method)
       for target in targets:
-        p = copy.deepcopy(c)
+        p = copy.deepcopy(mc)
         p.mode = "prune"
         p.prune.method = method
         p.pruning.method = ""
@@ -210,10 +287,10 @@ def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True
       per = {}
       for split in ("val", "test"):
         ev = pipeline.MaskedEvaluator(arch, dataset,
-                                      int(c.finetune_after_pruning.eval_batch_size), split)
+                                      int(mc.finetune_after_pruning.eval_batch_size), split)
         per[split] = visualize.accuracy_curve(
-            arch, v, ev, shape, start, curve_max, int(c.prune.steps),
-            "random" if method == "random" else "l2", c.prune.get("normalizer", "max"),
+            arch, v, ev, shape, start, curve_max, int(mc.prune.steps),
+            "random" if method == "random" else "l2", mc.prune.get("normalizer", "max"),
             desc=f"{method} curve ({split})")
       curves[method]["per_seed"][f"{seed}"] = per
 
@@ -296,8 +373,12 @@ def main(argv):
   config = load_config(_CONFIG.value)
   if _SMOKE.value:
     config = smoke(config)
+  try:
+    per_method = parse_settings(_SET.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   summary = run(config, seeds, targets, methods, _OUT.value, _REUSE.value, _CURVE_MAX.value,
-                _PLOT.value)
+                _PLOT.value, per_method)
   rows = []
   for t in sorted(summary["targets"], key=float):
     for m, r in summary["targets"][t].items():

@@ -57,18 +57,24 @@ class CompareMethodsTest(absltest.TestCase):
     self.assertEqual(rep["accuracy_after"], s["targets"]["2.0"]["random"]["values"][0])
     self.assertEqual(rep["budget"], s["settings"]["budget"]["random"])
 
-  def test_best_from_start(self):
-    # keep='best_from_start' after pruning: the pruned network before the finetune is a
-    # candidate, so no method ends below its no-finetune validation accuracy; the report says so.
+  def test_per_method_settings_and_best_from_start(self):
+    # group_l2 alone gets keep='best_from_start' and a learning rate that wrecks its finetune:
+    # its pruned network before the finetune must be kept; random, without settings of its own,
+    # must give the class run's result to the bit (same seed, same stages).
     from metaprune_jax.modes import common as pipeline  # pylint: disable=g-import-not-at-top
-    config = self.config.copy_and_resolve_references()
-    config.finetune_after_pruning.keep = "best_from_start"
-    config.finetune_after_pruning.lr = 3.0  # wrecks the finetune: the start must win
-    out = os.path.join(self.tmp, "start")
-    compare_methods.run(config, [0], [2.0], ["group_l2"], out, reuse=self.out, plot=False)
+    out = os.path.join(self.tmp, "per_method")
+    settings = compare_methods.parse_settings(
+        ["group_l2:finetune_after_pruning.keep=best_from_start",
+         "group_l2:finetune_after_pruning.lr=3.0"])
+    self.assertEqual(settings, {"group_l2": {"finetune_after_pruning.keep": "best_from_start",
+                                             "finetune_after_pruning.lr": 3.0}})
+    s = compare_methods.run(self.config, [0], [2.0], ["group_l2", "random"], out,
+                            reuse=self.out, plot=False, settings_per_method=settings)
+    self.assertEqual(s["settings"]["per_method"], settings)
     rep = pipeline.read_json(os.path.join(out, "seed_0", "group_l2_2", "report.json"))
     self.assertIn("the pruned network before it counting as a candidate",
                   rep["budget"]["selection"])
+    self.assertNotIn("candidate", s["settings"]["budget"]["random"]["selection"])
     with open(os.path.join(rep["stage_dirs"]["final"], "metrics.jsonl")) as f:
       epochs = [r["val_accuracy"] for r in map(json.loads, f) if "val_accuracy" in r]
     self.assertLen(epochs, 1)
@@ -76,6 +82,27 @@ class CompareMethodsTest(absltest.TestCase):
     self.assertEqual(rep["stages"]["after_pruning"]["best_epoch"], -1)
     self.assertEqual(rep["val_accuracy_after"], rep["stages"]["prune"]["val_accuracy_no_finetune"])
     self.assertEqual(rep["accuracy_after"], rep["stages"]["prune"]["accuracy_no_finetune"])
+    self.assertEqual(s["targets"]["2.0"]["random"], self.summary["targets"]["2.0"]["random"])
+
+  def test_bad_per_method_settings_write_nothing(self):
+    bad = os.path.join(self.tmp, "bad_set")
+    for items, message in (
+        (["sl=prune.sl.reg:0.03"], "expected METHOD:FIELD=VALUE"),
+        (["group_l2:finetune_after_pruning.epochs=2"], "every method gets the same budget"),
+        (["group_l2:meta_train.lr=0.1"], "not a setting of the method's own stages"),
+        (["group_l2:prune.method=sl"], "not a setting of the method's own stages"),
+        (["group_l2:prune.no_such_field=1"], "the config has no field 'prune.no_such_field'"),
+        (["group_l2:finetune_after_pruning.batch_size=0.5"], "batch_size=0.5"),
+        (["sl:prune.sl.reg=0.03"], r"method\(s\) \['sl'\] that are not compared"),
+    ):
+      with self.assertRaisesRegex(ValueError, message):
+        compare_methods.run(self.config, [0], [2.0], ["group_l2", "random"], bad,
+                            settings_per_method=compare_methods.parse_settings(items))
+      self.assertFalse(os.path.exists(bad))
+    with self.assertRaisesRegex(ValueError, "sparse-learning strength must be > 0"):
+      compare_methods.run(self.config, [0], [2.0], ["sl"], bad,
+                          settings_per_method={"sl": {"prune.sl.reg": -1.0}})
+    self.assertFalse(os.path.exists(bad))
 
   def test_bad_input_writes_nothing(self):
     before = _snapshot(self.out)
