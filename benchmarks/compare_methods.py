@@ -152,10 +152,8 @@ def method_config(config, method: str, settings: dict):
       raise ValueError(f"--set {method}:{field}: {why}")
     node = c
     for name in path[:-1]:
-      if name not in node:
-        raise ValueError(f"--set {method}:{field}: the config has no field {field!r}")
-      node = node[name]
-    if path[-1] not in node:
+      node = node.get(name) if hasattr(node, "get") else None
+    if not hasattr(node, "get") or path[-1] not in node:
       raise ValueError(f"--set {method}:{field}: the config has no field {field!r}")
     try:
       node[path[-1]] = value
@@ -191,6 +189,7 @@ def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True
   from metaprune_jax.runtime import data as data_lib  # pylint: disable=g-import-not-at-top
   from metaprune_jax import modes  # pylint: disable=g-import-not-at-top
   from metaprune_jax.modes import common as pipeline  # pylint: disable=g-import-not-at-top
+  from metaprune_jax.modes import config_check  # pylint: disable=g-import-not-at-top
   from metaprune_jax.modes import prune as prune_mode  # pylint: disable=g-import-not-at-top
   from metaprune_jax.runtime import train as train_lib  # pylint: disable=g-import-not-at-top
   from metaprune_jax.modes import visualize  # pylint: disable=g-import-not-at-top
@@ -201,6 +200,10 @@ def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True
   if stray:
     raise ValueError(f"settings for method(s) {stray} that are not compared ({methods})")
   configs = {m: method_config(config, m, per_method) for m in methods}
+  for m in per_method:  # each method's own settings, checked as its prune run will see them
+    probe = copy.deepcopy(configs[m])
+    probe.mode, probe.prune.method = "prune", m
+    config_check.check_config(probe, num_devices=1, num_local_devices=1, num_processes=1)
   for m in methods:
     if m in pipeline.SPARSE_METHODS:
       prune_mode.sl_settings(configs[m])

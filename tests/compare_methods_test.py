@@ -94,6 +94,9 @@ class CompareMethodsTest(absltest.TestCase):
         (["group_l2:prune.no_such_field=1"], "the config has no field 'prune.no_such_field'"),
         (["group_l2:finetune_after_pruning.batch_size=0.5"], "batch_size=0.5"),
         (["sl:prune.sl.reg=0.03"], r"method\(s\) \['sl'\] that are not compared"),
+        (["group_l2:finetune_after_pruning.keep=first"],
+         "config.finetune_after_pruning.keep='first': unknown keep"),
+        (["random:prune.round_to=0"], "config.prune.round_to=0: must be a positive integer"),
     ):
       with self.assertRaisesRegex(ValueError, message):
         compare_methods.run(self.config, [0], [2.0], ["group_l2", "random"], bad,
