@@ -24,9 +24,10 @@ _IMITATE_8X64 = dict(_V5, **_SELECTED_FLOOR90, meta_train__bn="batch", meta_trai
 # round 14's v52: the imitation of both the weights and the signals, at weight 10 (rounds 15-16
 # build on it)
 _V52 = dict(_IMITATE_8X64, meta_train__imitate_sl=10.0, meta_train__imitate_on="both")
-# v52 with one after-pruning finetune epoch, the pruned network before it a keep-best candidate
-_FT1_START = dict(_V52, finetune_after_pruning__epochs=1, finetune_after_pruning__milestones=(),
-                  finetune_after_pruning__keep="best_from_start")
+# v52 with one after-pruning finetune epoch; and with the pruned network before it a keep-best
+# candidate too
+_FT1 = dict(_V52, finetune_after_pruning__epochs=1, finetune_after_pruning__milestones=())
+_FT1_START = dict(_FT1, finetune_after_pruning__keep="best_from_start")
 
 RECIPES = {
     # the settings shipped before the search: 3 x 16, ratios 0.01, 6 epochs, lr 1e-3, reg 10,
@@ -242,8 +243,7 @@ RECIPES = {
                                        meta_train__prune_aware_bn="batch"),
     # round 16: v52 with one after-pruning finetune epoch for every method (the budget where the
     # no-finetune curves should matter most; the baselines run under it too)
-    "v52_imitate_both10_8x64_ft1": dict(_V52, finetune_after_pruning__epochs=1,
-                                        finetune_after_pruning__milestones=()),
+    "v52_imitate_both10_8x64_ft1": dict(_FT1),
     # and three epochs, the learning rate x0.1 for the last (the 10-epoch schedule's shape)
     "v52_imitate_both10_8x64_ft3": dict(_V52, finetune_after_pruning__epochs=3,
                                         finetune_after_pruning__milestones=(2,)),

@@ -282,6 +282,13 @@ def sl_settings(config) -> tuple[float, float, str] | None:
   return alpha, reg, str(sl.get("normalizer", "max"))
 
 
+def after_pruning_keep(config) -> str:
+  """The after-pruning finetune's selection: 'best', or 'best_from_start' when the config asks
+  for the pruned network before it as a candidate too (any other value selects 'best')."""
+  keep = config.finetune_after_pruning.get("keep")
+  return "best_from_start" if keep == "best_from_start" else "best"
+
+
 def budget(config, method: str) -> dict:
   """Training epochs each stage of ``method`` gets (the same for every method)."""
   b = {"initial_finetune": int(config.generate.finetune.epochs),
@@ -290,7 +297,7 @@ def budget(config, method: str) -> dict:
   b["total"] = sum(b.values())
   b["transform_kind"] = TRANSFORMS[method]
   start = (", the pruned network before it counting as a candidate"
-           if config.finetune_after_pruning.get("keep") == "best_from_start" else "")
+           if after_pruning_keep(config) == "best_from_start" else "")
   b["selection"] = (f"after-pruning finetune keeps its best validation-accuracy epoch{start}; "
                     "the transform keeps its last epoch; the test split is only reported")
   return b
@@ -458,8 +465,6 @@ def prune(config, workdir: str) -> dict:
 
   # ---- 3. pruning to the target + finetune "after pruning" (keep the best validation epoch;
   # with keep='best_from_start' the pruned network before the finetune is a candidate too)
-  after_keep = ("best_from_start" if config.finetune_after_pruning.get("keep") == "best_from_start"
-                else "best")
   stage_target = target / rec1["speed_up"] * (1 + 1e-9)  # exact product >= target
   k3 = _stage_key("final", k2, stage_target, steps, criterion, normalizer, seed,
                   config.finetune_after_pruning.to_dict(), *((round_to,) if round_to > 1 else ()),
@@ -481,7 +486,8 @@ def prune(config, workdir: str) -> dict:
             "pruning_steps": res.steps,
             "accuracy_no_finetune": small_test(v, masks3)["accuracy"],
             "val_accuracy_no_finetune": small_val(v, masks3)["accuracy"]}
-    ft = train_lib.fit(common.with_keep(config.finetune_after_pruning, after_keep), small,
+    schedule = common.with_keep(config.finetune_after_pruning, after_pruning_keep(config))
+    ft = train_lib.fit(schedule, small,
                        masks_lib.mask_variables(small, v, masks3), masks3, dataset, d3,
                        seed=seed, config=config, signature={"stage": "after_pruning"},
                        desc="prune: after-pruning finetune")
