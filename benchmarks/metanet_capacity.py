@@ -10,7 +10,7 @@ the start) this trains the digits recipe's metanetwork (3 x 16, residual ratios 
 turn), and prints JSON: the regulariser's mean over the data models before and after. Its floor
 is the number of groups (every group's norm in its most important channel); a metanetwork that
 cannot express "shrink a channel by where it stands in its group" leaves it where it is.
-docs/results.md (fourth round) reads it against meta-training, where the cross-entropy is in
+docs/recipe_search.md (fourth round) reads it against meta-training, where the cross-entropy is in
 the loss too.
 """
 

@@ -1,4 +1,5 @@
-"""The meta-training recipes of the recipe search (benchmarks/recipe_search.py, docs/results.md).
+"""The meta-training recipes of the recipe search (benchmarks/recipe_search.py,
+docs/recipe_search.md).
 
   python benchmarks/compare_methods.py --config=benchmarks/recipes.py:v7_early_reg1 ...
 
@@ -255,6 +256,11 @@ RECIPES = {
     # round 14 tried: in this regime its validation-best strength (for `sl` and `metanet_sl`)
     "v52_imitate_both10_8x64_ft1_start_lr1_sl03": dict(_FT1_START, finetune_after_pruning__lr=0.001,
                                                        prune__sl__reg=0.03),
+    # round 19: two after-pruning epochs (the budget between round 17's one and round 16's three),
+    # the pruned network a candidate too, at both learning rates
+    "v52_imitate_both10_8x64_ft2_start": dict(_FT1_START, finetune_after_pruning__epochs=2),
+    "v52_imitate_both10_8x64_ft2_start_lr1": dict(_FT1_START, finetune_after_pruning__epochs=2,
+                                                  finetune_after_pruning__lr=0.001),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,

@@ -1,4 +1,5 @@
-r"""Markdown tables of a comparison and a recipe search, for docs/results.md.
+r"""Markdown tables of a comparison and a recipe search, for docs/results.md and
+docs/recipe_search.md.
 
   python benchmarks/results_tables.py --compare=DIR/compare.json \
       --recipes=benchmarks/results/recipe_search/recipe_search.json

@@ -8,7 +8,7 @@ runs the whole pipeline (mode `all`): pretrain `resnet8` (16/32/64 channels, 15 
 epoch (`visualize`, which also picks the epoch `prune` uses: `prune.metanet_epoch=0`), and prune
 the base network to 6x fewer MACs; about 3.5 minutes on a 2-core CPU. The meta-training recipe
 is the one the recipe search chose on validation over its four search seeds
-(benchmarks/recipe_search.py, docs/results.md: recipe v5): regulariser strength 0.1, residual
+(benchmarks/recipe_search.py, docs/recipe_search.md: recipe v5): regulariser strength 0.1, residual
 ratios 0.1, AdamW lr 3e-3 decayed x0.1 after epoch 6,
 cross-entropy over the whole training split at every step. One mode at a time:
 `--config.mode=pretrain` (generate, meta_train, visualize, prune). Every schedule section has the
@@ -106,7 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.meta_train.reg_warmup_epochs = 0  # the strength rises linearly to `reg` over this many
                                            # epochs (0: full strength from the first step)
   # config.meta_train.reg_form = "relative": a scale-invariant per-group regulariser (see
-  # metaprune_jax.regularizer and docs/results.md); unset, the reference's ("absolute")
+  # metaprune_jax.regularizer and docs/recipe_search.md); unset, the reference's ("absolute")
   config.meta_train.batch_size = 64       # images per data batch (CIFAR: 500)
   config.meta_train.batches_per_model = 0  # data batches per data model and step (0: the whole
                                            # training split, faithful; low-memory: 1)

@@ -103,7 +103,7 @@ def imitation_distance(full_arch: Arch, params, target_flat, masks=None) -> jax.
   share of the group's total: scale-free, so it asks for the target's pattern of strong and
   weak channels, not its overall size (sparse learning, the target of
   ``meta_train.imitate_sl``, also shrinks every kernel about 4x, which BatchNorm undoes), and
-  not for weight-level changes that cannot be told from the weights (docs/results.md, round
+  not for weight-level changes that cannot be told from the weights (docs/recipe_search.md, round
   13). Pruned channels (``masks``) are zero in both and add nothing.
 
   Args:
@@ -169,7 +169,7 @@ def activation_imitation_distance(full_arch: Arch, params, batch_stats, target_f
   channel's share of the group's signal: the sum over the group's BatchNorm layers of
   :func:`bn_signal` on ``x``. A channel whose kernels shrink is normalised back by BatchNorm and
   keeps its signal; only a channel whose BatchNorm scale and shift silence it, as sparse
-  learning's do, loses it (docs/results.md, round 14). The target runs on the same images
+  learning's do, loses it (docs/recipe_search.md, round 14). The target runs on the same images
   under ``stop_gradient``. Groups without a BatchNorm add nothing; on an embedded network a
   group pruned to exactly ``num_classes`` channels is left out, as in the materialised one.
 

@@ -106,7 +106,7 @@ def regularizer(arch: Arch, variables: Mapping, alpha: float = 16.0, reg: float 
       unchanged when a group's weights are scaled uniformly, so its gradient
       ``2 reg w (gamma_c - R_g) / sum_c s_c`` only moves norm from the less to the more
       important channels of a group (a polarisation objective for meta-training; see
-      docs/results.md); or ``share:Q`` (``0 < Q < 1``), ``reg * sum_g (sum over the group's
+      docs/recipe_search.md); or ``share:Q`` (``0 < Q < 1``), ``reg * sum_g (sum over the group's
       least important Q share of channels of s_c) / sg(sum_c s_c)`` (``sg``: no gradient): it
       pushes only those channels, towards zero, and is 0 once they are, so its optimum keeps the
       rest of the group free (a target share instead of the relative form's all-in-one-channel
