@@ -5,11 +5,11 @@ r"""Every round of the recipe search in one figure, from the saved results.
 
 Reads ``recipe_search.json`` of the first round (the folder itself), ``round2/``, ``round3/``
 and ``round6/``, and the per-recipe ``compare.json`` copies of rounds 4-5
-(``round4/<recipe>.json``), all on search seed 100 (rounds 7-8, on seeds 101-103, are tables in
-docs/recipe_search.md); draws, per recipe, its validation score (mean validation accuracy after the final
-finetune over the targets: what chose the recipe) beside the baselines', and the share of
-channels under 0.1 normalised importance after the metanetwork and its finetune. Prints the
-rows as JSON.
+(``round4/<recipe>.json``), all on search seed 100 (rounds 7-8, on seeds 101-103, are tables
+in docs/recipe_search.md); draws, per recipe, its validation score (mean validation accuracy
+after the final finetune over the targets: what chose the recipe) beside the baselines', and
+the share of channels under 0.1 normalised importance after the metanetwork and its finetune.
+Prints the rows as JSON.
 """
 
 import argparse

@@ -57,7 +57,8 @@ def make_metanet_config(num_layers, hidden, node_dim, edge_dims, node_res_ratio,
     importance_input: also give the node encoder each node's normalised group importance
       (its channel's group-L2 importance over its group's maximum, 1 for input and class
       nodes) as one more input column: where the channel stands in its group, which message
-      passing cannot compute (docs/recipe_search.md, fourth round). Not in the reference (False keeps parity).
+      passing cannot compute (docs/recipe_search.md, fourth round). Not in the reference (False
+      keeps parity).
 
   Returns:
     An ``ml_collections.ConfigDict`` with those fields.
