@@ -333,16 +333,18 @@ def plot_comparison(summary: dict, path: str) -> None:
   targets = sorted(summary["targets"], key=float)
   methods = summary["settings"]["methods"]
   n = len(summary["settings"]["seeds"])
+  spare = iter(("tab:cyan", "tab:olive", "tab:brown", "tab:pink", "tab:orange"))
+  colors = {m: COLORS.get(m) or next(spare, None) for m in methods}  # pooled rows' own labels
   for j, m in enumerate(methods):
-    xs = np.arange(len(targets)) + (j - (len(methods) - 1) / 2) * 0.18
+    xs = np.arange(len(targets)) + (j - (len(methods) - 1) / 2) * min(0.18, 0.8 / len(methods))
     means = [summary["targets"][t][m]["mean"] for t in targets]
     stds = [summary["targets"][t][m]["std"] for t in targets]
-    a1.errorbar(xs, means, yerr=stds, fmt="o", capsize=3, color=COLORS.get(m), label=m)
+    a1.errorbar(xs, means, yerr=stds, fmt="o", capsize=3, color=colors[m], label=m)
     c = summary["curves"][m]
     mean, std = np.asarray(c["test_mean"]), np.asarray(c["test_std"])
-    a2.plot(c["speed_ups"], mean, color=COLORS.get(m), label=m)
+    a2.plot(c["speed_ups"], mean, color=colors[m], label=m)
     a2.fill_between(c["speed_ups"], np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1),
-                    color=COLORS.get(m), alpha=0.15)
+                    color=colors[m], alpha=0.15)
   a1.set_xticks(range(len(targets)), [f"{float(t):g}x" for t in targets])
   a1.set_xlabel("target speed-up (MACs)")
   a1.set_ylabel(f"test accuracy after the final finetune (mean +- std, {n} seeds)")
