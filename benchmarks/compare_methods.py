@@ -176,6 +176,22 @@ def curve_on_grid(curve: dict, grid: np.ndarray) -> np.ndarray:
   return np.where(grid <= s[-1] * (1 + 1e-9), out, np.nan)
 
 
+def summarise(results: dict, curves: dict, grid: np.ndarray) -> None:
+  """Fills in, in place, each result's mean and std over its seeds (test and validation) and
+  each method's no-finetune curves averaged over seeds on the speed-up ``grid``."""
+  for cm in curves.values():
+    cm["speed_ups"] = grid.tolist()
+    for split in ("val", "test"):
+      rows = np.stack([curve_on_grid(c[split], grid) for c in cm["per_seed"].values()])
+      cm[f"{split}_mean"] = np.nanmean(rows, 0).tolist() if rows.size else []
+      cm[f"{split}_std"] = np.nanstd(rows, 0).tolist() if rows.size else []
+  for t in results.values():
+    for r in t.values():
+      for key, vals in (("", r["values"]), ("val_", r["val_values"])):
+        r[f"{key}mean"] = float(np.mean(vals))
+        r[f"{key}std"] = float(np.std(vals))
+
+
 def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True,
         settings_per_method=None) -> dict:
   """Runs the comparison; returns (and writes) the compare.json dict.
@@ -297,19 +313,7 @@ def run(config, seeds, targets, methods, out, reuse="", curve_max=0.0, plot=True
             desc=f"{method} curve ({split})")
       curves[method]["per_seed"][f"{seed}"] = per
 
-  grid = np.round(np.linspace(1.0, curve_max, 60), 4)
-  for method in methods:
-    cm = curves[method]
-    cm["speed_ups"] = grid.tolist()
-    for split in ("val", "test"):
-      rows = np.stack([curve_on_grid(cm["per_seed"][s][split], grid) for s in cm["per_seed"]])
-      cm[f"{split}_mean"] = np.nanmean(rows, 0).tolist() if rows.size else []
-      cm[f"{split}_std"] = np.nanstd(rows, 0).tolist() if rows.size else []
-  for t in results.values():
-    for r in t.values():
-      for key, vals in (("", r["values"]), ("val_", r["val_values"])):
-        r[f"{key}mean"] = float(np.mean(vals))
-        r[f"{key}std"] = float(np.std(vals))
+  summarise(results, curves, np.round(np.linspace(1.0, curve_max, 60), 4))
   summary = {"settings": settings, "targets": results, "curves": curves, "importance": importance,
              "metanet_epochs": epochs_used, "wall_s": round(time.time() - t0, 1)}
   pipeline.write_json(path, summary)

@@ -101,18 +101,9 @@ def pool(inputs: list[tuple[dict, str, str, str]]) -> dict:
   curves: dict[str, dict] = {}
   for lab, row in rows.items():
     for t, tr in row["targets"].items():
-      r = copy.deepcopy(tr)
-      for key, vals in (("", r["values"]), ("val_", r["val_values"])):
-        r[f"{key}mean"] = float(np.mean(vals))
-        r[f"{key}std"] = float(np.std(vals))
-      targets.setdefault(t, {})[lab] = r
-    cm = {"per_seed": row["per_seed"], "speed_ups": grid.tolist()}
-    for split in ("val", "test"):
-      stack = np.stack([compare_methods.curve_on_grid(c[split], grid)
-                        for c in row["per_seed"].values()])
-      cm[f"{split}_mean"] = np.nanmean(stack, 0).tolist()
-      cm[f"{split}_std"] = np.nanstd(stack, 0).tolist()
-    curves[lab] = cm
+      targets.setdefault(t, {})[lab] = copy.deepcopy(tr)
+    curves[lab] = {"per_seed": row["per_seed"]}
+  compare_methods.summarise(targets, curves, grid)
   settings = {"seeds": seed_sets[first], "targets": target_sets[first], "methods": list(rows),
               "pooled_from": pooled_from}
   importance = {lab: r["importance"] for lab, r in rows.items()}
