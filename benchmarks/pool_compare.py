@@ -19,7 +19,6 @@ its own settings and which of its methods became which row.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -101,7 +100,7 @@ def pool(inputs: list[tuple[dict, str, str, str]]) -> dict:
   curves: dict[str, dict] = {}
   for lab, row in rows.items():
     for t, tr in row["targets"].items():
-      targets.setdefault(t, {})[lab] = copy.deepcopy(tr)
+      targets.setdefault(t, {})[lab] = tr
     curves[lab] = {"per_seed": row["per_seed"]}
   compare_methods.summarise(targets, curves, grid)
   settings = {"seeds": seed_sets[first], "targets": target_sets[first], "methods": list(rows),

@@ -29,6 +29,7 @@ _V52 = dict(_IMITATE_8X64, meta_train__imitate_sl=10.0, meta_train__imitate_on="
 # candidate too
 _FT1 = dict(_V52, finetune_after_pruning__epochs=1, finetune_after_pruning__milestones=())
 _FT1_START = dict(_FT1, finetune_after_pruning__keep="best_from_start")
+_FT2_START = dict(_FT1_START, finetune_after_pruning__epochs=2)  # two epochs (round 19)
 
 RECIPES = {
     # the settings shipped before the search: 3 x 16, ratios 0.01, 6 epochs, lr 1e-3, reg 10,
@@ -258,9 +259,8 @@ RECIPES = {
                                                        prune__sl__reg=0.03),
     # round 19: two after-pruning epochs (the budget between round 17's one and round 16's three),
     # the pruned network a candidate too, at both learning rates
-    "v52_imitate_both10_8x64_ft2_start": dict(_FT1_START, finetune_after_pruning__epochs=2),
-    "v52_imitate_both10_8x64_ft2_start_lr1": dict(_FT1_START, finetune_after_pruning__epochs=2,
-                                                  finetune_after_pruning__lr=0.001),
+    "v52_imitate_both10_8x64_ft2_start": dict(_FT2_START),
+    "v52_imitate_both10_8x64_ft2_start_lr1": dict(_FT2_START, finetune_after_pruning__lr=0.001),
     # v5 with twice the data models (16; the first 8 are the search's, same seeds): run with
     # compare_methods.py --methods=metanet, since the search shares one data-model set
     "v5_dm16": dict(meta_train__lr_milestones=(6,), meta_train__reg=0.1,
